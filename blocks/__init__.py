@@ -1,0 +1,4 @@
+"""Token mixers (KVM attention, softmax attention baselines, linear-RNN layers) and their states.
+
+Importing this package registers every built-in mixer in ``blocks.registry``.
+"""

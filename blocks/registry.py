@@ -1,0 +1,107 @@
+"""The mixer registry: every token mixer registers by name, one-letter symbol and state kind.
+
+Recipes name mixers (``kvm``) or lay layers out with symbols (``"GGGK*3"``); both resolve here.
+A mixer class registers with::
+
+    @register_mixer("kvm", symbol="K", state="kvm")
+    class KVMAttention(nn.Module):
+        Config = KVMConfig          # a dataclass of the mixer's options (validated by recipes)
+        def __init__(self, config: KVMConfig, d_model: int, layer_idx: int = 0): ...
+        def forward(self, x, state=None, ctx=None) -> tuple[Tensor, LayerState]: ...
+
+The contract of ``forward``: ``x`` is (batch, time, d_model); ``state=None`` starts from an empty
+history, a state continues it by any number of tokens; ``ctx`` is a per-forward dict for
+cross-layer streams (RWKV-7's ``v_first``, value residuals). The same call serves training,
+prefill, continuation and one-token decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+from blocks.state import STATE_KINDS
+
+
+class UnknownMixerError(KeyError):
+    """A mixer name or symbol that nothing registered. The message lists the valid ones."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerSpec:
+    name: str
+    symbol: str
+    state_kind: str
+    cls: type
+    description: str
+
+    @property
+    def config_cls(self) -> type:
+        return self.cls.Config
+
+
+_BY_NAME: dict[str, MixerSpec] = {}
+_BY_SYMBOL: dict[str, MixerSpec] = {}
+
+
+def register_mixer(name: str, *, symbol: str, state: str) -> Callable[[type], type]:
+    """Class decorator adding a mixer to the registry (names and symbols must be unique)."""
+    if len(symbol) != 1 or not symbol.isalpha():
+        raise ValueError(f"mixer symbol must be one letter, got {symbol!r}")
+    if state not in STATE_KINDS:
+        raise ValueError(f"mixer state kind must be one of {STATE_KINDS}, got {state!r}")
+
+    def decorate(cls: type) -> type:
+        if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
+            raise TypeError(f"mixer {cls.__name__} needs a dataclass attribute `Config` for its options")
+        for table, key, what in ((_BY_NAME, name, "name"), (_BY_SYMBOL, symbol, "symbol")):
+            if key in table and table[key].cls is not cls:
+                raise ValueError(f"mixer {what} {key!r} is already taken by {table[key].cls.__name__}")
+        doc = (cls.__doc__ or "").strip().splitlines()
+        spec = MixerSpec(name, symbol, state, cls, doc[0] if doc else "")
+        _BY_NAME[name] = spec
+        _BY_SYMBOL[symbol] = spec
+        return cls
+
+    return decorate
+
+
+def _ensure_loaded() -> None:
+    import blocks  # noqa: F401  (importing the package registers every built-in mixer)
+
+
+def _unknown(kind: str, key: str, valid: list[str]) -> UnknownMixerError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return UnknownMixerError(f"unknown mixer {kind} {key!r}.{hint} Valid {kind}s: {', '.join(valid)}")
+
+
+def get_mixer(name: str) -> MixerSpec:
+    """The spec registered under ``name``; an error listing every valid name otherwise."""
+    _ensure_loaded()
+    if name not in _BY_NAME:
+        raise _unknown("name", name, sorted(_BY_NAME))
+    return _BY_NAME[name]
+
+
+def get_mixer_by_symbol(symbol: str) -> MixerSpec:
+    _ensure_loaded()
+    if symbol not in _BY_SYMBOL:
+        raise _unknown("symbol", symbol, sorted(_BY_SYMBOL))
+    return _BY_SYMBOL[symbol]
+
+
+def all_mixers() -> list[MixerSpec]:
+    _ensure_loaded()
+    return sorted(_BY_NAME.values(), key=lambda s: s.name)
+
+
+def build_mixer(name: str, d_model: int, layer_idx: int = 0, **options: Any):
+    """Construct a registered mixer from keyword options (validated by its Config dataclass)."""
+    spec = get_mixer(name)
+    return spec.cls(spec.config_cls(**options), d_model=d_model, layer_idx=layer_idx)

@@ -2,3 +2,5 @@
 
 Importing this package registers every built-in mixer in ``blocks.registry``.
 """
+
+from blocks import attention, kvm  # noqa: F401  (register the softmax-style mixers)

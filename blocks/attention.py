@@ -1,0 +1,169 @@
+"""Softmax attention baselines: full causal, sliding window and block sliding window, with a KV state.
+
+They share ``ProjectedAttention`` with KVM (projections, GQA, q/k norm, RoPE, token shift, value
+residual), so a Llama teacher, the paper's GPTAlpha baselines and KVM differ only in the
+attention pattern. All three keep the raw rotated keys and values they may still need:
+
+* ``attention`` (symbol A): every past token; the state grows with every token (kind ``kv``).
+* ``swa`` (symbol S): the last ``window`` tokens, a query at t sees ``[t - window + 1, t]``.
+* ``bswa`` (symbol B): block sliding window as in KVM: a query in chunk c sees chunks
+  ``c - n_bswa_chunks + 1 .. c`` causally (between ``(Nb-1)*C + 1`` and ``Nb*C`` tokens); it is
+  KVM without the compressed state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from blocks.config import require_positive
+from blocks.projection import ProjectedAttention, ProjectionConfig
+from blocks.registry import register_mixer
+from blocks.state import LayerState, StateError
+
+# Query rows per attention call when a window mask is needed (bounds the mask's memory).
+_QUERY_BLOCK = 1024
+
+
+@dataclasses.dataclass
+class KVCacheState(LayerState):
+    """Raw rotated keys/values of the tokens a layer may still attend to."""
+
+    kind = "kv"
+    keys: Tensor  # (B, Hkv, L, d): tokens [seq_len - L, seq_len)
+    values: Tensor  # (B, Hkv, L, dv)
+    seq_len: int
+    prev_q: Tensor | None = None  # token-shift tails (B, H*d), if token shift is on
+    prev_k: Tensor | None = None
+    prev_v: Tensor | None = None
+
+
+@dataclasses.dataclass
+class WindowState(KVCacheState):
+    """A KV cache trimmed to a sliding window: fixed size."""
+
+    kind = "window"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig(ProjectionConfig):
+    """Full causal softmax attention."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingWindowConfig(ProjectionConfig):
+    window: int = 256  # tokens a query sees, itself included
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_positive("window", self.window)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSlidingWindowConfig(ProjectionConfig):
+    chunk_len: int = 256
+    n_bswa_chunks: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_positive("chunk_len", self.chunk_len)
+        require_positive("n_bswa_chunks", self.n_bswa_chunks)
+
+
+class _SoftmaxAttention(ProjectedAttention):
+    """Shared forward; subclasses say which past positions a query sees and how much to keep."""
+
+    state_cls: type[KVCacheState] = KVCacheState
+
+    def lowest_visible(self, pos: Tensor) -> Tensor | None:
+        """Earliest key position each query position may see (None: all of the past)."""
+        return None
+
+    def keep_from(self, n_tokens: int) -> int:
+        """First position a state must keep after ``n_tokens`` tokens."""
+        return 0
+
+    def forward(self, x: Tensor, state: KVCacheState | None = None, ctx: dict | None = None
+                ) -> tuple[Tensor, KVCacheState]:
+        """x: (B, T, d_model) -> y (B, T, d_model), the state after these T tokens."""
+        self._check_input(x)
+        if state is not None and not isinstance(state, self.state_cls):
+            raise StateError(f"{type(self).__name__} got a {type(state).__name__}, expected a {self.state_cls.__name__}")
+        n0 = 0 if state is None else state.seq_len
+        tails = None if state is None or state.prev_q is None else (state.prev_q, state.prev_k, state.prev_v)
+        q, k, v, new_tails = self.project(x, n0, tails, ctx)  # (B, H, T, d), (B, Hkv, T, d) x2
+        if state is not None:
+            expected = n0 - self.keep_from(n0)
+            if state.keys.shape[:2] != k.shape[:2] or state.keys.shape[2] != expected:
+                raise StateError(f"{type(self).__name__}: state keys {tuple(state.keys.shape)} do not fit batch "
+                                 f"{k.shape[0]}, {k.shape[1]} kv heads and {expected} cached tokens")
+            k, v = torch.cat([state.keys.to(k.dtype), k], 2), torch.cat([state.values.to(v.dtype), v], 2)
+        o = self._attend(q, k, v, n0, n0 - (0 if state is None else state.keys.shape[2]))
+        n1 = n0 + x.shape[1]
+        keep = self.keep_from(n1) - (n1 - k.shape[2])
+        new_state = self.state_cls(k[:, :, keep:], v[:, :, keep:], n1)
+        if new_tails is not None:
+            new_state.prev_q, new_state.prev_k, new_state.prev_v = new_tails
+        return self.output(o), new_state
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, q_start: int, k_start: int) -> Tensor:
+        """q (B, H, T, d) at positions [q_start, ...); k, v (B, Hkv, L, d) at [k_start, ...) -> (B, H, T, dv)."""
+        gqa = self.num_heads != self.num_kv_heads
+        t = q.shape[2]
+        if self.lowest_visible(torch.zeros(1)) is None and q_start == k_start:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        outs = []
+        for lo in range(0, t, _QUERY_BLOCK):
+            hi = min(t, lo + _QUERY_BLOCK)
+            pos = torch.arange(q_start + lo, q_start + hi, device=q.device)[:, None]  # (Lq, 1)
+            lowest = self.lowest_visible(pos)
+            k_lo = 0 if lowest is None else max(int(lowest.min()) - k_start, 0)
+            k_hi = q_start + hi - k_start
+            key_pos = torch.arange(k_start + k_lo, k_start + k_hi, device=q.device)[None, :]
+            allowed = key_pos <= pos
+            if lowest is not None:
+                allowed = allowed & (key_pos >= lowest)
+            outs.append(F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi],
+                                                       attn_mask=allowed, scale=self.scale, enable_gqa=gqa))
+        return torch.cat(outs, dim=2)
+
+
+@register_mixer("attention", symbol="A", state="kv")
+class CausalAttention(_SoftmaxAttention):
+    """Full causal softmax attention (the transformer baseline and conversion teacher)."""
+
+    Config = AttentionConfig
+
+
+@register_mixer("swa", symbol="S", state="window")
+class SlidingWindowAttention(_SoftmaxAttention):
+    """Sliding-window softmax attention: each query sees the last ``window`` tokens."""
+
+    Config = SlidingWindowConfig
+    state_cls = WindowState
+
+    def lowest_visible(self, pos: Tensor) -> Tensor:
+        return pos - self.config.window + 1
+
+    def keep_from(self, n_tokens: int) -> int:
+        return max(0, n_tokens - self.config.window + 1)
+
+
+@register_mixer("bswa", symbol="B", state="window")
+class BlockSlidingWindowAttention(_SoftmaxAttention):
+    """Block sliding-window softmax attention: each query sees its chunk and the previous Nb-1 chunks."""
+
+    Config = BlockSlidingWindowConfig
+    state_cls = WindowState
+
+    def lowest_visible(self, pos: Tensor) -> Tensor:
+        c = self.config.chunk_len
+        return (torch.div(pos, c, rounding_mode="floor") - self.config.n_bswa_chunks + 1) * c
+
+    def keep_from(self, n_tokens: int) -> int:
+        # The next query (position n_tokens) is the lowest that the rest of the sequence can start from.
+        c = self.config.chunk_len
+        return max(0, (n_tokens // c - self.config.n_bswa_chunks + 1) * c)

@@ -1,0 +1,478 @@
+"""Key-Value Means (KVM) attention: block sliding window + a compressed, budgeted memory of the past.
+
+Goldstein & Cheah, "Key-Value Means: Transformers with Expandable Block-Recurrent Compressed
+Memory", arXiv 2605.09877. ``../shared/docs/kvm.md`` is the exact algorithm; this file implements it
+as the published (v1) code behaves, generalised, with the differences listed at the end.
+
+The sequence is cut into chunks of ``chunk_len`` (C) tokens. A query in chunk c attends, in one
+softmax, to (a) the raw keys of a block sliding window of the last ``n_bswa_chunks`` (Nb) chunks up
+to itself and (b) every slot of the compressed state, which covers exactly the tokens before the
+window. Queries before position W = Nb*C see plain causal attention. The state starts as the first
+chunk copied raw (slot 0 = token 0 is the "sink", never merged into). Each time a chunk leaves the
+window, its C tokens either *append* (the most novel ones, while the budget allows: ``fixed``,
+``power_law`` f*ctx^e, or ``saturation`` N*ctx/(N+ctx)) or *merge* winner-take-all into their most
+similar slot. Slots store *sums* of gated keys and values; reads re-normalise them just in time:
+keys through ``state_key_norm`` (a LayerNorm, so a sum reads as a mean direction), values as their
+direction times the norm of the value that created the slot ("vlens"), or divided by a count.
+
+One code path serves training, prefill, continuing a state by any number of tokens and one-token
+decode: the state update for a chunk boundary runs when the first token past it is processed, so
+"prefill P tokens, then continue" and "process everything at once" perform the same updates.
+For speed the boundary updates (which need only keys, values and gates) run first for a group of
+chunks, then the group's queries read their state snapshots in one batched attention.
+
+Differences from the published v1 code (kvm.md §6), each deliberate:
+
+* Grouped-query attention (fewer key/value heads than query heads); one merge gate per KV head,
+  temperatures per query head (as the published v2).
+* Count averaging (``use_vlens=False``) keeps a per-slot count of absorbed tokens and divides each
+  slot by its own count (v1 adds one to every slot per merge round, or crashes: B2).
+* No hidden casts: state values are read in the model dtype (v1 rounds them through bf16 even in
+  fp32 runs: B6). ``bf16_state_values=True`` restores that rounding to match the released code.
+* Routing and novelty scores are computed in fp32 (v1 uses the model dtype, B7), on the ungated
+  prepared keys (the positive gate does not change the argmax).
+* ``merge_gate_initial_state=True`` gates the first chunk the same way in prefill and decode
+  (v1 gates it only in prefill, breaking their equivalence: B3).
+* Continuation by many tokens at once works (v1 asserts on multi-token decode, B11).
+
+Kept on purpose because the released checkpoints depend on it: the state-key LayerNorm runs *after*
+zeroing the rotated dims, so its mean-centring and bias re-populate them (B5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blocks.config import require, require_choice, require_positive
+from blocks.projection import ProjectedAttention, ProjectionConfig, softmax_f32
+from blocks.registry import register_mixer
+from blocks.state import LayerState, StateError
+
+BUDGETS = ("fixed", "power_law", "saturation")
+
+# Upper bound on attention-logit elements materialised per batched read (keeps prefill memory flat).
+_LOGITS_PER_GROUP = 1 << 24
+
+
+@dataclasses.dataclass(frozen=True)
+class KVMConfig(ProjectionConfig):
+    """Options of a KVM layer: its projections (see ``ProjectionConfig``) and the KVM algorithm.
+
+    The algorithm defaults are the paper's (kvm.md §4.1); the paper's recipes add
+    ``qk_norm: layernorm``, ``rope_partial_dim: 64``, ``rope_style: kvm_paper``, token shift and
+    value residual.
+    """
+
+    chunk_len: int = 256  # C: tokens per chunk (query block, window block, overflow unit)
+    n_bswa_chunks: int = 2  # Nb: window = the last Nb chunks up to the query (W = Nb*C tokens)
+    sink_len: int = 1  # leading slots that never receive merges
+    budget: str = "fixed"  # how many slots the state may hold: fixed | power_law | saturation
+    state_min_len: int = 0  # lower bound on the slot target (fixed: the target itself)
+    growth_factor: float = 1.0  # power_law: f in f * ctx**e
+    growth_exponent: float = 0.5  # power_law: e
+    saturation_n: int | None = None  # saturation: N in N*ctx/(N+ctx)
+    round_down: int = 1  # slot targets are rounded down to a multiple of this
+    max_state_chunks: int | None = None  # cap slots at chunk_len * this (None: no cap)
+    use_vlens: bool = True  # read slot values as direction * creating-value norm (else: mean)
+    use_head_temps: bool = True  # per-head temperatures on window and state logits
+    merge_gate_keys: bool = True  # weight merged keys by the 1+ELU merge gate
+    merge_gate_values: bool = True  # weight merged values by the merge gate
+    merge_gate_appends: bool = True  # appended slots also use the gated key/value
+    merge_gate_initial_state: bool = False  # the first chunk's slots use the gated key/value
+    state_key_zero_dims: int | None = None  # dims zeroed before state_key_norm (None: the RoPE dims)
+    bf16_state_values: bool = False  # round state values through bf16 at read (published code, B6)
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_positive("chunk_len", self.chunk_len)
+        require_positive("n_bswa_chunks", self.n_bswa_chunks)
+        require(isinstance(self.sink_len, int) and 0 <= self.sink_len < self.chunk_len, "sink_len",
+                f"must be in [0, chunk_len={self.chunk_len}) so that merges have a slot to go to, got {self.sink_len}")
+        require_choice("budget", self.budget, BUDGETS)
+        require(self.growth_factor > 0, "growth_factor", f"must be > 0, got {self.growth_factor}")
+        require(0 < self.growth_exponent <= 1, "growth_exponent", f"must be in (0, 1], got {self.growth_exponent}")
+        if self.budget == "saturation":
+            require(self.saturation_n is not None and self.saturation_n > 0, "saturation_n",
+                    f"the saturation budget needs saturation_n > 0, got {self.saturation_n}")
+        require_positive("round_down", self.round_down)
+        require(self.max_state_chunks is None or self.max_state_chunks > 0, "max_state_chunks",
+                f"must be > 0 or null, got {self.max_state_chunks}")
+        require(self.state_key_zero_dims is None or self.state_key_zero_dims >= 0, "state_key_zero_dims",
+                f"must be >= 0 or null, got {self.state_key_zero_dims}")
+
+    @property
+    def window_len(self) -> int:
+        return self.chunk_len * self.n_bswa_chunks
+
+    @property
+    def uses_merge_gate(self) -> bool:
+        return self.merge_gate_keys or self.merge_gate_values
+
+
+# ----------------------------------------------------------------------------- schedule (integers only)
+
+def window_begin(n_tokens: int, config: KVMConfig) -> int:
+    """First position of the raw window once ``n_tokens`` tokens are processed (a chunk multiple)."""
+    c = config.chunk_len
+    return max(0, -(-n_tokens // c) * c - config.window_len)
+
+
+def coverage(n_tokens: int, config: KVMConfig) -> int:
+    """How many leading tokens the compressed state has absorbed after ``n_tokens`` tokens."""
+    return max(min(n_tokens, config.chunk_len), window_begin(n_tokens, config))
+
+
+def target_slots(config: KVMConfig, ctx_len: int, available: int, current: int) -> int:
+    """The budget: how many slots the state may hold after an update at context ``ctx_len`` when
+    ``available`` tokens have left the window. Never below ``current``: the state never shrinks."""
+    if config.budget == "fixed":
+        target = config.state_min_len
+    else:
+        if config.budget == "power_law":
+            raw = math.floor(config.growth_factor * ctx_len ** config.growth_exponent)
+        else:
+            n = config.saturation_n
+            raw = math.floor(n * ctx_len / (n + ctx_len))
+        target = max(raw // config.round_down * config.round_down, config.state_min_len)
+    target = min(target, available)
+    if config.max_state_chunks is not None:
+        target = min(target, config.chunk_len * config.max_state_chunks)
+    return max(target, current)
+
+
+def boundary_update(c: int, config: KVMConfig) -> tuple[int, int] | None:
+    """The update run when token ``c * chunk_len`` arrives: ``(ctx_len, available)``, or None when
+    chunk ``c`` starts no update (the first chunks are read with plain attention)."""
+    if c <= config.n_bswa_chunks:
+        return None
+    overflow_chunk = c - config.n_bswa_chunks
+    return c * config.chunk_len, (overflow_chunk + 1) * config.chunk_len
+
+
+def slots_after(n_tokens: int, config: KVMConfig) -> int:
+    """Number of state slots after processing ``n_tokens`` tokens (no tensors involved)."""
+    slots = min(n_tokens, config.chunk_len)
+    for c in range(config.n_bswa_chunks + 1, -(-n_tokens // config.chunk_len)):
+        ctx_len, available = boundary_update(c, config)
+        slots += min(max(target_slots(config, ctx_len, available, slots) - slots, 0), config.chunk_len)
+    return slots
+
+
+# ----------------------------------------------------------------------------- state
+
+@dataclasses.dataclass
+class KVMState(LayerState):
+    """A KVM layer's decoding state: compressed slots, the raw window and the token count."""
+
+    kind = "kvm"
+    slot_keys: Tensor  # (B, Hkv, S, d): sums of prepared (gated) keys
+    slot_values: Tensor  # (B, Hkv, S, dv): sums of (gated) values
+    slot_lens: Tensor  # (B, Hkv, S, 1) fp32: creating-value norm (vlens) or count of absorbed tokens
+    window_keys: Tensor  # (B, Hkv, L, d): rotated keys of tokens [window_begin(n), n)
+    window_values: Tensor  # (B, Hkv, L, dv)
+    window_gates: Tensor  # (B, Hkv, L, 1): their merge gates (used when they overflow)
+    seq_len: int  # tokens processed so far (n)
+    prev_q: Tensor | None = None  # token-shift tails: last projected q/k/v (B, H*d), if token shift is on
+    prev_k: Tensor | None = None
+    prev_v: Tensor | None = None
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot_keys.shape[2]
+
+
+class _Slots(NamedTuple):
+    keys: Tensor  # (B, Hkv, S, d)
+    values: Tensor  # (B, Hkv, S, dv)
+    lens: Tensor  # (B, Hkv, S, 1) fp32
+
+
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x: (B, H, L, F), index: (B, H, M) -> (B, H, M, F)."""
+    return x.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+
+
+class _KVMCore:
+    """The algorithm for one call, bound to a layer's config and KVM parameters."""
+
+    def __init__(self, config: KVMConfig, state_key_norm: nn.Module, zero_dims: int,
+                 window_temp: Tensor | None, state_temp: Tensor | None, scale: float):
+        self.config, self.norm, self.zero_dims = config, state_key_norm, zero_dims
+        self.window_temp, self.state_temp, self.scale = window_temp, state_temp, scale
+
+    def prepare_keys(self, k: Tensor) -> Tensor:
+        """Keys entering the state: zero the rotated dims, then the state-key norm (which re-fills them)."""
+        if self.zero_dims:
+            k = torch.cat([torch.zeros_like(k[..., : self.zero_dims]), k[..., self.zero_dims :]], dim=-1)
+        return self.norm(k)
+
+    def new_slots(self, k: Tensor, v: Tensor, g: Tensor) -> _Slots:
+        """Slots for tokens copied straight in (the first chunk)."""
+        if self.config.merge_gate_initial_state:
+            k_in, v_in = self._gated(self.prepare_keys(k), v, g)
+        else:
+            k_in, v_in = self.prepare_keys(k), v
+        return _Slots(k_in, v_in, self._lens_of(v_in))
+
+    def _lens_of(self, v: Tensor) -> Tensor:
+        if self.config.use_vlens:
+            return v.float().norm(dim=-1, keepdim=True)
+        return torch.ones(*v.shape[:-1], 1, dtype=torch.float32, device=v.device)
+
+    def _gated(self, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        return (k * g if self.config.merge_gate_keys else k), (v * g if self.config.merge_gate_values else v)
+
+    def absorb(self, slots: _Slots, k: Tensor, v: Tensor, g: Tensor, ctx_len: int, available: int) -> _Slots:
+        """Fold one overflow chunk (k, v: (B, Hkv, C, d); g: (B, Hkv, C, 1)) into the slots."""
+        cfg = self.config
+        k_u = self.prepare_keys(k)  # (B, Hkv, C, d) ungated, used for routing
+        k_g, v_g = self._gated(k_u, v, g)
+        num = slots.keys.shape[2]
+        n_append = min(max(target_slots(cfg, ctx_len, available, num) - num, 0), k.shape[2])
+        read_keys = self.norm(slots.keys).float()  # (B, Hkv, S, d)
+        merge_idx = None
+        if n_append:
+            if num == 0:
+                order = torch.arange(k.shape[2], device=k.device).expand(*k.shape[:2], -1)
+                append_idx, merge_idx = order[..., -n_append:], order[..., :-n_append]
+            else:
+                with torch.no_grad():  # novelty: a token's best similarity to any existing slot
+                    best = (k_u.detach().float() @ read_keys.detach().transpose(-1, -2)).amax(-1)  # (B, Hkv, C)
+                    ranked = best.argsort(dim=-1, stable=True)  # most novel first
+                    append_idx = ranked[..., :n_append].sort(dim=-1).values
+                    merge_idx = ranked[..., n_append:].sort(dim=-1).values
+            k_app, v_app = (k_g, v_g) if cfg.merge_gate_appends else (k_u, v)
+            k_app, v_app = _gather_rows(k_app, append_idx), _gather_rows(v_app, append_idx)
+            slots = _Slots(torch.cat([slots.keys, k_app], 2), torch.cat([slots.values, v_app], 2),
+                           torch.cat([slots.lens, self._lens_of(v_app)], 2))
+            read_keys = torch.cat([read_keys, self.norm(k_app).float()], 2)  # append before merge
+            k_u, k_g, v_g = (_gather_rows(x, merge_idx) for x in (k_u, k_g, v_g))
+        if k_u.shape[2] == 0:
+            return slots
+        with torch.no_grad():  # winner-take-all routing against the post-append slots
+            scores = k_u.detach().float() @ read_keys.detach().transpose(-1, -2)  # (B, Hkv, M, S)
+            scores[..., : cfg.sink_len] = -torch.inf
+            target = scores.argmax(-1)  # (B, Hkv, M)
+        lens = slots.lens
+        if not cfg.use_vlens:
+            lens = lens.scatter_add(2, target.unsqueeze(-1), torch.ones_like(target, dtype=lens.dtype).unsqueeze(-1))
+        return _Slots(slots.keys.scatter_add(2, target.unsqueeze(-1).expand_as(k_g), k_g),
+                      slots.values.scatter_add(2, target.unsqueeze(-1).expand_as(v_g), v_g), lens)
+
+    def read_view(self, slots: _Slots, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Slots as attention keys and values (just-in-time renormalisation)."""
+        keys = self.norm(slots.keys)
+        if self.config.use_vlens:
+            values = F.normalize(slots.values.float(), dim=-1) * slots.lens
+        else:
+            values = slots.values.float() / slots.lens
+        if self.config.bf16_state_values:
+            values = values.bfloat16()
+        return keys, values.to(dtype)
+
+    def attend(self, q: Tensor, kw: Tensor, vw: Tensor, allowed: Tensor,
+               ks: Tensor | None = None, vs: Tensor | None = None, slot_valid: Tensor | None = None) -> Tensor:
+        """One softmax over state slots and window keys.
+
+        q (B, Hq, n, Lq, d); kw, vw (B, Hkv, n, Lk, d); allowed (Lq, Lk) causal window mask;
+        ks, vs (B, Hkv, n, S, d); slot_valid (n, S) marks real (unpadded) slots. -> (B, Hq, n, Lq, dv)
+        """
+        b, hq, n, lq, d = q.shape
+        hkv = kw.shape[1]
+        qg = (q * self.scale).view(b, hkv, hq // hkv, n, lq, d)  # query heads grouped by kv head
+        q_win = qg if self.window_temp is None else qg * self.window_temp.view(1, hkv, -1, 1, 1, 1)
+        logits = torch.einsum("bhgnqd,bhnkd->bhgnqk", q_win, kw).masked_fill(~allowed, -torch.inf)
+        if ks is None:
+            out = torch.einsum("bhgnqk,bhnkd->bhgnqd", softmax_f32(logits, vw.dtype), vw)
+            return out.reshape(b, hq, n, lq, -1)
+        q_state = qg if self.state_temp is None else qg * self.state_temp.view(1, hkv, -1, 1, 1, 1)
+        state_logits = torch.einsum("bhgnqd,bhnsd->bhgnqs", q_state, ks)
+        if slot_valid is not None:
+            state_logits = state_logits.masked_fill(~slot_valid[:, None, :], -torch.inf)
+        probs = softmax_f32(torch.cat([state_logits, logits], dim=-1), vw.dtype)
+        num = ks.shape[3]
+        out = (torch.einsum("bhgnqs,bhnsd->bhgnqd", probs[..., :num], vs)
+               + torch.einsum("bhgnqk,bhnkd->bhgnqd", probs[..., num:], vw))
+        return out.reshape(b, hq, n, lq, -1)
+
+
+def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: KVMConfig,
+                  state: KVMState | None = None, *, state_key_norm: nn.Module,
+                  window_temp: Tensor | None = None, state_temp: Tensor | None = None,
+                  scale: float | None = None, zero_dims: int | None = None) -> tuple[Tensor, KVMState]:
+    """KVM attention over projected, rotated heads, continuing ``state`` (None: an empty history).
+
+    q: (B, Hq, T, d); k: (B, Hkv, T, d); v: (B, Hkv, T, dv); gate: (B, Hkv, T, 1) positive merge
+    gate, or None for no gating; ``state_key_norm`` maps (..., d) keys to state keys;
+    ``window_temp``/``state_temp``: (Hq,) logit temperatures or None; ``zero_dims``: leading key
+    dims zeroed before the state-key norm (default ``config.rope_partial_dim``).
+    Returns the output (B, Hq, T, dv) before the output projection, and the new state.
+    """
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    if k.shape[:3] != (b, hkv, t) or v.shape[:3] != (b, hkv, t) or k.shape[-1] != d or hq % hkv:
+        raise ValueError(f"kvm_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not "
+                         "fit (B, Hq, T, d) / (B, Hkv, T, d) / (B, Hkv, T, dv) with Hkv dividing Hq")
+    if gate is None:
+        gate = q.new_ones(b, hkv, t, 1)
+    elif gate.shape != (b, hkv, t, 1):
+        raise ValueError(f"kvm_attention: gate must be (B, Hkv, T, 1) = {(b, hkv, t, 1)}, got {tuple(gate.shape)}")
+    cfg = config
+    chunk, window = cfg.chunk_len, cfg.window_len
+    zero = (cfg.state_key_zero_dims if cfg.state_key_zero_dims is not None
+            else (d if cfg.rope_partial_dim is None else cfg.rope_partial_dim)) if zero_dims is None else zero_dims
+    core = _KVMCore(cfg, state_key_norm, min(zero, d), window_temp, state_temp, scale or 1.0 / math.sqrt(d))
+
+    n0 = 0 if state is None else state.seq_len
+    n1 = n0 + t
+    start = window_begin(n0, cfg)  # the buffer below holds raw tokens [start, n1)
+    if state is None:
+        empty = k.new_zeros(b, hkv, 0, d)
+        slots = _Slots(empty, v.new_zeros(b, hkv, 0, v.shape[-1]), k.new_zeros(b, hkv, 0, 1, dtype=torch.float32))
+        buf_k, buf_v, buf_g = k, v, gate
+    else:
+        _check_state(state, b, hkv, d, v.shape[-1], n0, cfg)
+        slots = _Slots(state.slot_keys, state.slot_values, state.slot_lens)
+        buf_k = torch.cat([state.window_keys.to(k.dtype), k], 2)
+        buf_v = torch.cat([state.window_values.to(v.dtype), v], 2)
+        buf_g = torch.cat([state.window_gates.to(gate.dtype), gate], 2)
+
+    direct_end = min(n1, chunk)  # the first chunk goes into the state as it arrives
+    if n0 < direct_end:
+        fresh = core.new_slots(k[:, :, : direct_end - n0], v[:, :, : direct_end - n0], gate[:, :, : direct_end - n0])
+        slots = _Slots(*(torch.cat([old, new], 2) for old, new in zip(slots, fresh)))
+
+    outputs = []
+    front_end = min(n1, window)
+    if n0 < front_end:  # plain causal attention before position W (the buffer starts at 0 here)
+        rows = torch.arange(n0, front_end, device=q.device)
+        allowed = torch.arange(front_end, device=q.device)[None, :] <= rows[:, None]  # (Lq, Lk)
+        out = core.attend(q[:, :, None, : front_end - n0], buf_k[:, :, None, :front_end],
+                          buf_v[:, :, None, :front_end], allowed)
+        outputs.append(out[:, :, 0])
+    if n1 > window:
+        out, slots = _joint_region(core, q, buf_k, buf_v, buf_g, slots, n0, start)
+        outputs.append(out)
+
+    keep = window_begin(n1, cfg) - start
+    new_state = KVMState(slots.keys, slots.values, slots.lens, buf_k[:, :, keep:n1 - start],
+                         buf_v[:, :, keep:n1 - start], buf_g[:, :, keep:n1 - start], n1)
+    return torch.cat(outputs, dim=2), new_state
+
+
+def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g: Tensor, slots: _Slots,
+                  n0: int, start: int) -> tuple[Tensor, _Slots]:
+    """Queries at positions >= W: chunk boundary updates, then batched joint reads, group by group."""
+    cfg = core.config
+    chunk, nb = cfg.chunk_len, cfg.n_bswa_chunks
+    b, hq, t, d = q.shape
+    n1 = n0 + t
+    first_chunk, last_chunk = max(n0, cfg.window_len) // chunk, (n1 - 1) // chunk
+    pad = (last_chunk + 1) * chunk - n1  # zero keys past the end: always masked as "future"
+    if pad:
+        buf_k, buf_v = F.pad(buf_k, (0, 0, 0, pad)), F.pad(buf_v, (0, 0, 0, pad))
+    rows = torch.arange(chunk, device=q.device)
+    outputs = []
+    c = first_chunk
+    while c <= last_chunk:
+        width = core.config.num_heads * chunk * (slots.keys.shape[2] + 2 * chunk + cfg.window_len)
+        group = max(1, min(last_chunk - c + 1, _LOGITS_PER_GROUP // max(width * b, 1)))
+        snapshots = []
+        for cc in range(c, c + group):
+            update = boundary_update(cc, cfg)
+            if update is not None and cc * chunk >= n0:  # this boundary's first token is new: update now
+                lo = (cc - nb) * chunk - start
+                slots = core.absorb(slots, buf_k[:, :, lo:lo + chunk], buf_v[:, :, lo:lo + chunk],
+                                    buf_g[:, :, lo:lo + chunk], *update)
+            snapshots.append(core.read_view(slots, q.dtype))
+        q_lo, q_hi = max(n0, c * chunk), min(n1, (c + group) * chunk)  # absolute query range of the group
+        if group == 1:  # exact tiles (decode and short continuations)
+            row0 = q_lo - c * chunk
+            q_tile = q[:, :, None, q_lo - n0:q_hi - n0]  # (B, Hq, 1, Lq, d)
+            k_lo = (c + 1 - nb) * chunk - start
+            kw, vw = buf_k[:, :, None, k_lo:q_hi - start], buf_v[:, :, None, k_lo:q_hi - start]
+            allowed = torch.arange(kw.shape[3], device=q.device)[None, :] <= (
+                (nb - 1) * chunk + row0 + torch.arange(q_hi - q_lo, device=q.device)[:, None])
+        else:  # whole chunks; rows outside [n0, n1) are zero queries whose outputs are dropped
+            q_tile = q.new_zeros(b, hq, group * chunk, d)
+            q_tile[:, :, q_lo - c * chunk:q_hi - c * chunk] = q[:, :, q_lo - n0:q_hi - n0]
+            q_tile = q_tile.view(b, hq, group, chunk, d)
+            first = (c + 1 - nb) * chunk - start
+            span = buf_k[:, :, first:first + (group + nb - 1) * chunk]
+            kw = span.unfold(2, cfg.window_len, chunk)[:, :, ::1].movedim(-1, -2)  # (B, Hkv, n, W, d)
+            kw = kw[:, :, :group]
+            vw = buf_v[:, :, first:first + (group + nb - 1) * chunk].unfold(2, cfg.window_len, chunk)
+            vw = vw.movedim(-1, -2)[:, :, :group]
+            allowed = torch.arange(cfg.window_len, device=q.device)[None, :] <= ((nb - 1) * chunk + rows[:, None])
+        num = max(s[0].shape[2] for s in snapshots)
+        ks = torch.stack([F.pad(s[0], (0, 0, 0, num - s[0].shape[2])) for s in snapshots], 2)  # (B, Hkv, n, S, d)
+        vs = torch.stack([F.pad(s[1], (0, 0, 0, num - s[1].shape[2])) for s in snapshots], 2)
+        slot_valid = torch.arange(num, device=q.device)[None, :] < torch.tensor(
+            [s[0].shape[2] for s in snapshots], device=q.device)[:, None]  # (n, S)
+        out = core.attend(q_tile, kw, vw, allowed, ks, vs, slot_valid)  # (B, Hq, n, Lq, dv)
+        if group == 1:
+            outputs.append(out[:, :, 0])
+        else:
+            out = out.flatten(2, 3)
+            outputs.append(out[:, :, q_lo - c * chunk:q_hi - c * chunk])
+        c += group
+    return torch.cat(outputs, dim=2), slots
+
+
+def _check_state(state: KVMState, b: int, hkv: int, d: int, dv: int, n0: int, cfg: KVMConfig) -> None:
+    expected_window = n0 - window_begin(n0, cfg)
+    problems = []
+    if state.slot_keys.shape[:2] != (b, hkv) or state.slot_keys.shape[-1] != d:
+        problems.append(f"slot_keys {tuple(state.slot_keys.shape)} vs batch {b}, {hkv} kv heads, head_dim {d}")
+    if state.slot_values.shape[-1] != dv or state.window_values.shape[-1] != dv:
+        problems.append(f"value dim {state.slot_values.shape[-1]} vs {dv}")
+    if state.window_keys.shape[2] != expected_window:
+        problems.append(f"window holds {state.window_keys.shape[2]} tokens, expected {expected_window} "
+                        f"for {n0} tokens with chunk_len {cfg.chunk_len} x {cfg.n_bswa_chunks} chunks")
+    if state.num_slots != slots_after(n0, cfg):
+        problems.append(f"{state.num_slots} slots, but this layer's budget gives {slots_after(n0, cfg)} after {n0} tokens")
+    if problems:
+        raise StateError("KVM state does not belong to this layer (different model, config or batch?): "
+                         + "; ".join(problems))
+
+
+@register_mixer("kvm", symbol="K", state="kvm")
+class KVMAttention(ProjectedAttention):
+    """Key-Value Means attention: block sliding window + a compressed, budgeted memory."""
+
+    Config = KVMConfig
+
+    def __init__(self, config: KVMConfig, d_model: int, layer_idx: int = 0, n_layers: int | None = None):
+        super().__init__(config, d_model, layer_idx, n_layers)
+        if config.uses_merge_gate:
+            self.merge_gate_proj = nn.Linear(d_model, self.num_kv_heads, bias=False)
+        if config.use_head_temps:
+            self.window_temp = nn.Parameter(torch.ones(self.num_heads))
+            self.state_temp = nn.Parameter(torch.ones(self.num_heads))
+        self.state_key_norm = nn.LayerNorm(self.head_dim, eps=config.norm_eps)
+
+    def forward(self, x: Tensor, state: KVMState | None = None, ctx: dict | None = None) -> tuple[Tensor, KVMState]:
+        """x: (B, T, d_model) -> y (B, T, d_model), the state after these T tokens."""
+        self._check_input(x)
+        if state is not None and not isinstance(state, KVMState):
+            raise StateError(f"KVMAttention got a {type(state).__name__}, expected a KVMState")
+        start = 0 if state is None else state.seq_len
+        tails = None if state is None or state.prev_q is None else (state.prev_q, state.prev_k, state.prev_v)
+        q, k, v, new_tails = self.project(x, start, tails, ctx)
+        gate = None
+        if self.config.uses_merge_gate:
+            gate = (1 + F.elu(self.merge_gate_proj(x))).transpose(1, 2).unsqueeze(-1)  # (B, Hkv, T, 1)
+        o, new_state = kvm_attention(
+            q, k, v, gate, self.config, state, state_key_norm=self.state_key_norm,
+            window_temp=getattr(self, "window_temp", None), state_temp=getattr(self, "state_temp", None),
+            scale=self.scale, zero_dims=min(self.head_dim, self.config.state_key_zero_dims
+                                            if self.config.state_key_zero_dims is not None else self.rope_dim))
+        if new_tails is not None:
+            new_state.prev_q, new_state.prev_k, new_state.prev_v = new_tails
+        return self.output(o), new_state

@@ -114,9 +114,18 @@ class LayerState:
         loaded = type(self).from_state_dict(data)
         for name, value in self._fields().items():
             new = getattr(loaded, name)
-            if isinstance(value, Tensor) and isinstance(new, Tensor) and value.shape[1:] != new.shape[1:]:
+            if isinstance(value, Tensor) and isinstance(new, Tensor) and not _same_layout(value, new):
                 raise StateError(
                     f"{type(self).__name__}.{name}: saved shape {tuple(new.shape)} does not fit "
                     f"this layer's {tuple(value.shape)} (different model configuration?)"
                 )
             setattr(self, name, new)
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Same rank and sizes, except the batch (dim 0) and, for rank >= 3, the token/slot axis (dim -2),
+    which legitimately differ between states of one layer (attention caches, KVM slots)."""
+    if a.dim() != b.dim():
+        return False
+    skip = {0} | ({a.dim() - 2} if a.dim() >= 3 else set())
+    return all(a.shape[i] == b.shape[i] for i in range(a.dim()) if i not in skip)

@@ -1,0 +1,313 @@
+"""KVM attention: references, decode equivalence, the budget schedule, state invariants (kvm.md §7)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blocks.config import ConfigError
+from blocks.kvm import KVMAttention, KVMConfig, KVMState, _KVMCore, _Slots, kvm_attention, slots_after, target_slots
+from tests.kvm_reference import reference_prefill
+from tests.mixer_checks import (assert_close, check_batch_independent, check_continue_by_chunks,
+                                check_decode_equals_forward, check_gradients, check_state_roundtrip)
+
+C = 8  # chunk_len of the tiny configs; window = 2 chunks = 16 tokens
+D_MODEL = 32
+BUDGETS = {
+    "fixed": dict(budget="fixed"),
+    "power_law": dict(budget="power_law", growth_factor=4.0, state_min_len=8),
+    "saturation": dict(budget="saturation", saturation_n=24, state_min_len=1),
+}
+
+
+def make(seed: int = 0, **options) -> KVMAttention:
+    torch.manual_seed(seed)
+    options = {"num_heads": 4, "chunk_len": C, "rope_partial_dim": 4, "qk_norm": "layernorm", **options}
+    layer = KVMAttention(KVMConfig(**options), d_model=D_MODEL).eval()
+    with torch.no_grad():  # move the KVM-only parameters off their identity init so they matter
+        for name, p in layer.named_parameters():
+            if name in ("window_temp", "state_temp") or name.startswith("state_key_norm"):
+                p.add_(0.2 * torch.randn_like(p))
+    return layer
+
+
+def inputs(t: int, b: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(b, t, D_MODEL, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- references
+
+def test_window_covering_the_sequence_equals_causal_attention():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 40, 16), torch.randn(2, 4, 40, 16), torch.randn(2, 4, 40, 16)
+    config = KVMConfig(num_heads=4, chunk_len=C, n_bswa_chunks=5)  # window 40 >= T
+    out, _ = kvm_attention(q, k, v, torch.rand(2, 4, 40, 1) + 0.5, config, state_key_norm=torch.nn.LayerNorm(16))
+    assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), 1e-6)
+
+
+def test_positions_inside_the_first_window_are_exact_and_later_ones_are_not():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 60, 16), torch.randn(1, 2, 60, 16), torch.randn(1, 2, 60, 16)
+    config = KVMConfig(num_heads=2, chunk_len=C, rope_partial_dim=4)
+    out, _ = kvm_attention(q, k, v, None, config, state_key_norm=torch.nn.LayerNorm(16))
+    full = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    window = 2 * C
+    assert_close(out[:, :, :window], full[:, :, :window], 1e-6)
+    assert (out[:, :, window] - full[:, :, window]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("use_vlens", [True, False])
+def test_prefill_equals_the_literal_published_algorithm(budget, use_vlens):
+    torch.manual_seed(3)
+    cfg = KVMConfig(num_heads=2, chunk_len=C, rope_partial_dim=4, sink_len=1, use_vlens=use_vlens, **BUDGETS[budget])
+    q, k, v = torch.randn(2, 2, 77, 16), torch.randn(2, 2, 77, 16), torch.randn(2, 2, 77, 16)
+    g = 1 + F.elu(torch.randn(2, 2, 77, 1))
+    norm = torch.nn.LayerNorm(16)
+    with torch.no_grad():
+        norm.weight.add_(0.3 * torch.randn(16)), norm.bias.add_(0.3 * torch.randn(16))
+    wt, st = 1 + 0.2 * torch.randn(2), 1 + 0.2 * torch.randn(2)
+    with torch.no_grad():
+        out, state = kvm_attention(q, k, v, g, cfg, state_key_norm=norm, window_temp=wt, state_temp=st)
+        ref, s_k, s_v, s_len = reference_prefill(
+            q, k, v, g, chunk_len=C, n_bswa_chunks=2, sink_len=1, rope_dim=4, norm=norm, window_temp=wt,
+            state_temp=st, use_vlens=use_vlens, budget=lambda ctx, avail, cur: target_slots(cfg, ctx, avail, cur))
+    assert_close(out, ref, 1e-5)
+    assert_close(state.slot_keys, s_k, 1e-5, "slot key sums")
+    assert_close(state.slot_values, s_v, 1e-5, "slot value sums")
+    assert_close(state.slot_lens, s_len, 1e-6, "slot lengths / counts")
+
+
+# ----------------------------------------------------------------------------- the mixer contract
+
+VARIANTS = {
+    "paper": {},
+    "no_vlens": dict(use_vlens=False),
+    "no_sink": dict(sink_len=0),
+    "no_merge_gate": dict(merge_gate_keys=False, merge_gate_values=False),
+    "no_append_gate": dict(merge_gate_appends=False),
+    "gated_initial_state": dict(merge_gate_initial_state=True),
+    "token_shift_value_residual_gqa": dict(token_shift=True, value_residual=True, num_kv_heads=2),
+}
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prefill_then_decode_equals_full_forward(budget, variant):
+    layer = make(**BUDGETS[budget], **VARIANTS[variant])
+    t = 8 * C + 3
+    prefill_lens = [1, C - 1, C, 2 * C, 2 * C + 1, 3 * C, 4 * C + 1, t - 1]
+    ctx_layer = _with_ctx(layer) if VARIANTS[variant].get("value_residual") else layer
+    with torch.no_grad():
+        check_decode_equals_forward(ctx_layer, inputs(t), prefill_lens)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_continuing_by_several_tokens_equals_full_forward(budget):
+    layer = make(**BUDGETS[budget])
+    with torch.no_grad():
+        for splits in ([3, 5, 8, 9, 17, 1, 24], [C, 2 * C, 2 * C + 1, 2 * C + 4], [2 * C + 5, 3, 4 * C]):
+            check_continue_by_chunks(layer, inputs(sum(splits)), splits)
+
+
+def test_batch_rows_are_independent_and_state_round_trips():
+    layer = make(**BUDGETS["power_law"])
+    with torch.no_grad():
+        check_batch_independent(layer, inputs(6 * C + 1, b=3))
+        check_state_roundtrip(layer, inputs(6 * C + 1, b=3))
+
+
+def test_gradients_reach_gate_temperatures_and_state_norm():
+    layer = make(**BUDGETS["power_law"]).train()
+    check_gradients(layer, inputs(6 * C + 2),
+                    ["merge_gate_proj.weight", "window_temp", "state_temp", "state_key_norm.weight",
+                     "state_key_norm.bias", "q_proj.weight", "k_proj.weight", "v_proj.weight"],
+                    prefill=3 * C + 2)
+
+
+def test_train_mode_equals_eval_mode():
+    layer = make(**BUDGETS["saturation"])
+    x = inputs(5 * C)
+    y_eval, _ = layer(x)
+    y_train, _ = layer.train()(x)
+    assert_close(y_train, y_eval, 0)
+
+
+def test_grouped_query_attention_equals_mha_with_repeated_kv_heads():
+    torch.manual_seed(0)
+    b, hq, hkv, t, d = 2, 6, 2, 70, 16
+    q, k, v = torch.randn(b, hq, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    g = 1 + F.elu(torch.randn(b, hkv, t, 1))
+    cfg = KVMConfig(num_heads=hq, num_kv_heads=hkv, chunk_len=C, rope_partial_dim=4, **BUDGETS["power_law"])
+    norm, wt, st = torch.nn.LayerNorm(d), 1 + 0.2 * torch.randn(hq), 1 + 0.2 * torch.randn(hq)
+    with torch.no_grad():
+        gqa, _ = kvm_attention(q, k, v, g, cfg, state_key_norm=norm, window_temp=wt, state_temp=st)
+        rep = lambda x: x.repeat_interleave(hq // hkv, dim=1)  # noqa: E731
+        mha, _ = kvm_attention(q, rep(k), rep(v), rep(g), dataclasses.replace(cfg, num_kv_heads=None),
+                               state_key_norm=norm, window_temp=wt, state_temp=st)
+    assert_close(gqa, mha, 1e-5)
+
+
+# ----------------------------------------------------------------------------- budget schedule
+
+def test_paper_budget_formulas():
+    fixed = KVMConfig(chunk_len=256, state_min_len=256)
+    sqrt16 = KVMConfig(chunk_len=256, budget="power_law", growth_factor=16, state_min_len=256)
+    sat1024 = KVMConfig(chunk_len=256, budget="saturation", saturation_n=1024, state_min_len=1)
+    assert [slots_after(t, fixed) for t in (100, 256, 8192, 32768, 1 << 20)] == [100, 256, 256, 256, 256]
+    assert slots_after(8192, sqrt16) == 1425 and slots_after(32768, sqrt16) == 2884
+    assert slots_after(8192, sat1024) == 906
+    assert slots_after(1 << 20, sat1024) <= 1024
+    # the first growing update is at ctx 768: target 443, so 187 tokens append and 69 merge
+    assert target_slots(sqrt16, 768, 512, 256) == 443
+
+
+@pytest.mark.parametrize("budget", ["fixed", "power_law", "saturation"])
+def test_state_sizes_follow_the_budget(budget):
+    cfg = KVMConfig(num_heads=1, chunk_len=C, rope_partial_dim=2, **BUDGETS[budget])
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 40 * C, 4)
+    norm = torch.nn.LayerNorm(4)
+    sizes, state = [], None
+    with torch.no_grad():
+        for i in range(0, x.shape[2], C // 2):
+            _, state = kvm_attention(x[:, :, i:i + C // 2], x[:, :, i:i + C // 2], x[:, :, i:i + C // 2], None,
+                                     cfg, state, state_key_norm=norm)
+            sizes.append(state.num_slots)
+            assert state.num_slots == slots_after(state.seq_len, cfg)
+            window_len = state.seq_len - max(0, -(-state.seq_len // C) * C - 2 * C)
+            assert state.window_keys.shape[2] == window_len
+    growth = [b - a for a, b in zip(sizes, sizes[1:])]
+    assert min(growth) >= 0 and max(growth) <= C, "slots never shrink and grow by at most a chunk per update"
+    if budget == "fixed":
+        assert set(sizes[1:]) == {C}
+
+
+@pytest.mark.slow
+def test_paper_sized_schedules_hold_on_real_tensors():
+    """T = 8192, C = 256 on a one-head, four-dim layer: the tensors follow the paper's table."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 8192, 4)
+    norm = torch.nn.LayerNorm(4)
+    with torch.no_grad():
+        for cfg, slots in [(KVMConfig(num_heads=1, chunk_len=256, budget="power_law", growth_factor=16,
+                                      state_min_len=256, rope_partial_dim=2), 1425),
+                           (KVMConfig(num_heads=1, chunk_len=256, budget="saturation", saturation_n=1024,
+                                      state_min_len=1, rope_partial_dim=2), 906)]:
+            _, state = kvm_attention(x, x, x, None, cfg, state_key_norm=norm)
+            assert state.num_slots == slots
+
+
+# ----------------------------------------------------------------------------- state invariants
+
+def _core(cfg: KVMConfig, d: int = 8) -> _KVMCore:
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(d)
+    with torch.no_grad():
+        norm.bias.add_(0.1 * torch.randn(d))
+    return _KVMCore(cfg, norm, 2, None, None, 1.0)
+
+
+def test_sink_slots_never_change_and_lengths_never_change_under_merges():
+    layer = make(**BUDGETS["power_law"])
+    x = inputs(12 * C)
+    with torch.no_grad():
+        _, first = layer(x[:, :C])
+        _, state = layer(x[:, C:], first)
+    assert torch.equal(state.slot_keys[:, :, 0], first.slot_keys[:, :, 0]), "the sink key changed"
+    assert torch.equal(state.slot_values[:, :, 0], first.slot_values[:, :, 0]), "the sink value changed"
+    assert torch.equal(state.slot_lens[:, :, :C], first.slot_lens[:, :, :C]), "a slot length changed under merges"
+    assert not torch.equal(state.slot_keys[:, :, 1:C], first.slot_keys[:, :, 1:C]), "nothing was merged"
+
+
+@pytest.mark.parametrize("budget", ["fixed", "power_law"])
+def test_key_and_value_mass_is_conserved(budget):
+    cfg = KVMConfig(num_heads=2, chunk_len=C, rope_partial_dim=2, **BUDGETS[budget])
+    core = _core(cfg)
+    torch.manual_seed(1)
+    k0, v0 = torch.randn(2, 2, C, 8), torch.randn(2, 2, C, 8)
+    slots = core.new_slots(k0, v0, torch.ones(2, 2, C, 1))
+    k, v, g = torch.randn(2, 2, C, 8), torch.randn(2, 2, C, 8), 1 + F.elu(torch.randn(2, 2, C, 1))
+    after = core.absorb(slots, k, v, g, ctx_len=3 * C, available=2 * C)
+    assert_close(after.keys.sum(2), slots.keys.sum(2) + (core.prepare_keys(k) * g).sum(2), 1e-5, "key mass")
+    assert_close(after.values.sum(2), slots.values.sum(2) + (v * g).sum(2), 1e-5, "value mass")
+
+
+def test_appended_tokens_are_the_least_similar_and_merges_route_after_appending():
+    cfg = KVMConfig(num_heads=1, chunk_len=C, rope_partial_dim=2, budget="power_law", growth_factor=2.0)
+    core = _core(cfg)
+    torch.manual_seed(2)
+    slots = core.new_slots(torch.randn(1, 1, C, 8), torch.randn(1, 1, C, 8), torch.ones(1, 1, C, 1))
+    k, v, g = torch.randn(1, 1, C, 8), torch.randn(1, 1, C, 8), torch.ones(1, 1, C, 1)
+    ctx_len, available = 5 * C, 3 * C
+    n_append = target_slots(cfg, ctx_len, available, C) - C
+    assert 0 < n_append < C
+    after = core.absorb(slots, k, v, g, ctx_len, available)
+    best = (core.prepare_keys(k) @ core.norm(slots.keys).transpose(-1, -2)).amax(-1)[0, 0]
+    novel = best.argsort()[:n_append].sort().values
+    assert torch.equal(after.keys[0, 0, C:], core.prepare_keys(k)[0, 0, novel]), "appended rows are not the most novel, in order"
+    assert torch.equal(after.values[0, 0, C:], v[0, 0, novel])
+    assert after.keys.shape[2] == C + n_append
+    # every other token is summed into its best slot among the *post-append* slots, the sink excluded
+    appended = torch.cat([slots.keys[0, 0], core.prepare_keys(k)[0, 0, novel]])
+    expected = appended.clone()
+    for j in sorted(set(range(C)) - set(novel.tolist())):
+        scores = core.prepare_keys(k)[0, 0, j] @ core.norm(appended).T
+        scores[0] = -torch.inf
+        expected[int(scores.argmax())] += core.prepare_keys(k)[0, 0, j]
+    assert_close(after.keys[0, 0], expected, 1e-6, "keys after routing against the post-append slots")
+
+
+def test_count_averaging_divides_each_slot_by_its_own_count():
+    cfg = KVMConfig(num_heads=1, chunk_len=C, rope_partial_dim=2, use_vlens=False, sink_len=1)
+    core = _core(cfg)
+    torch.manual_seed(3)
+    slots = core.new_slots(torch.randn(1, 1, C, 8), torch.randn(1, 1, C, 8), torch.ones(1, 1, C, 1))
+    after = core.absorb(slots, torch.randn(1, 1, C, 8), torch.randn(1, 1, C, 8), torch.ones(1, 1, C, 1), 3 * C, 2 * C)
+    counts = after.lens[0, 0, :, 0]
+    assert counts.sum() == 2 * C and counts[0] == 1 and counts.max() > 1
+    _, values = core.read_view(after, torch.float32)
+    assert_close(values, after.values / after.lens, 0)
+
+
+# ----------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("options, field", [
+    (dict(chunk_len=0), "chunk_len"), (dict(chunk_len=-4), "chunk_len"), (dict(n_bswa_chunks=0), "n_bswa_chunks"),
+    (dict(sink_len=8, chunk_len=8), "sink_len"), (dict(budget="sqrt"), "budget"),
+    (dict(budget="saturation"), "saturation_n"), (dict(rope_partial_dim=3), "rope_partial_dim"),
+])
+def test_bad_options_name_the_option(options, field):
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        KVMConfig(**options)
+
+
+def test_heads_that_do_not_divide_are_clear_errors():
+    with pytest.raises(ConfigError, match="num_heads: must divide d_model"):
+        KVMAttention(KVMConfig(num_heads=5), d_model=32)
+    with pytest.raises(ConfigError, match="num_kv_heads: must divide num_heads"):
+        KVMAttention(KVMConfig(num_heads=4, num_kv_heads=3), d_model=32)
+
+
+def test_wrong_inputs_and_foreign_states_are_clear_errors():
+    layer = make()
+    with pytest.raises(ValueError, match="expects x of shape"):
+        layer(torch.randn(2, 5, D_MODEL + 1))
+    _, state = make(chunk_len=4)(inputs(20))
+    with pytest.raises(Exception, match="does not belong to this layer"):
+        layer(inputs(3), state)
+
+
+def _with_ctx(layer):
+    """Wrap a layer so each call gets a fresh ctx dict (value residual needs one)."""
+    class WithCtx(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = layer
+
+        def forward(self, x, state=None):
+            return self.inner(x, state, {})
+    return WithCtx()

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blocks.config import require, require_choice, require_positive
-from blocks.projection import ProjectedAttention, ProjectionConfig, softmax_f32
+from blocks.projection import ProjectedAttention, ProjectionConfig
 from blocks.registry import register_mixer
 from blocks.state import LayerState, StateError
 
@@ -259,14 +259,17 @@ class _KVMCore:
             scores = k_u.detach().float() @ read_keys.detach().transpose(-1, -2)  # (B, Hkv, M, S)
             scores[..., : cfg.sink_len] = -torch.inf
             target = scores.argmax(-1)  # (B, Hkv, M)
+        # Without autograd the slots are this call's own copies (see kvm_attention), so add in place.
+        add = Tensor.scatter_add_ if not torch.is_grad_enabled() else Tensor.scatter_add
         lens = slots.lens
         if not cfg.use_vlens:
-            lens = lens.scatter_add(2, target.unsqueeze(-1), torch.ones_like(target, dtype=lens.dtype).unsqueeze(-1))
-        return _Slots(slots.keys.scatter_add(2, target.unsqueeze(-1).expand_as(k_g), k_g),
-                      slots.values.scatter_add(2, target.unsqueeze(-1).expand_as(v_g), v_g), lens)
+            lens = add(lens, 2, target.unsqueeze(-1), torch.ones_like(target, dtype=lens.dtype).unsqueeze(-1))
+        return _Slots(add(slots.keys, 2, target.unsqueeze(-1).expand_as(k_g), k_g),
+                      add(slots.values, 2, target.unsqueeze(-1).expand_as(v_g), v_g), lens)
 
-    def read_view(self, slots: _Slots, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Slots as attention keys and values (just-in-time renormalisation)."""
+    def read_view(self, slots: _Slots, dtype: torch.dtype, groups: int) -> tuple[Tensor, Tensor]:
+        """Slots as attention keys and values for the query heads, (B, Hq, S, d) each: keys through
+        the state-key norm times the state temperature, values re-normalised just in time."""
         keys = self.norm(slots.keys)
         if self.config.use_vlens:
             values = F.normalize(slots.values.float(), dim=-1) * slots.lens
@@ -274,32 +277,34 @@ class _KVMCore:
             values = slots.values.float() / slots.lens
         if self.config.bf16_state_values:
             values = values.bfloat16()
-        return keys, values.to(dtype)
+        return self._per_query_head(keys, groups, self.state_temp), repeat_heads(values.to(dtype), groups)
 
-    def attend(self, q: Tensor, kw: Tensor, vw: Tensor, allowed: Tensor,
-               ks: Tensor | None = None, vs: Tensor | None = None, slot_valid: Tensor | None = None) -> Tensor:
-        """One softmax over state slots and window keys.
+    def window_source(self, keys: Tensor, values: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+        """Raw (B, Hkv, L, d) window keys/values -> (B, Hq, L, d), keys times the window temperature.
+        Done once per call: overlapping window tiles are views of the result."""
+        return self._per_query_head(keys, groups, self.window_temp), repeat_heads(values, groups)
 
-        q (B, Hq, n, Lq, d); kw, vw (B, Hkv, n, Lk, d); allowed (Lq, Lk) causal window mask;
-        ks, vs (B, Hkv, n, S, d); slot_valid (n, S) marks real (unpadded) slots. -> (B, Hq, n, Lq, dv)
+    @staticmethod
+    def _per_query_head(keys: Tensor, groups: int, temp: Tensor | None) -> Tensor:
+        keys = repeat_heads(keys, groups)
+        return keys if temp is None else keys * temp.to(keys.dtype).view(1, -1, 1, 1)
+
+    def attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        """One softmax per query over its tile's keys (state slots and window together).
+
+        q (B, Hq, n, Lq, d): n query tiles; keys, values (B, Hq, n, L, d); mask (n, Lq, L) True where
+        a query may attend. -> (B, Hq, n, Lq, dv)
         """
-        b, hq, n, lq, d = q.shape
-        hkv = kw.shape[1]
-        qg = (q * self.scale).view(b, hkv, hq // hkv, n, lq, d)  # query heads grouped by kv head
-        q_win = qg if self.window_temp is None else qg * self.window_temp.view(1, hkv, -1, 1, 1, 1)
-        logits = torch.einsum("bhgnqd,bhnkd->bhgnqk", q_win, kw).masked_fill(~allowed, -torch.inf)
-        if ks is None:
-            out = torch.einsum("bhgnqk,bhnkd->bhgnqd", softmax_f32(logits, vw.dtype), vw)
-            return out.reshape(b, hq, n, lq, -1)
-        q_state = qg if self.state_temp is None else qg * self.state_temp.view(1, hkv, -1, 1, 1, 1)
-        state_logits = torch.einsum("bhgnqd,bhnsd->bhgnqs", q_state, ks)
-        if slot_valid is not None:
-            state_logits = state_logits.masked_fill(~slot_valid[:, None, :], -torch.inf)
-        probs = softmax_f32(torch.cat([state_logits, logits], dim=-1), vw.dtype)
-        num = ks.shape[3]
-        out = (torch.einsum("bhgnqs,bhnsd->bhgnqd", probs[..., :num], vs)
-               + torch.einsum("bhgnqk,bhnkd->bhgnqd", probs[..., num:], vw))
-        return out.reshape(b, hq, n, lq, -1)
+        b, _, n, lq, _ = q.shape
+        fold = lambda x: x.transpose(1, 2).flatten(0, 1)  # noqa: E731  (B, H, n, L, d) -> (B*n, H, L, d)
+        out = F.scaled_dot_product_attention(fold(q), fold(keys), fold(values), scale=self.scale,
+                                             attn_mask=mask.repeat(b, 1, 1)[:, None])  # (B*n, Hq, Lq, dv)
+        return out.unflatten(0, (b, n)).transpose(1, 2)
+
+
+def repeat_heads(x: Tensor, groups: int) -> Tensor:
+    """(B, Hkv, ...) -> (B, Hkv * groups, ...): each kv head serves ``groups`` query heads."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
 def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: KVMConfig,
@@ -339,6 +344,8 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
     else:
         _check_state(state, b, hkv, d, v.shape[-1], n0, cfg)
         slots = _Slots(state.slot_keys, state.slot_values, state.slot_lens)
+        if not torch.is_grad_enabled():  # merges then add in place: never into the caller's state
+            slots = _Slots(*(x.clone() for x in slots))
         buf_k = torch.cat([state.window_keys.to(k.dtype), k], 2)
         buf_v = torch.cat([state.window_values.to(v.dtype), v], 2)
         buf_g = torch.cat([state.window_gates.to(gate.dtype), gate], 2)
@@ -348,13 +355,13 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
         fresh = core.new_slots(k[:, :, : direct_end - n0], v[:, :, : direct_end - n0], gate[:, :, : direct_end - n0])
         slots = _Slots(*(torch.cat([old, new], 2) for old, new in zip(slots, fresh)))
 
+    groups = hq // hkv
     outputs = []
     front_end = min(n1, window)
     if n0 < front_end:  # plain causal attention before position W (the buffer starts at 0 here)
-        rows = torch.arange(n0, front_end, device=q.device)
-        allowed = torch.arange(front_end, device=q.device)[None, :] <= rows[:, None]  # (Lq, Lk)
-        out = core.attend(q[:, :, None, : front_end - n0], buf_k[:, :, None, :front_end],
-                          buf_v[:, :, None, :front_end], allowed)
+        keys, values = core.window_source(buf_k[:, :, :front_end], buf_v[:, :, :front_end], groups)
+        allowed = torch.arange(front_end, device=q.device)[None, :] <= torch.arange(n0, front_end, device=q.device)[:, None]
+        out = core.attend(q[:, :, None, : front_end - n0], keys[:, :, None], values[:, :, None], allowed[None])
         outputs.append(out[:, :, 0])
     if n1 > window:
         out, slots = _joint_region(core, q, buf_k, buf_v, buf_g, slots, n0, start)
@@ -368,21 +375,25 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
 
 def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g: Tensor, slots: _Slots,
                   n0: int, start: int) -> tuple[Tensor, _Slots]:
-    """Queries at positions >= W: chunk boundary updates, then batched joint reads, group by group."""
+    """Queries at positions >= W, a group of chunks at a time: run the group's boundary updates in
+    order, keeping each chunk's state snapshot, then read all of the group's queries in one call.
+
+    buf_* hold raw tokens [start, n0 + T); q holds the queries [n0, n0 + T)."""
     cfg = core.config
-    chunk, nb = cfg.chunk_len, cfg.n_bswa_chunks
+    chunk, nb, window = cfg.chunk_len, cfg.n_bswa_chunks, cfg.window_len
     b, hq, t, d = q.shape
+    groups = hq // buf_k.shape[1]
     n1 = n0 + t
-    first_chunk, last_chunk = max(n0, cfg.window_len) // chunk, (n1 - 1) // chunk
-    pad = (last_chunk + 1) * chunk - n1  # zero keys past the end: always masked as "future"
-    if pad:
-        buf_k, buf_v = F.pad(buf_k, (0, 0, 0, pad)), F.pad(buf_v, (0, 0, 0, pad))
-    rows = torch.arange(chunk, device=q.device)
+    first_chunk, last_chunk = max(n0, window) // chunk, (n1 - 1) // chunk
+    pad = (last_chunk + 1) * chunk - n1  # zero keys past the end, always masked as "future"
+    win_k, win_v = core.window_source(F.pad(buf_k, (0, 0, 0, pad)), F.pad(buf_v, (0, 0, 0, pad)), groups)
+    window_mask = (torch.arange(window, device=q.device)[None, :]
+                   <= (nb - 1) * chunk + torch.arange(chunk, device=q.device)[:, None])  # (C, W)
     outputs = []
     c = first_chunk
     while c <= last_chunk:
-        width = core.config.num_heads * chunk * (slots.keys.shape[2] + 2 * chunk + cfg.window_len)
-        group = max(1, min(last_chunk - c + 1, _LOGITS_PER_GROUP // max(width * b, 1)))
+        per_chunk = hq * chunk * (slots.keys.shape[2] + chunk + window)  # logits of one chunk's read
+        group = max(1, min(last_chunk - c + 1, _LOGITS_PER_GROUP // (b * per_chunk)))
         snapshots = []
         for cc in range(c, c + group):
             update = boundary_update(cc, cfg)
@@ -390,37 +401,35 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
                 lo = (cc - nb) * chunk - start
                 slots = core.absorb(slots, buf_k[:, :, lo:lo + chunk], buf_v[:, :, lo:lo + chunk],
                                     buf_g[:, :, lo:lo + chunk], *update)
-            snapshots.append(core.read_view(slots, q.dtype))
+            snapshots.append(core.read_view(slots, q.dtype, groups))
         q_lo, q_hi = max(n0, c * chunk), min(n1, (c + group) * chunk)  # absolute query range of the group
-        if group == 1:  # exact tiles (decode and short continuations)
-            row0 = q_lo - c * chunk
-            q_tile = q[:, :, None, q_lo - n0:q_hi - n0]  # (B, Hq, 1, Lq, d)
-            k_lo = (c + 1 - nb) * chunk - start
-            kw, vw = buf_k[:, :, None, k_lo:q_hi - start], buf_v[:, :, None, k_lo:q_hi - start]
-            allowed = torch.arange(kw.shape[3], device=q.device)[None, :] <= (
-                (nb - 1) * chunk + row0 + torch.arange(q_hi - q_lo, device=q.device)[:, None])
+        win_lo = (c + 1 - nb) * chunk - start  # buffer index of the first chunk's window
+        if group == 1:  # an exact tile: decode and short continuations pay only for real rows and keys
+            ks, vs = snapshots[0]
+            keys = torch.cat([ks, win_k[:, :, win_lo:q_hi - start]], 2)[:, :, None]  # (B, Hq, 1, S + Lk, d)
+            values = torch.cat([vs, win_v[:, :, win_lo:q_hi - start]], 2)[:, :, None]
+            rows = q_lo - c * chunk + torch.arange(q_hi - q_lo, device=q.device)
+            mask = torch.cat([torch.ones(len(rows), ks.shape[2], dtype=torch.bool, device=q.device),
+                              window_mask[rows, : q_hi - start - win_lo]], 1)[None]
+            q_tile = q[:, :, None, q_lo - n0:q_hi - n0]
         else:  # whole chunks; rows outside [n0, n1) are zero queries whose outputs are dropped
+            num = max(s[0].shape[2] for s in snapshots)
+            keys = q.new_zeros(b, hq, group, num + window, d)
+            values = q.new_zeros(b, hq, group, num + window, buf_v.shape[-1])
+            span = slice(win_lo, win_lo + (group + nb - 1) * chunk)
+            keys[:, :, :, num:] = win_k[:, :, span].unfold(2, window, chunk).movedim(-1, -2)
+            values[:, :, :, num:] = win_v[:, :, span].unfold(2, window, chunk).movedim(-1, -2)
+            for i, (ks, vs) in enumerate(snapshots):
+                keys[:, :, i, : ks.shape[2]] = ks
+                values[:, :, i, : vs.shape[2]] = vs
+            slot_valid = torch.arange(num, device=q.device)[None, :] < torch.tensor(
+                [s[0].shape[2] for s in snapshots], device=q.device)[:, None]  # (n, S)
+            mask = torch.cat([slot_valid[:, None, :].expand(-1, chunk, -1), window_mask.expand(group, -1, -1)], -1)
             q_tile = q.new_zeros(b, hq, group * chunk, d)
             q_tile[:, :, q_lo - c * chunk:q_hi - c * chunk] = q[:, :, q_lo - n0:q_hi - n0]
             q_tile = q_tile.view(b, hq, group, chunk, d)
-            first = (c + 1 - nb) * chunk - start
-            span = buf_k[:, :, first:first + (group + nb - 1) * chunk]
-            kw = span.unfold(2, cfg.window_len, chunk)[:, :, ::1].movedim(-1, -2)  # (B, Hkv, n, W, d)
-            kw = kw[:, :, :group]
-            vw = buf_v[:, :, first:first + (group + nb - 1) * chunk].unfold(2, cfg.window_len, chunk)
-            vw = vw.movedim(-1, -2)[:, :, :group]
-            allowed = torch.arange(cfg.window_len, device=q.device)[None, :] <= ((nb - 1) * chunk + rows[:, None])
-        num = max(s[0].shape[2] for s in snapshots)
-        ks = torch.stack([F.pad(s[0], (0, 0, 0, num - s[0].shape[2])) for s in snapshots], 2)  # (B, Hkv, n, S, d)
-        vs = torch.stack([F.pad(s[1], (0, 0, 0, num - s[1].shape[2])) for s in snapshots], 2)
-        slot_valid = torch.arange(num, device=q.device)[None, :] < torch.tensor(
-            [s[0].shape[2] for s in snapshots], device=q.device)[:, None]  # (n, S)
-        out = core.attend(q_tile, kw, vw, allowed, ks, vs, slot_valid)  # (B, Hq, n, Lq, dv)
-        if group == 1:
-            outputs.append(out[:, :, 0])
-        else:
-            out = out.flatten(2, 3)
-            outputs.append(out[:, :, q_lo - c * chunk:q_hi - c * chunk])
+        out = core.attend(q_tile, keys, values, mask).flatten(2, 3)  # (B, Hq, n * Lq, dv)
+        outputs.append(out if group == 1 else out[:, :, q_lo - c * chunk:q_hi - c * chunk])
         c += group
     return torch.cat(outputs, dim=2), slots
 

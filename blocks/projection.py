@@ -19,7 +19,6 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blocks.config import check_heads, require, require_choice
@@ -149,13 +148,3 @@ class ProjectedAttention(nn.Module):
     def output(self, o: Tensor) -> Tensor:
         """o: (B, H, T, d) -> (B, T, d_model)."""
         return self.o_proj(o.transpose(1, 2).flatten(2))
-
-
-def repeat_kv(x: Tensor, groups: int) -> Tensor:
-    """(B, Hkv, ...) -> (B, Hkv * groups, ...), each kv head repeated for its query heads."""
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def softmax_f32(logits: Tensor, dtype: torch.dtype) -> Tensor:
-    """Softmax over the last dim computed in fp32 (stable for bf16 models), returned in ``dtype``."""
-    return F.softmax(logits, dim=-1, dtype=torch.float32).to(dtype)

@@ -1,0 +1,33 @@
+# Set-up and everyday commands. `make demo` and `make test` each set up .venv first when needed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# torch first: the CPU wheel 2.13.0 where there is no GPU (an unpinned torch would pull CUDA wheels);
+# then the toolkit with its test extras (pytest, and triton for the fla parity tests).
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install -q torch; \
+	else \
+		$(PY) -m pip install -q torch==2.13.0; \
+	fi
+	$(PY) -m pip install -q -e '.[test,parity]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/hybrid demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_kvm.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,98 @@
+"""KVM attention vs causal SDPA on this machine: prefill time, decode time per token, state bytes.
+
+Operator level (after the q/k/v projections, as the paper's kernel benchmarks): batch 1, 6 heads,
+head_dim 128, chunk 256, window 2 chunks, fp32. Every figure is measured in this run; ratios are
+against full causal ``F.scaled_dot_product_attention`` measured alongside.
+
+    python benchmarks/bench_kvm.py                      # T = 2k, 8k, 16k, 32k
+    python benchmarks/bench_kvm.py --lengths 2048 8192 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from blocks.kvm import KVMConfig, kvm_attention
+
+HEADS, HEAD_DIM, CHUNK = 6, 128, 256
+VARIANTS = {
+    "kvm fixed-256": KVMConfig(num_heads=HEADS, chunk_len=CHUNK, rope_partial_dim=64, state_min_len=256),
+    "kvm 16*sqrt(T)": KVMConfig(num_heads=HEADS, chunk_len=CHUNK, rope_partial_dim=64, budget="power_law",
+                               growth_factor=16, state_min_len=256),
+}
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """Median and spread (max - min) of ``repeats`` wall-clock runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), max(times) - min(times)
+
+
+def decode_seconds_per_token(step, state, tokens: int) -> float:
+    """Mean time of ``tokens`` consecutive one-token steps (a whole chunk: includes its state update)."""
+    start = time.perf_counter()
+    for _ in range(tokens):
+        state = step(state)
+    return (time.perf_counter() - start) / tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(HEAD_DIM)
+    temps = torch.ones(HEADS)
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, B=1 H={HEADS} d={HEAD_DIM} "
+          f"C={CHUNK} W={2 * CHUNK}, fp32, median of {args.repeats}")
+    print(f"{'T':>6} {'variant':>15} {'prefill s':>10} {'spread':>7} {'vs SDPA':>8} {'decode ms/tok':>13} "
+          f"{'slots':>6} {'state MiB':>9} {'% of KV':>7}")
+    with torch.inference_mode():
+        for t in args.lengths:
+            q, k, v = (torch.randn(1, HEADS, t, HEAD_DIM) for _ in range(3))
+            gate = 1 + F.elu(torch.randn(1, HEADS, t, 1))
+            sdpa, spread = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), args.repeats)
+            kv_bytes = 2 * t * HEADS * HEAD_DIM * 4
+            q1, k1, v1 = q[:, :, :1], k[:, :, :1], v[:, :, :1]
+
+            def sdpa_step(cache):
+                keys, values = torch.cat([cache[0], k1], 2), torch.cat([cache[1], v1], 2)
+                F.scaled_dot_product_attention(q1, keys, values)
+                return keys, values
+
+            sdpa_decode = decode_seconds_per_token(sdpa_step, (k, v), CHUNK)
+            print(f"{t:>6} {'causal SDPA':>15} {sdpa:>10.3f} {spread:>7.3f} {1.0:>8.2f} {sdpa_decode * 1e3:>13.3f} "
+                  f"{t:>6} {kv_bytes / 2**20:>9.1f} {100.0:>7.1f}")
+            for name, cfg in VARIANTS.items():
+                run = lambda: kvm_attention(q, k, v, gate, cfg, state_key_norm=norm,  # noqa: E731
+                                            window_temp=temps, state_temp=temps)
+                seconds, spread = timed(run, args.repeats)
+                _, state = run()
+                g1 = gate[:, :, :1]
+
+                def kvm_step(s):
+                    return kvm_attention(q1, k1, v1, g1, cfg, s, state_key_norm=norm,
+                                         window_temp=temps, state_temp=temps)[1]
+
+                decode = decode_seconds_per_token(kvm_step, state, CHUNK)
+                print(f"{t:>6} {name:>15} {seconds:>10.3f} {spread:>7.3f} {sdpa / seconds:>8.2f} "
+                      f"{decode * 1e3:>13.3f} {state.num_slots:>6} {state.nbytes() / 2**20:>9.2f} "
+                      f"{100 * state.nbytes() / kv_bytes:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()

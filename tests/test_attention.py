@@ -1,0 +1,81 @@
+"""Softmax attention baselines: the mixer contract and equality with masked reference attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blocks.attention import BlockSlidingWindowAttention, CausalAttention, SlidingWindowAttention
+from blocks.config import ConfigError
+from blocks.kvm import KVMConfig, kvm_attention
+from tests.mixer_checks import (assert_close, check_batch_independent, check_continue_by_chunks,
+                                check_decode_equals_forward, check_gradients, check_state_roundtrip)
+
+D_MODEL = 32
+LAYERS = {
+    "attention": (CausalAttention, {}),
+    "swa": (SlidingWindowAttention, dict(window=7)),
+    "bswa": (BlockSlidingWindowAttention, dict(chunk_len=4, n_bswa_chunks=2)),
+}
+
+
+def make(kind: str, **options):
+    cls, extra = LAYERS[kind]
+    torch.manual_seed(0)
+    return cls(cls.Config(num_heads=4, num_kv_heads=2, qk_norm="rmsnorm", qkv_bias=True, **extra, **options),
+               d_model=D_MODEL).eval()
+
+
+def inputs(t: int, b: int = 2) -> torch.Tensor:
+    return torch.randn(b, t, D_MODEL, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_mixer_contract(kind):
+    layer = make(kind, token_shift=True)
+    with torch.no_grad():
+        check_decode_equals_forward(layer, inputs(30), [1, 3, 4, 8, 9, 29])
+        check_continue_by_chunks(layer, inputs(30), [5, 1, 12, 12])
+        check_batch_independent(layer, inputs(20, b=3))
+        check_state_roundtrip(layer, inputs(20, b=3))
+    check_gradients(layer.train(), inputs(20))
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_equals_masked_reference_attention(kind):
+    layer = make(kind)
+    x = inputs(25)
+    with torch.no_grad():
+        y, state = layer(x)
+        q, k, v, _ = layer.project(x, 0, None, None)
+        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        pos = torch.arange(25)
+        allowed = pos[None, :] <= pos[:, None]
+        if kind == "swa":
+            allowed &= pos[None, :] > pos[:, None] - 7
+        if kind == "bswa":
+            allowed &= pos[None, :] // 4 >= pos[:, None] // 4 - 1
+        expected = layer.output(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed))
+    assert_close(y, expected, 1e-5)
+    expected_cached = {"attention": 25, "swa": 6, "bswa": 5}[kind]  # next query: position 25
+    assert state.keys.shape[2] == expected_cached, "the state keeps exactly what later queries can see"
+    assert state.kind == ("kv" if kind == "attention" else "window")
+
+
+def test_block_sliding_window_is_kvm_without_its_state():
+    """Before position W, KVM is plain attention; BSWA continues that window without any memory."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    out, _ = kvm_attention(q, k, v, None, KVMConfig(num_heads=2, chunk_len=4, n_bswa_chunks=4),
+                           state_key_norm=torch.nn.LayerNorm(8))
+    assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), 1e-6)
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ConfigError, match="^window: "):
+        SlidingWindowAttention.Config(window=0)
+    with pytest.raises(ConfigError, match="^chunk_len: "):
+        BlockSlidingWindowAttention.Config(chunk_len=-1)
+    with pytest.raises(ConfigError, match="^qk_norm: "):
+        CausalAttention.Config(qk_norm="batchnorm")

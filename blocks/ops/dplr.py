@@ -1,0 +1,192 @@
+"""The generalized delta rule with a diagonal-plus-low-rank transition (RWKV-7's recurrence).
+
+Per head, with a fp32 state ``S`` of shape [K, V] and, for every token, a per-key log-space decay
+``w_t <= 0`` [K], vectors ``q_t, k_t, a_t, b_t`` [K] and ``v_t`` [V]::
+
+    S_t = diag(exp(w_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T
+    o_t = S_t^T (q_t * scale)
+
+i.e. ``S_t = (diag(exp(w_t)) + b_t a_t^T) S_{t-1} + k_t v_t^T``: the low-rank term reads the state
+*before* this token's decay. These are the semantics of fla's ``chunk_dplr_delta_rule`` /
+``fused_recurrent_dplr_delta_rule`` and of its ``dplr_recurrence`` reference (fla's docstrings
+write the transposed form ``S_t = S_{t-1} (D_t + alpha_t beta_t^T) + v_t k_t^T`` with
+``alpha = a``, ``beta = b``). RWKV-7 uses ``a = -kk``, ``b = kk * iclr`` (``kk`` the L2-normalised
+removal key, ``iclr`` the in-context learning rate), ``w = -0.6065 * sigmoid(.)`` and ``scale = 1``.
+
+The torch path is chunked. Writing ``z_t = a_t^T S_{t-1}`` turns the step into a gated linear
+recurrence with two rank-one writes, ``k_t v_t^T`` and ``b_t z_t^T``; inside a chunk the ``z`` of
+all tokens follow from one unit-lower-triangular solve, ``(I - M_ab) Z = (a * exp(G_excl)) S0 +
+M_ak V``, where the ``M`` matrices are decay-weighted inner products. The per-key decays between
+two tokens of a chunk are formed exactly (``exp`` of a non-positive cumulative sum for every pair
+and key), never as a ratio ``exp(G_i) / exp(G_j)``, so any ``w <= 0`` is safe; this costs
+O(C^2 K) per chunk, hence the small default chunk (16, fla's own choice without a gate bound).
+Across chunks the state map is affine, ``S_next = F S + G``, computed for all chunks in parallel,
+so the sequential part is one [K, K] @ [K, V] matmul per chunk.
+
+Layout: q, k, a, b, w [B, T, H, K]; v [B, T, H, V]; states [B, H, K, V] fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from blocks.ops.backend import resolve_backend
+
+DEFAULT_CHUNK_SIZE = 16
+
+
+def dplr_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    w: Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    w_lower_bound: float | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """Run the DPLR delta rule over ``T`` tokens, starting from ``initial_state`` (zeros if ``None``).
+
+    Args:
+        q, k: [B, T, H, K] queries (RWKV's ``r``) and keys.
+        v: [B, T, H, V] values.
+        a, b: [B, T, H, K] the low-rank transition ``b a^T``.
+        w: [B, T, H, K] per-key log-space decay, ``<= 0``.
+        scale: multiplies q; ``None`` means ``K ** -0.5`` (fla's default; RWKV-7 passes 1.0).
+        initial_state: [B, H, K, V], any float dtype (the op computes in fp32, fp64 for fp64 inputs).
+        output_final_state: also return the state after the last token.
+        chunk_size: tokens per chunk of the torch path.
+        w_lower_bound: a promise that ``w >= w_lower_bound`` everywhere (RWKV-7: ``-exp(-0.5)``);
+            only the fla path uses it, to pick its faster 64-token chunks.
+        backend: ``"auto"`` (fla on CUDA, torch elsewhere), ``"torch"`` or ``"fla"``.
+
+    Returns:
+        ``(o, final_state)``: o [B, T, H, V] in q's dtype; final_state [B, H, K, V] fp32 (fp64 for fp64
+        inputs) or ``None``.
+    """
+    B, T, H, K = _check_inputs(q, k, v, a, b, w, initial_state, chunk_size)
+    if scale is None:
+        scale = K**-0.5
+    if resolve_backend(backend, q.device) == "fla":
+        return _fla_dplr(q, k, v, a, b, w, scale, initial_state, output_final_state, w_lower_bound)
+
+    if initial_state is None:
+        initial_state = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
+    if T == 0:
+        o, state = v.new_empty(v.shape).to(q.dtype), initial_state.to(_compute_dtype(q))
+    elif T == 1:
+        o, state = _step(q, k, v, a, b, w, scale, initial_state)
+    else:
+        o, state = _chunked(q, k, v, a, b, w, scale, initial_state, chunk_size)
+    return o, (state if output_final_state else None)
+
+
+def _check_inputs(q, k, v, a, b, w, initial_state, chunk_size) -> tuple[int, int, int, int]:
+    if q.dim() != 4:
+        raise ValueError(f"dplr_delta_rule: q must be [B, T, H, K], got {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    for name, x in (("k", k), ("a", a), ("b", b), ("w", w)):
+        if x.shape != q.shape:
+            raise ValueError(f"dplr_delta_rule: {name} must have q's shape [B, T, H, K] = {tuple(q.shape)}, "
+                             f"got {tuple(x.shape)}")
+    if v.dim() != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"dplr_delta_rule: v must be [B, T, H, V] with {(B, T, H)} first, got {tuple(v.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
+        raise ValueError(f"dplr_delta_rule: initial_state must be [B, H, K, V] = {(B, H, K, v.shape[-1])}, "
+                         f"got {tuple(initial_state.shape)}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"dplr_delta_rule: chunk_size must be a positive int, got {chunk_size!r}")
+    return B, T, H, K
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """fp32 for half/bf16/fp32 inputs (states are always kept at least fp32); fp64 stays fp64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _step(q, k, v, a, b, w, scale: float, state: Tensor) -> tuple[Tensor, Tensor]:
+    """One token (decode): the recurrence written out directly."""
+    out_dtype = q.dtype
+    dtype = _compute_dtype(q)
+    q, k, v, a, b, w = (x[:, 0].to(dtype) for x in (q, k, v, a, b, w))  # [B, H, *]
+    state = state.to(dtype)  # [B, H, K, V]
+    z = torch.einsum("bhk,bhkv->bhv", a, state)  # [B, H, V] low-rank read of the previous state
+    state = w.exp()[..., None] * state + b[..., :, None] * z[..., None, :] + k[..., :, None] * v[..., None, :]
+    o = torch.einsum("bhkv,bhk->bhv", state, q * scale)  # [B, H, V]
+    return o[:, None].to(out_dtype), state
+
+
+def _chunked(q, k, v, a, b, w, scale: float, state: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Chunk-parallel solve, then one affine state update per chunk (see the module docstring)."""
+    out_dtype = q.dtype
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = min(chunk_size, T)
+    N = -(-T // C)  # chunks
+    pad = N * C - T  # zero tokens at the end: w = k = b = 0 leave the state unchanged
+
+    dtype = _compute_dtype(q)
+
+    def chunks(x: Tensor) -> Tensor:  # [B, T, H, D] -> [B, H, N, C, D] in the compute dtype
+        x = x.to(dtype)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.transpose(1, 2).reshape(B, H, N, C, x.shape[-1])
+
+    q, k, v, a, b = chunks(q) * scale, chunks(k), chunks(v), chunks(a), chunks(b)  # [B, H, N, C, K|V]
+    G = chunks(w).cumsum(-2)  # [B, H, N, C, K] decay of the state from the chunk start through token i
+    G_excl = G - chunks(w)  # [B, H, N, C, K] ... through token i - 1 (what a_i reads)
+    G_last = G[..., -1, :]  # [B, H, N, K]
+
+    idx = torch.arange(C, device=q.device)
+    incl = (idx[None, :] <= idx[:, None])[..., None]  # [C, C, 1] pairs (i, j) with j <= i
+    excl = (idx[None, :] < idx[:, None])[..., None]  # [C, C, 1] pairs with j < i
+    # exact per-key decays between tokens j and i of a chunk, every exponent <= 0: [B, H, N, C, C, K]
+    d_incl = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~incl, float("-inf")).exp()
+    d_excl = (G_excl[..., :, None, :] - G[..., None, :, :]).masked_fill(~excl, float("-inf")).exp()
+
+    kb = torch.stack([k, b], dim=-3)  # [B, H, N, 2, C, K] the two write keys
+    M_q = torch.einsum("bhnid,bhnijd,bhnsjd->bhnsij", q, d_incl, kb)  # [B, H, N, 2, C, C]
+    M_a = torch.einsum("bhnid,bhnijd,bhnsjd->bhnsij", a, d_excl, kb)  # [B, H, N, 2, C, C]
+    M_qk, M_qb = M_q.unbind(-3)  # [B, H, N, C, C]: how token i's read sees write j
+    M_ak, M_ab = M_a.unbind(-3)  # [B, H, N, C, C]: how token i's low-rank read sees write j
+
+    # z = W @ S0 + U  with  (I - M_ab) [W | U] = [a * exp(G_excl) | M_ak @ V]
+    rhs = torch.cat([a * G_excl.exp(), M_ak @ v], dim=-1)  # [B, H, N, C, K + V]
+    W, U = torch.linalg.solve_triangular(-M_ab, rhs, upper=False, unitriangular=True).split([K, V], dim=-1)
+
+    q_start = q * G.exp() + M_qb @ W  # [B, H, N, C, K] how outputs read the chunk-start state
+    o_intra = M_qk @ v + M_qb @ U  # [B, H, N, C, V]
+    to_end = (G_last[..., None, :] - G).exp()  # [B, H, N, C, K] decay from token i to the chunk end
+    k_end, b_end = k * to_end, b * to_end  # [B, H, N, C, K]
+    F = torch.diag_embed(G_last.exp()) + b_end.mT @ W  # [B, H, N, K, K]   S_next = F @ S + Gm
+    Gm = k_end.mT @ v + b_end.mT @ U  # [B, H, N, K, V]
+
+    state = state.to(dtype)
+    starts = []
+    for n in range(N):
+        starts.append(state)
+        state = F[:, :, n] @ state + Gm[:, :, n]  # [B, H, K, V]
+    o = o_intra + q_start @ torch.stack(starts, dim=2)  # [B, H, N, C, V]
+    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)  # [B, T, H, V]
+    return o.to(out_dtype), state
+
+
+def _fla_dplr(q, k, v, a, b, w, scale, initial_state, output_final_state, w_lower_bound):
+    """fla's Triton kernels (CUDA): chunked while training or for long inputs, fused recurrent otherwise."""
+    from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+
+    if initial_state is not None:
+        initial_state = initial_state.float()
+    if torch.is_grad_enabled() or q.shape[1] >= 64:
+        bound = {} if w_lower_bound is None else {"safe_gate": True, "lower_bound": w_lower_bound, "chunk_size": 64}
+        return chunk_rwkv7(r=q, w=w, k=k, v=v, a=a, b=b, scale=scale, initial_state=initial_state,
+                           output_final_state=output_final_state, **bound)
+    return fused_recurrent_rwkv7(r=q, w=w, k=k, v=v, a=a, b=b, scale=scale, initial_state=initial_state,
+                                 output_final_state=output_final_state)

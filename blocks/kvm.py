@@ -414,20 +414,25 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
             q_tile = q[:, :, None, q_lo - n0:q_hi - n0]
         else:  # whole chunks; rows outside [n0, n1) are zero queries whose outputs are dropped
             num = max(s[0].shape[2] for s in snapshots)
-            keys = q.new_zeros(b, hq, group, num + window, d)
-            values = q.new_zeros(b, hq, group, num + window, buf_v.shape[-1])
+            keys = q.new_empty(b, hq, group, num + window, d)
+            values = q.new_empty(b, hq, group, num + window, buf_v.shape[-1])
             span = slice(win_lo, win_lo + (group + nb - 1) * chunk)
             keys[:, :, :, num:] = win_k[:, :, span].unfold(2, window, chunk).movedim(-1, -2)
             values[:, :, :, num:] = win_v[:, :, span].unfold(2, window, chunk).movedim(-1, -2)
             for i, (ks, vs) in enumerate(snapshots):
                 keys[:, :, i, : ks.shape[2]] = ks
                 values[:, :, i, : vs.shape[2]] = vs
+                keys[:, :, i, ks.shape[2]:num] = 0  # padding slots: masked, but must not hold NaN
+                values[:, :, i, vs.shape[2]:num] = 0
             slot_valid = torch.arange(num, device=q.device)[None, :] < torch.tensor(
                 [s[0].shape[2] for s in snapshots], device=q.device)[:, None]  # (n, S)
             mask = torch.cat([slot_valid[:, None, :].expand(-1, chunk, -1), window_mask.expand(group, -1, -1)], -1)
-            q_tile = q.new_zeros(b, hq, group * chunk, d)
-            q_tile[:, :, q_lo - c * chunk:q_hi - c * chunk] = q[:, :, q_lo - n0:q_hi - n0]
-            q_tile = q_tile.view(b, hq, group, chunk, d)
+            if q_lo == c * chunk and q_hi == (c + group) * chunk:
+                q_tile = q[:, :, q_lo - n0:q_hi - n0].unflatten(2, (group, chunk))
+            else:
+                q_tile = q.new_zeros(b, hq, group * chunk, d)
+                q_tile[:, :, q_lo - c * chunk:q_hi - c * chunk] = q[:, :, q_lo - n0:q_hi - n0]
+                q_tile = q_tile.view(b, hq, group, chunk, d)
         out = core.attend(q_tile, keys, values, mask).flatten(2, 3)  # (B, Hq, n * Lq, dv)
         outputs.append(out if group == 1 else out[:, :, q_lo - c * chunk:q_hi - c * chunk])
         c += group

@@ -147,6 +147,7 @@ def _child_main(source: str, case_name: str, args_path: str, result_path: str) -
 
     spec = importlib.util.spec_from_file_location(Path(source).stem, source)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (and pickling) look classes up by module name
     spec.loader.exec_module(module)
     result = getattr(module, case_name)(**torch.load(args_path, weights_only=False))
     torch.save(result, result_path)

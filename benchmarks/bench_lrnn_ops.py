@@ -5,10 +5,12 @@ decode time per token against context length.
    ``blocks/ops``, against fla's pure-torch naive references for the same recurrence (these need
    triton to import; without it they are skipped with a message). Speed-up = reference time / ours.
 2. Decode: the state after a real prefill of 1k / 8k / 32k tokens, then one-token steps; the time
-   per token should not grow with the context (the state has a fixed size).
+   per token should not grow with the context (the state has a fixed size). One-token steps are
+   too small to split across threads (on a shared 2-core machine a second OpenMP thread turns
+   35 us steps into 8 ms waits for a scheduler slice), so they run on ``--decode-threads`` (1).
 
-Every figure is measured in this run (best of ``--repeats`` after a warm-up; a reference runs once,
-some take tens of seconds). Ops register in ``OPS`` with ``register``; one section per op family.
+Every figure is measured in this run (best of ``--repeats`` after a warm-up; a reference runs once
+after a 16-token warm-up, as some take many seconds, so its figure is noisier). Ops register in ``OPS`` with ``register``; one section per op family.
 
     python benchmarks/bench_lrnn_ops.py
     python benchmarks/bench_lrnn_ops.py --ops gla --contexts 1024 8192 --no-reference
@@ -140,6 +142,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
     parser.add_argument("--no-reference", action="store_true", help="skip fla's naive references (slow)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--decode-threads", type=int, default=1, help="torch threads for one-token steps")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,10 +164,13 @@ def main() -> None:
                 why = "--no-reference" if args.no_reference else "triton not installed (fla's naive refs import it)"
                 print(f"{'':<12} {ref_name:<28} skipped: {why}")
                 continue
+            ref(bench.make_inputs(16, torch.Generator().manual_seed(0)))  # imports fla, first-call costs
             seconds = fwd_bwd_seconds(ref, inputs, repeats=1, warmup=False)
             print(f"{'':<12} {ref_name:<28} {seconds:>9.4f} {TRAIN_T / seconds:>10.0f} {seconds / ours:>8.1f}x")
 
-    print(f"\n## decode: microseconds per token after a prefill of N tokens (median of {DECODE_STEPS} steps)")
+    torch.set_num_threads(args.decode_threads)
+    print(f"\n## decode: microseconds per token after a prefill of N tokens (median of {DECODE_STEPS} steps, "
+          f"{torch.get_num_threads()} thread(s))")
     print(f"{'op':<12} " + " ".join(f"{f'N={n}':>10}" for n in args.contexts))
     for bench in benches:
         gen = torch.Generator().manual_seed(1)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from blocks.attention import BlockSlidingWindowAttention, CausalAttention, SlidingWindowAttention
 from blocks.config import ConfigError
 from blocks.kvm import KVMConfig, kvm_attention
-from tests.mixer_checks import (assert_close, check_batch_independent, check_continue_by_chunks,
+from mixer_checks import (assert_close, check_batch_independent, check_continue_by_chunks,
                                 check_decode_equals_forward, check_gradients, check_state_roundtrip)
 
 D_MODEL = 32

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from blocks.config import ConfigError
-from blocks.kvm import KVMAttention, KVMConfig, KVMState, _KVMCore, _Slots, kvm_attention, slots_after, target_slots
-from tests.kvm_reference import reference_prefill
-from tests.mixer_checks import (assert_close, check_batch_independent, check_continue_by_chunks,
+from blocks.kvm import KVMAttention, KVMConfig, _KVMCore, kvm_attention, slots_after, target_slots
+from kvm_reference import reference_prefill
+from mixer_checks import (assert_close, check_batch_independent, check_continue_by_chunks,
                                 check_decode_equals_forward, check_gradients, check_state_roundtrip)
 
 C = 8  # chunk_len of the tiny configs; window = 2 chunks = 16 tokens

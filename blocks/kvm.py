@@ -228,37 +228,38 @@ class _KVMCore:
     def _gated(self, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         return (k * g if self.config.merge_gate_keys else k), (v * g if self.config.merge_gate_values else v)
 
-    def absorb(self, slots: _Slots, k: Tensor, v: Tensor, g: Tensor, ctx_len: int, available: int) -> _Slots:
-        """Fold one overflow chunk (k, v: (B, Hkv, C, d); g: (B, Hkv, C, 1)) into the slots."""
+    def absorb(self, slots: _Slots, k: Tensor, v: Tensor, g: Tensor, ctx_len: int, available: int,
+               normed_keys: Tensor | None = None) -> _Slots:
+        """Fold one overflow chunk (k, v: (B, Hkv, C, d); g: (B, Hkv, C, 1)) into the slots.
+        ``normed_keys``: ``state_key_norm(slots.keys)`` if the caller has it already."""
         cfg = self.config
         k_u = self.prepare_keys(k)  # (B, Hkv, C, d) ungated, used for routing
         k_g, v_g = self._gated(k_u, v, g)
         num = slots.keys.shape[2]
         n_append = min(max(target_slots(cfg, ctx_len, available, num) - num, 0), k.shape[2])
-        read_keys = self.norm(slots.keys).float()  # (B, Hkv, S, d)
-        merge_idx = None
+        normed = (self.norm(slots.keys) if normed_keys is None else normed_keys).detach().float()  # (B, Hkv, S, d)
+        with torch.no_grad():  # every token against every existing slot: novelty and routing share it
+            scores = k_u.detach().float() @ normed.transpose(-1, -2)  # (B, Hkv, C, S)
         if n_append:
             if num == 0:
                 order = torch.arange(k.shape[2], device=k.device).expand(*k.shape[:2], -1)
                 append_idx, merge_idx = order[..., -n_append:], order[..., :-n_append]
-            else:
-                with torch.no_grad():  # novelty: a token's best similarity to any existing slot
-                    best = (k_u.detach().float() @ read_keys.detach().transpose(-1, -2)).amax(-1)  # (B, Hkv, C)
-                    ranked = best.argsort(dim=-1, stable=True)  # most novel first
-                    append_idx = ranked[..., :n_append].sort(dim=-1).values
-                    merge_idx = ranked[..., n_append:].sort(dim=-1).values
+            else:  # the most novel tokens (lowest best similarity to any slot) append, in token order
+                ranked = scores.amax(-1).argsort(dim=-1, stable=True)  # (B, Hkv, C)
+                append_idx = ranked[..., :n_append].sort(dim=-1).values
+                merge_idx = ranked[..., n_append:].sort(dim=-1).values
             k_app, v_app = (k_g, v_g) if cfg.merge_gate_appends else (k_u, v)
             k_app, v_app = _gather_rows(k_app, append_idx), _gather_rows(v_app, append_idx)
             slots = _Slots(torch.cat([slots.keys, k_app], 2), torch.cat([slots.values, v_app], 2),
                            torch.cat([slots.lens, self._lens_of(v_app)], 2))
-            read_keys = torch.cat([read_keys, self.norm(k_app).float()], 2)  # append before merge
             k_u, k_g, v_g = (_gather_rows(x, merge_idx) for x in (k_u, k_g, v_g))
+            with torch.no_grad():  # merges route against the post-append slots: add the new columns
+                new_columns = k_u.detach().float() @ self.norm(k_app).detach().float().transpose(-1, -2)
+                scores = torch.cat([_gather_rows(scores, merge_idx), new_columns], dim=-1)  # (B, Hkv, M, S')
         if k_u.shape[2] == 0:
             return slots
-        with torch.no_grad():  # winner-take-all routing against the post-append slots
-            scores = k_u.detach().float() @ read_keys.detach().transpose(-1, -2)  # (B, Hkv, M, S)
-            scores[..., : cfg.sink_len] = -torch.inf
-            target = scores.argmax(-1)  # (B, Hkv, M)
+        scores[..., : cfg.sink_len] = -torch.inf
+        target = scores.argmax(-1)  # (B, Hkv, M): winner-take-all
         # Without autograd the slots are this call's own copies (see kvm_attention), so add in place.
         add = Tensor.scatter_add_ if not torch.is_grad_enabled() else Tensor.scatter_add
         lens = slots.lens
@@ -267,17 +268,19 @@ class _KVMCore:
         return _Slots(add(slots.keys, 2, target.unsqueeze(-1).expand_as(k_g), k_g),
                       add(slots.values, 2, target.unsqueeze(-1).expand_as(v_g), v_g), lens)
 
-    def read_view(self, slots: _Slots, dtype: torch.dtype, groups: int) -> tuple[Tensor, Tensor]:
+    def read_view(self, slots: _Slots, dtype: torch.dtype, groups: int) -> tuple[Tensor, Tensor, Tensor]:
         """Slots as attention keys and values for the query heads, (B, Hq, S, d) each: keys through
-        the state-key norm times the state temperature, values re-normalised just in time."""
-        keys = self.norm(slots.keys)
+        the state-key norm times the state temperature, values re-normalised just in time. Also
+        returns the normed keys per kv head (B, Hkv, S, d), which the next update routes against."""
+        normed = self.norm(slots.keys)
+        keys = normed
         if self.config.use_vlens:
             values = F.normalize(slots.values.float(), dim=-1) * slots.lens
         else:
             values = slots.values.float() / slots.lens
         if self.config.bf16_state_values:
             values = values.bfloat16()
-        return self._per_query_head(keys, groups, self.state_temp), repeat_heads(values.to(dtype), groups)
+        return self._per_query_head(keys, groups, self.state_temp), repeat_heads(values.to(dtype), groups), normed
 
     def window_source(self, keys: Tensor, values: Tensor, groups: int) -> tuple[Tensor, Tensor]:
         """Raw (B, Hkv, L, d) window keys/values -> (B, Hq, L, d), keys times the window temperature.
@@ -390,6 +393,7 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
     window_mask = (torch.arange(window, device=q.device)[None, :]
                    <= (nb - 1) * chunk + torch.arange(chunk, device=q.device)[:, None])  # (C, W)
     outputs = []
+    normed = None  # state_key_norm(slots.keys) while the slots are unchanged since it was computed
     c = first_chunk
     while c <= last_chunk:
         per_chunk = hq * chunk * (slots.keys.shape[2] + chunk + window)  # logits of one chunk's read
@@ -400,8 +404,9 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
             if update is not None and cc * chunk >= n0:  # this boundary's first token is new: update now
                 lo = (cc - nb) * chunk - start
                 slots = core.absorb(slots, buf_k[:, :, lo:lo + chunk], buf_v[:, :, lo:lo + chunk],
-                                    buf_g[:, :, lo:lo + chunk], *update)
-            snapshots.append(core.read_view(slots, q.dtype, groups))
+                                    buf_g[:, :, lo:lo + chunk], *update, normed_keys=normed)
+            *snapshot, normed = core.read_view(slots, q.dtype, groups)
+            snapshots.append(snapshot)
         q_lo, q_hi = max(n0, c * chunk), min(n1, (c + group) * chunk)  # absolute query range of the group
         win_lo = (c + 1 - nb) * chunk - start  # buffer index of the first chunk's window
         if group == 1:  # an exact tile: decode and short continuations pay only for real rows and keys

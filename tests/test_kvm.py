@@ -269,7 +269,7 @@ def test_count_averaging_divides_each_slot_by_its_own_count():
     after = core.absorb(slots, torch.randn(1, 1, C, 8), torch.randn(1, 1, C, 8), torch.ones(1, 1, C, 1), 3 * C, 2 * C)
     counts = after.lens[0, 0, :, 0]
     assert counts.sum() == 2 * C and counts[0] == 1 and counts.max() > 1
-    _, values = core.read_view(after, torch.float32, groups=1)
+    _, values, _ = core.read_view(after, torch.float32, groups=1)
     assert_close(values, after.values / after.lens, 0)
 
 

@@ -240,6 +240,7 @@ class _KVMCore:
         normed = (self.norm(slots.keys) if normed_keys is None else normed_keys).detach().float()  # (B, Hkv, S, d)
         with torch.no_grad():  # every token against every existing slot: novelty and routing share it
             scores = k_u.detach().float() @ normed.transpose(-1, -2)  # (B, Hkv, C, S)
+        new_columns = None
         if n_append:
             if num == 0:
                 order = torch.arange(k.shape[2], device=k.device).expand(*k.shape[:2], -1)
@@ -252,14 +253,19 @@ class _KVMCore:
             k_app, v_app = _gather_rows(k_app, append_idx), _gather_rows(v_app, append_idx)
             slots = _Slots(torch.cat([slots.keys, k_app], 2), torch.cat([slots.values, v_app], 2),
                            torch.cat([slots.lens, self._lens_of(v_app)], 2))
-            k_u, k_g, v_g = (_gather_rows(x, merge_idx) for x in (k_u, k_g, v_g))
-            with torch.no_grad():  # merges route against the post-append slots: add the new columns
+            with torch.no_grad():  # merges route against the post-append slots: scores for the new ones
                 new_columns = k_u.detach().float() @ self.norm(k_app).detach().float().transpose(-1, -2)
-                scores = torch.cat([_gather_rows(scores, merge_idx), new_columns], dim=-1)  # (B, Hkv, M, S')
-        if k_u.shape[2] == 0:
+        with torch.no_grad():  # winner-take-all over old slots (sinks excluded) then the appended ones
+            scores[..., : cfg.sink_len] = -torch.inf
+            best, target = scores.max(-1)  # (B, Hkv, C)
+            if new_columns is not None:
+                best_new, target_new = new_columns.max(-1)
+                target = torch.where(best_new > best, target_new + num, target)  # ties keep the lower slot
+        if n_append:
+            target = target.gather(2, merge_idx)  # (B, Hkv, M): only the merging tokens
+            k_g, v_g = _gather_rows(k_g, merge_idx), _gather_rows(v_g, merge_idx)
+        if k_g.shape[2] == 0:
             return slots
-        scores[..., : cfg.sink_len] = -torch.inf
-        target = scores.argmax(-1)  # (B, Hkv, M): winner-take-all
         # Without autograd the slots are this call's own copies (see kvm_attention), so add in place.
         add = Tensor.scatter_add_ if not torch.is_grad_enabled() else Tensor.scatter_add
         lens = slots.lens

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from blocks.ops.backend import BackendError
-from blocks.ops.dplr import dplr_delta_rule
+from blocks.ops.dplr import EXACT_CHUNK_SIZE, SAFE_SPAN, _intra_exact, _intra_factored, dplr_delta_rule
 from fla_interpreter import requires_fla_interpreter, requires_triton, run_with_fla_kernels
 from mixer_checks import assert_close
 
@@ -57,16 +57,27 @@ def test_chunked_equals_token_loop(T):
 
 
 def test_default_chunk_size_without_initial_state():
-    inputs, h0 = make_inputs(T=2 * 16 + 3, B=1, H=1)
+    inputs, h0 = make_inputs(T=2 * 64 + 3, B=1, H=1)
     o, state = dplr_delta_rule(*inputs, scale=1.0, output_final_state=True)
     o_ref, state_ref = recurrent_oracle(*inputs, 1.0, torch.zeros_like(h0))
     assert_close(o, o_ref, what="output")
     assert_close(state, state_ref, what="final state")
 
 
+def test_factored_and_exact_intra_chunk_products_agree():
+    (q, k, v, a, b, w), _ = make_inputs(T=16, K=8, w_scale=SAFE_SPAN / 16)  # spans up to SAFE_SPAN
+    chunked = [x.transpose(1, 2).unflatten(2, (1, 16)) for x in (q, k, a, b, w)]  # [B, H, 1, C, K]
+    G = chunked[4].cumsum(-2)
+    assert 0.4 * SAFE_SPAN < G.abs().amax() <= SAFE_SPAN
+    for factored, exact, name in zip(_intra_factored(*chunked[:4], G, G - chunked[4]),
+                                     _intra_exact(*chunked[:4], G, G - chunked[4]), ("qk", "qb", "ak", "ab")):
+        assert_close(factored, exact, what=f"M_{name}")
+
+
 def test_extreme_decays_stay_finite_and_exact():
-    """Per-key decays down to exp(-60) per token: pairwise decays are formed exactly, nothing overflows."""
-    inputs, h0 = make_inputs(T=40, w_scale=60.0)
+    """Per-key decays down to exp(-60) per token: the op switches to exactly formed pairwise decays in
+    EXACT_CHUNK_SIZE-token chunks (T crosses two of them), nothing overflows."""
+    inputs, h0 = make_inputs(T=2 * EXACT_CHUNK_SIZE + 3, w_scale=60.0)
     o, state = dplr_delta_rule(*inputs, initial_state=h0, output_final_state=True)
     o_ref, state_ref = recurrent_oracle(*inputs, 8**-0.5, h0)
     assert torch.isfinite(o).all() and torch.isfinite(state).all()

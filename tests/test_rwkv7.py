@@ -22,7 +22,7 @@ from mixer_checks import (assert_close, check_batch_independent, check_continue_
                           check_decode_equals_forward, check_gradients, check_state_roundtrip)
 
 D_MODEL, HEAD_DIM = 32, 8
-CHUNK = 16  # the op's default chunk: T values below cross its boundaries
+CHUNK = 16  # a small op chunk so that short inputs cross chunk boundaries
 T_LONG = 2 * CHUNK + 3
 
 FLA_NAMES = {
@@ -46,7 +46,7 @@ def perturb(module: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
 
 
 def make_layer(layer_idx: int = 0, seed: int = 0, **options) -> RWKV7Attention:
-    options = {"head_dim": HEAD_DIM, "num_hidden_layers": 2, "backend": "torch", **options}
+    options = {"head_dim": HEAD_DIM, "num_hidden_layers": 2, "chunk_size": CHUNK, "backend": "torch", **options}
     torch.manual_seed(seed)
     return perturb(build_mixer("rwkv7", D_MODEL, layer_idx, **options), seed)
 
@@ -102,6 +102,13 @@ def test_decode_and_chunked_continuation_equal_the_full_forward(options):
     check_continue_by_chunks(stack, x, splits=[1, CHUNK - 1, CHUNK, 3])
     check_continue_by_chunks(stack, x, splits=[CHUNK + 2, T_LONG - CHUNK - 2])
     check_continue_by_chunks(make_layer(0, **options), x, splits=[CHUNK - 1, 1, T_LONG - CHUNK])
+
+
+def test_default_op_chunk_is_crossed_too():
+    stack = RWKV7Stack(chunk_size=64)
+    x = inputs(B=1, T=2 * 64 + 3)
+    check_continue_by_chunks(stack, x, splits=[1, 63, 64, 3])
+    check_decode_equals_forward(stack, x, prefill_lens=[2 * 64])
 
 
 @pytest.mark.parametrize("options", CONFIGS.values(), ids=CONFIGS.keys())

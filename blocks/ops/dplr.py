@@ -16,10 +16,13 @@ removal key, ``iclr`` the in-context learning rate), ``w = -0.6065 * sigmoid(.)`
 The torch path is chunked. Writing ``z_t = a_t^T S_{t-1}`` turns the step into a gated linear
 recurrence with two rank-one writes, ``k_t v_t^T`` and ``b_t z_t^T``; inside a chunk the ``z`` of
 all tokens follow from one unit-lower-triangular solve, ``(I - M_ab) Z = (a * exp(G_excl)) S0 +
-M_ak V``, where the ``M`` matrices are decay-weighted inner products. The per-key decays between
-two tokens of a chunk are formed exactly (``exp`` of a non-positive cumulative sum for every pair
-and key), never as a ratio ``exp(G_i) / exp(G_j)``, so any ``w <= 0`` is safe; this costs
-O(C^2 K) per chunk, hence the small default chunk (16, fla's own choice without a gate bound).
+M_ak V``, where the ``M`` matrices are decay-weighted inner products between the tokens of a chunk.
+Those products need the per-key decay ``exp(G_i - G_j)`` of every pair. When the cumulative log
+decay inside every chunk stays within ``SAFE_SPAN`` (always for RWKV-7, whose per-token decay is
+bounded by ``-exp(-1/2)``: 39 over 64 tokens), it is split into two factors around the chunk's mid
+decay, each at most ``exp(SAFE_SPAN / 2)``, and the products are plain matmuls. Stronger decays
+(any ``w <= 0`` is allowed) switch to 16-token chunks where every pair's decay is formed exactly as
+``exp`` of a non-positive number (O(C^2 K) memory). Either way the numbers agree to fp32 rounding.
 Across chunks the state map is affine, ``S_next = F S + G``, computed for all chunks in parallel,
 so the sequential part is one [K, K] @ [K, V] matmul per chunk.
 
@@ -33,7 +36,9 @@ from torch import Tensor
 
 from blocks.ops.backend import resolve_backend
 
-DEFAULT_CHUNK_SIZE = 16
+DEFAULT_CHUNK_SIZE = 64
+EXACT_CHUNK_SIZE = 16
+SAFE_SPAN = 60.0  # largest |cumulative log decay| inside a chunk for which decays are factored
 
 
 def dplr_delta_rule(
@@ -61,7 +66,7 @@ def dplr_delta_rule(
         scale: multiplies q; ``None`` means ``K ** -0.5`` (fla's default; RWKV-7 passes 1.0).
         initial_state: [B, H, K, V], any float dtype (the op computes in fp32, fp64 for fp64 inputs).
         output_final_state: also return the state after the last token.
-        chunk_size: tokens per chunk of the torch path.
+        chunk_size: tokens per chunk of the torch path (16 where decays are too strong to factor).
         w_lower_bound: a promise that ``w >= w_lower_bound`` everywhere (RWKV-7: ``-exp(-0.5)``);
             only the fla path uses it, to pick its faster 64-token chunks.
         backend: ``"auto"`` (fla on CUDA, torch elsewhere), ``"torch"`` or ``"fla"``.
@@ -130,7 +135,6 @@ def _chunked(q, k, v, a, b, w, scale: float, state: Tensor, chunk_size: int) -> 
     C = min(chunk_size, T)
     N = -(-T // C)  # chunks
     pad = N * C - T  # zero tokens at the end: w = k = b = 0 leave the state unchanged
-
     dtype = _compute_dtype(q)
 
     def chunks(x: Tensor) -> Tensor:  # [B, T, H, D] -> [B, H, N, C, D] in the compute dtype
@@ -139,23 +143,16 @@ def _chunked(q, k, v, a, b, w, scale: float, state: Tensor, chunk_size: int) -> 
             x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
         return x.transpose(1, 2).reshape(B, H, N, C, x.shape[-1])
 
-    q, k, v, a, b = chunks(q) * scale, chunks(k), chunks(v), chunks(a), chunks(b)  # [B, H, N, C, K|V]
-    G = chunks(w).cumsum(-2)  # [B, H, N, C, K] decay of the state from the chunk start through token i
-    G_excl = G - chunks(w)  # [B, H, N, C, K] ... through token i - 1 (what a_i reads)
+    w_chunks = chunks(w)  # [B, H, N, C, K]
+    G = w_chunks.cumsum(-2)  # [B, H, N, C, K] log decay of the state from the chunk start through token i
+    if G.abs().amax() > SAFE_SPAN and C > EXACT_CHUNK_SIZE:
+        return _chunked(q, k, v, a, b, w, scale, state, EXACT_CHUNK_SIZE)  # decays too strong to factor
+    G_excl = G - w_chunks  # [B, H, N, C, K] ... through token i - 1 (what a_i reads)
     G_last = G[..., -1, :]  # [B, H, N, K]
+    q, k, v, a, b = chunks(q) * scale, chunks(k), chunks(v), chunks(a), chunks(b)  # [B, H, N, C, K|V]
 
-    idx = torch.arange(C, device=q.device)
-    incl = (idx[None, :] <= idx[:, None])[..., None]  # [C, C, 1] pairs (i, j) with j <= i
-    excl = (idx[None, :] < idx[:, None])[..., None]  # [C, C, 1] pairs with j < i
-    # exact per-key decays between tokens j and i of a chunk, every exponent <= 0: [B, H, N, C, C, K]
-    d_incl = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~incl, float("-inf")).exp()
-    d_excl = (G_excl[..., :, None, :] - G[..., None, :, :]).masked_fill(~excl, float("-inf")).exp()
-
-    kb = torch.stack([k, b], dim=-3)  # [B, H, N, 2, C, K] the two write keys
-    M_q = torch.einsum("bhnid,bhnijd,bhnsjd->bhnsij", q, d_incl, kb)  # [B, H, N, 2, C, C]
-    M_a = torch.einsum("bhnid,bhnijd,bhnsjd->bhnsij", a, d_excl, kb)  # [B, H, N, 2, C, C]
-    M_qk, M_qb = M_q.unbind(-3)  # [B, H, N, C, C]: how token i's read sees write j
-    M_ak, M_ab = M_a.unbind(-3)  # [B, H, N, C, C]: how token i's low-rank read sees write j
+    intra = _intra_factored if G.abs().amax() <= SAFE_SPAN else _intra_exact
+    M_qk, M_qb, M_ak, M_ab = intra(q, k, a, b, G, G_excl)  # [B, H, N, C, C] each
 
     # z = W @ S0 + U  with  (I - M_ab) [W | U] = [a * exp(G_excl) | M_ak @ V]
     rhs = torch.cat([a * G_excl.exp(), M_ak @ v], dim=-1)  # [B, H, N, C, K + V]
@@ -176,6 +173,38 @@ def _chunked(q, k, v, a, b, w, scale: float, state: Tensor, chunk_size: int) -> 
     o = o_intra + q_start @ torch.stack(starts, dim=2)  # [B, H, N, C, V]
     o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)  # [B, T, H, V]
     return o.to(out_dtype), state
+
+
+def _intra_factored(q, k, a, b, G, G_excl):
+    """Decay-weighted inner products inside each chunk as plain matmuls: ``exp(G_i - G_j)`` is split as
+    ``exp(G_i - R) * exp(R - G_j)`` around the chunk's mid decay ``R = G_last / 2``, so each factor is at
+    most ``exp(SAFE_SPAN / 2)`` and their product, for the pairs kept, exactly the decay (no overflow)."""
+    C = q.shape[-2]
+    ref = G[..., -1:, :] / 2  # [B, H, N, 1, K]
+    down, up = (G - ref).exp(), (ref - G).exp()  # [B, H, N, C, K] each
+    writes = torch.cat([k * up, b * up], dim=-2)  # [B, H, N, 2C, K] the two write keys, decayed back to R
+    M_q = (q * down) @ writes.mT  # [B, H, N, C, 2C] token i's read of every write j
+    M_a = (a * (G_excl - ref).exp()) @ writes.mT  # [B, H, N, C, 2C] token i's low-rank read
+    idx = torch.arange(C, device=q.device)
+    incl = (idx[None, :] <= idx[:, None]).repeat(1, 2)  # [C, 2C] pairs (i, j) with j <= i
+    excl = (idx[None, :] < idx[:, None]).repeat(1, 2)  # [C, 2C] pairs with j < i
+    M_q, M_a = M_q.masked_fill(~incl, 0.0), M_a.masked_fill(~excl, 0.0)
+    return (*M_q.split(C, dim=-1), *M_a.split(C, dim=-1))
+
+
+def _intra_exact(q, k, a, b, G, G_excl):
+    """The same products with every pair's per-key decay formed as ``exp(<= 0)``: safe for any decay,
+    O(C^2 K) memory, hence used on small chunks only (``EXACT_CHUNK_SIZE``)."""
+    C = q.shape[-2]
+    idx = torch.arange(C, device=q.device)
+    incl = (idx[None, :] <= idx[:, None])[..., None]  # [C, C, 1] pairs (i, j) with j <= i
+    excl = (idx[None, :] < idx[:, None])[..., None]  # [C, C, 1] pairs with j < i
+    d_incl = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~incl, float("-inf")).exp()  # [B,H,N,C,C,K]
+    d_excl = (G_excl[..., :, None, :] - G[..., None, :, :]).masked_fill(~excl, float("-inf")).exp()
+    kb = torch.stack([k, b], dim=-3)  # [B, H, N, 2, C, K] the two write keys
+    M_q = torch.einsum("bhnid,bhnijd,bhnsjd->bhnsij", q, d_incl, kb)  # [B, H, N, 2, C, C]
+    M_a = torch.einsum("bhnid,bhnijd,bhnsjd->bhnsij", a, d_excl, kb)  # [B, H, N, 2, C, C]
+    return (*M_q.unbind(-3), *M_a.unbind(-3))
 
 
 def _fla_dplr(q, k, v, a, b, w, scale, initial_state, output_final_state, w_lower_bound):

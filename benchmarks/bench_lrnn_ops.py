@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from blocks.ops.delta_rule import gated_delta_rule
+from blocks.ops.dplr import dplr_delta_rule
 from blocks.ops.gla import chunk_gla_torch
 
 B, H, K, V = 1, 4, 64, 64
@@ -99,6 +101,59 @@ register(OpBench("gla", _gla_inputs(per_key=True), _gla_run, {"naive_recurrent_g
 register(OpBench("simple_gla", _gla_inputs(per_key=False), _gla_run,
                  {"naive_recurrent_simple_gla": _naive_recurrent_simple_gla,
                   "naive_chunk_simple_gla": _naive_chunk_simple_gla}))
+
+
+# --- delta rules: Gated DeltaNet (per-head gate) and RWKV-7 (DPLR, per-key decay) ---------------
+
+def _gated_delta_inputs(T: int, gen: torch.Generator) -> Inputs:
+    return {"q": F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1),  # the layer L2-normalises q, k
+            "k": F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1),
+            "v": torch.randn(B, T, H, V, generator=gen),
+            "g": F.logsigmoid(torch.randn(B, T, H, generator=gen)) / 16,
+            "beta": torch.rand(B, T, H, generator=gen)}
+
+
+def _gated_delta_run(x: Inputs, state: Tensor | None) -> tuple[Tensor, Tensor]:
+    return gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=K**-0.5, initial_state=state,
+                            output_final_state=True, backend="torch")
+
+
+def _naive_recurrent_gated_delta(x: Inputs) -> Tensor:
+    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule  # takes beta before g
+
+    return naive_recurrent_gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], scale=K**-0.5)[0]
+
+
+def _naive_chunk_gated_delta(x: Inputs) -> Tensor:
+    from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule
+
+    return naive_chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=K**-0.5)[0]
+
+
+def _dplr_inputs(T: int, gen: torch.Generator) -> Inputs:
+    """RWKV-7's operands: a = -kk, b = kk * iclr (kk unit-norm), per-key log decay in [-exp(-1/2), 0)."""
+    kk = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    return {"q": torch.randn(B, T, H, K, generator=gen), "k": torch.randn(B, T, H, K, generator=gen) * 0.1,
+            "v": torch.randn(B, T, H, V, generator=gen), "a": -kk, "b": kk * torch.rand(B, T, H, K, generator=gen),
+            "w": -0.6065306597126334 * torch.rand(B, T, H, K, generator=gen)}
+
+
+def _dplr_run(x: Inputs, state: Tensor | None) -> tuple[Tensor, Tensor]:
+    return dplr_delta_rule(x["q"], x["k"], x["v"], x["a"], x["b"], x["w"], scale=K**-0.5, initial_state=state,
+                           output_final_state=True, backend="torch")
+
+
+def _naive_dplr(x: Inputs) -> Tensor:
+    from fla.ops.generalized_delta_rule.dplr.naive import dplr_recurrence  # [B, H, T, D], fixed scale K ** -0.5
+
+    q, k, v, a, b, w = (x[name].transpose(1, 2) for name in ("q", "k", "v", "a", "b", "w"))
+    return dplr_recurrence(q, k, v, a, b, w)[0]
+
+
+register(OpBench("delta_rule", _gated_delta_inputs, _gated_delta_run,
+                 {"naive_recurrent_gated_delta": _naive_recurrent_gated_delta,
+                  "naive_chunk_gated_delta": _naive_chunk_gated_delta}))
+register(OpBench("dplr", _dplr_inputs, _dplr_run, {"dplr_recurrence": _naive_dplr}))
 
 
 # --- measurement ----------------------------------------------------------------------------------

@@ -78,11 +78,18 @@ def test_extreme_decays_stay_finite_and_exact():
     """Per-key decays down to exp(-60) per token: the op switches to exactly formed pairwise decays in
     EXACT_CHUNK_SIZE-token chunks (T crosses two of them), nothing overflows."""
     inputs, h0 = make_inputs(T=2 * EXACT_CHUNK_SIZE + 3, w_scale=60.0)
-    o, state = dplr_delta_rule(*inputs, initial_state=h0, output_final_state=True)
+    leaves = [x.clone().requires_grad_() for x in (*inputs, h0)]
+    o, state = dplr_delta_rule(*leaves[:6], initial_state=leaves[6], output_final_state=True)
     o_ref, state_ref = recurrent_oracle(*inputs, 8**-0.5, h0)
     assert torch.isfinite(o).all() and torch.isfinite(state).all()
     assert_close(o, o_ref, what="output")
     assert_close(state, state_ref, what="final state")
+    grads = torch.autograd.grad(o.sum() + state.sum(), leaves)
+    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    o_ref, state_ref = recurrent_oracle(*ref_leaves[:6], 8**-0.5, ref_leaves[6])
+    ref_grads = torch.autograd.grad(o_ref.sum() + state_ref.sum(), ref_leaves)
+    for name, grad, ref in zip(("q", "k", "v", "a", "b", "w", "initial_state"), grads, ref_grads):
+        assert_close(grad, ref, rtol=1e-4, what=f"d/d{name}")
 
 
 def test_continuing_from_the_final_state_equals_one_call():

@@ -145,13 +145,14 @@ def _chunked(q, k, v, a, b, w, scale: float, state: Tensor, chunk_size: int) -> 
 
     w_chunks = chunks(w)  # [B, H, N, C, K]
     G = w_chunks.cumsum(-2)  # [B, H, N, C, K] log decay of the state from the chunk start through token i
-    if G.abs().amax() > SAFE_SPAN and C > EXACT_CHUNK_SIZE:
+    factorable = bool(G.abs().amax() <= SAFE_SPAN)
+    if not factorable and C > EXACT_CHUNK_SIZE:
         return _chunked(q, k, v, a, b, w, scale, state, EXACT_CHUNK_SIZE)  # decays too strong to factor
     G_excl = G - w_chunks  # [B, H, N, C, K] ... through token i - 1 (what a_i reads)
     G_last = G[..., -1, :]  # [B, H, N, K]
     q, k, v, a, b = chunks(q) * scale, chunks(k), chunks(v), chunks(a), chunks(b)  # [B, H, N, C, K|V]
 
-    intra = _intra_factored if G.abs().amax() <= SAFE_SPAN else _intra_exact
+    intra = _intra_factored if factorable else _intra_exact
     M_qk, M_qb, M_ak, M_ab = intra(q, k, a, b, G, G_excl)  # [B, H, N, C, C] each
 
     # z = W @ S0 + U  with  (I - M_ab) [W | U] = [a * exp(G_excl) | M_ak @ V]

@@ -11,7 +11,6 @@ setup: $(STAMP)
 # then the toolkit with its test extras (pytest, and triton for the fla parity tests).
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
 		$(PY) -m pip install -q torch; \
 	else \

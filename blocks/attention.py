@@ -77,6 +77,7 @@ class _SoftmaxAttention(ProjectedAttention):
     """Shared forward; subclasses say which past positions a query sees and how much to keep."""
 
     state_cls: type[KVCacheState] = KVCacheState
+    windowed = False  # True when queries see only part of the past (lowest_visible is not None)
 
     def lowest_visible(self, pos: Tensor) -> Tensor | None:
         """Earliest key position each query position may see (None: all of the past)."""
@@ -93,8 +94,7 @@ class _SoftmaxAttention(ProjectedAttention):
         if state is not None and not isinstance(state, self.state_cls):
             raise StateError(f"{type(self).__name__} got a {type(state).__name__}, expected a {self.state_cls.__name__}")
         n0 = 0 if state is None else state.seq_len
-        tails = None if state is None or state.prev_q is None else (state.prev_q, state.prev_k, state.prev_v)
-        q, k, v, new_tails = self.project(x, n0, tails, ctx)  # (B, H, T, d), (B, Hkv, T, d) x2
+        q, k, v, new_tails = self.project(x, n0, self.shift_tails(state), ctx)  # (B, H, T, d), (B, Hkv, T, d) x2
         if state is not None:
             expected = n0 - self.keep_from(n0)
             if state.keys.shape[:2] != k.shape[:2] or state.keys.shape[2] != expected:
@@ -105,15 +105,14 @@ class _SoftmaxAttention(ProjectedAttention):
         n1 = n0 + x.shape[1]
         keep = self.keep_from(n1) - (n1 - k.shape[2])
         new_state = self.state_cls(k[:, :, keep:], v[:, :, keep:], n1)
-        if new_tails is not None:
-            new_state.prev_q, new_state.prev_k, new_state.prev_v = new_tails
+        self.store_shift_tails(new_state, new_tails)
         return self.output(o), new_state
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, q_start: int, k_start: int) -> Tensor:
         """q (B, H, T, d) at positions [q_start, ...); k, v (B, Hkv, L, d) at [k_start, ...) -> (B, H, T, dv)."""
         gqa = self.num_heads != self.num_kv_heads
         t = q.shape[2]
-        if self.lowest_visible(torch.zeros(1)) is None and q_start == k_start:
+        if not self.windowed and q_start == k_start:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         outs = []
         for lo in range(0, t, _QUERY_BLOCK):
@@ -144,6 +143,7 @@ class SlidingWindowAttention(_SoftmaxAttention):
 
     Config = SlidingWindowConfig
     state_cls = WindowState
+    windowed = True
 
     def lowest_visible(self, pos: Tensor) -> Tensor:
         return pos - self.config.window + 1
@@ -158,6 +158,7 @@ class BlockSlidingWindowAttention(_SoftmaxAttention):
 
     Config = BlockSlidingWindowConfig
     state_cls = WindowState
+    windowed = True
 
     def lowest_visible(self, pos: Tensor) -> Tensor:
         c = self.config.chunk_len

@@ -114,6 +114,12 @@ class KVMConfig(ProjectionConfig):
     def uses_merge_gate(self) -> bool:
         return self.merge_gate_keys or self.merge_gate_values
 
+    def zeroed_key_dims(self, head_dim: int) -> int:
+        """Leading key dims zeroed before the state-key norm: ``state_key_zero_dims``, else the RoPE dims."""
+        if self.state_key_zero_dims is not None:
+            return min(self.state_key_zero_dims, head_dim)
+        return head_dim if self.rope_partial_dim is None else min(self.rope_partial_dim, head_dim)
+
 
 # ----------------------------------------------------------------------------- schedule (integers only)
 
@@ -319,13 +325,12 @@ def repeat_heads(x: Tensor, groups: int) -> Tensor:
 def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: KVMConfig,
                   state: KVMState | None = None, *, state_key_norm: nn.Module,
                   window_temp: Tensor | None = None, state_temp: Tensor | None = None,
-                  scale: float | None = None, zero_dims: int | None = None) -> tuple[Tensor, KVMState]:
+                  scale: float | None = None) -> tuple[Tensor, KVMState]:
     """KVM attention over projected, rotated heads, continuing ``state`` (None: an empty history).
 
     q: (B, Hq, T, d); k: (B, Hkv, T, d); v: (B, Hkv, T, dv); gate: (B, Hkv, T, 1) positive merge
     gate, or None for no gating; ``state_key_norm`` maps (..., d) keys to state keys;
-    ``window_temp``/``state_temp``: (Hq,) logit temperatures or None; ``zero_dims``: leading key
-    dims zeroed before the state-key norm (default ``config.rope_partial_dim``).
+    ``window_temp``/``state_temp``: (Hq,) logit temperatures or None.
     Returns the output (B, Hq, T, dv) before the output projection, and the new state.
     """
     b, hq, t, d = q.shape
@@ -339,9 +344,7 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
         raise ValueError(f"kvm_attention: gate must be (B, Hkv, T, 1) = {(b, hkv, t, 1)}, got {tuple(gate.shape)}")
     cfg = config
     chunk, window = cfg.chunk_len, cfg.window_len
-    zero = (cfg.state_key_zero_dims if cfg.state_key_zero_dims is not None
-            else (d if cfg.rope_partial_dim is None else cfg.rope_partial_dim)) if zero_dims is None else zero_dims
-    core = _KVMCore(cfg, state_key_norm, min(zero, d), window_temp, state_temp, scale or 1.0 / math.sqrt(d))
+    core = _KVMCore(cfg, state_key_norm, cfg.zeroed_key_dims(d), window_temp, state_temp, scale or 1.0 / math.sqrt(d))
 
     n0 = 0 if state is None else state.seq_len
     n1 = n0 + t
@@ -402,7 +405,7 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
     normed = None  # state_key_norm(slots.keys) while the slots are unchanged since it was computed
     c = first_chunk
     while c <= last_chunk:
-        per_chunk = hq * chunk * (slots.keys.shape[2] + chunk + window)  # logits of one chunk's read
+        per_chunk = hq * chunk * (slots.keys.shape[2] + window)  # logits of one chunk's read
         group = max(1, min(last_chunk - c + 1, _LOGITS_PER_GROUP // (b * per_chunk)))
         snapshots = []
         for cc in range(c, c + group):
@@ -487,17 +490,13 @@ class KVMAttention(ProjectedAttention):
         self._check_input(x)
         if state is not None and not isinstance(state, KVMState):
             raise StateError(f"KVMAttention got a {type(state).__name__}, expected a KVMState")
-        start = 0 if state is None else state.seq_len
-        tails = None if state is None or state.prev_q is None else (state.prev_q, state.prev_k, state.prev_v)
-        q, k, v, new_tails = self.project(x, start, tails, ctx)
+        q, k, v, new_tails = self.project(x, 0 if state is None else state.seq_len, self.shift_tails(state), ctx)
         gate = None
         if self.config.uses_merge_gate:
             gate = (1 + F.elu(self.merge_gate_proj(x))).transpose(1, 2).unsqueeze(-1)  # (B, Hkv, T, 1)
         o, new_state = kvm_attention(
             q, k, v, gate, self.config, state, state_key_norm=self.state_key_norm,
             window_temp=getattr(self, "window_temp", None), state_temp=getattr(self, "state_temp", None),
-            scale=self.scale, zero_dims=min(self.head_dim, self.config.state_key_zero_dims
-                                            if self.config.state_key_zero_dims is not None else self.rope_dim))
-        if new_tails is not None:
-            new_state.prev_q, new_state.prev_k, new_state.prev_v = new_tails
+            scale=self.scale)
+        self.store_shift_tails(new_state, new_tails)
         return self.output(o), new_state

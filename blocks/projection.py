@@ -108,6 +108,16 @@ class ProjectedAttention(nn.Module):
         if x.shape[1] == 0:
             raise ValueError(f"{type(self).__name__} got an empty sequence (time = 0)")
 
+    @staticmethod
+    def shift_tails(state) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The token-shift tails (last projected q, k, v) a state carries, or None."""
+        return None if state is None or state.prev_q is None else (state.prev_q, state.prev_k, state.prev_v)
+
+    @staticmethod
+    def store_shift_tails(state, tails: tuple[Tensor, Tensor, Tensor] | None) -> None:
+        if tails is not None:
+            state.prev_q, state.prev_k, state.prev_v = tails
+
     def _shift(self, proj: Tensor, prev: Tensor | None, mix: Tensor) -> Tensor:
         """proj: (B, T, F); prev: (B, F) last projection of the previous call, or None (first token: itself)."""
         before = torch.cat([proj[:, :1] if prev is None else prev[:, None].to(proj.dtype), proj[:, :-1]], dim=1)

@@ -73,13 +73,11 @@ class LayerState:
 
     def to(self: S, *args, **kwargs) -> S:
         """Move tensors like ``Tensor.to`` (device and/or dtype of floating tensors)."""
+        device = torch.empty(0).to(*args, **kwargs).device  # where integer tensors go (dtype left alone)
         moved = {}
         for name, value in self._fields().items():
             if isinstance(value, Tensor):
-                if value.is_floating_point():
-                    moved[name] = value.to(*args, **kwargs)
-                else:
-                    moved[name] = value.to(device=torch.empty(0).to(*args, **kwargs).device)
+                moved[name] = value.to(*args, **kwargs) if value.is_floating_point() else value.to(device)
         return dataclasses.replace(self, **moved)
 
     def state_dict(self) -> dict[str, Tensor]:

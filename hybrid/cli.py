@@ -13,14 +13,21 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid", description="Hybrid LRNN + Key-Value Means language models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser("demo", help="stream a long sequence through KVM layers: state size vs context",
                                description="Stream a long random sequence through KVM layers (fixed and "
                                            "16*sqrt(T) budgets) and print their state against a full KV cache.")
-    demo.add_argument("--length", type=int, default=16384, help="tokens to stream (default 16384)")
-    demo.add_argument("--piece", type=int, default=2048, help="tokens per call; each call continues the state")
+    demo.add_argument("--length", type=_positive_int, default=16384, help="tokens to stream (default 16384)")
+    demo.add_argument("--piece", type=_positive_int, default=2048, help="tokens per call; each call continues the state")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
     return parser
@@ -28,9 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "piece", 1) <= 0 or getattr(args, "length", 1) <= 0:
-        print("hybrid: --length and --piece must be positive", file=sys.stderr)
-        return 2
     return args.run(args)
 
 

@@ -77,7 +77,7 @@ def gated_delta_rule(
     if initial_state is None:
         initial_state = q.new_zeros(B, HV, K, v.shape[-1], dtype=torch.float32)
     if T == 0:
-        o, state = v.new_empty(v.shape).to(q.dtype), initial_state.to(_compute_dtype(q))
+        o, state = v.new_empty(v.shape).to(q.dtype), initial_state.to(compute_dtype(q))
     elif T == 1:
         o, state = _step(q, k, v, g, beta, scale, initial_state)
     else:
@@ -104,7 +104,7 @@ def _check_inputs(q, k, v, g, beta, initial_state, chunk_size) -> tuple[int, int
     return B, T, H, K
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
     """fp32 for half/bf16/fp32 inputs (states are always kept at least fp32); fp64 stays fp64."""
     return torch.promote_types(x.dtype, torch.float32)
 
@@ -112,7 +112,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 def _step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float, state: Tensor):
     """One token (decode): the recurrence written out directly, no chunk bookkeeping."""
     out_dtype = q.dtype
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
     q, k, v, g, beta = (x[:, 0].to(dtype) for x in (q, k, v, g, beta))  # [B, H, *]
     state = state.to(dtype) * g.exp()[..., None, None]  # [B, H, K, V]
     v_new = beta[..., None] * (v - torch.einsum("bhkv,bhk->bhv", state, k))  # [B, H, V]
@@ -131,7 +131,7 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: fl
     N = -(-T // C)  # chunks
     pad = N * C - T  # zero tokens at the end: g = 0, k = 0, beta = 0 leave the state unchanged
 
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
 
     def chunks(x: Tensor) -> Tensor:  # [B, T, H, *] -> [B, H, N, C, *] in the compute dtype
         x = x.to(dtype)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from blocks.ops.backend import resolve_backend
+from blocks.ops.delta_rule import compute_dtype
 
 DEFAULT_CHUNK_SIZE = 64
 EXACT_CHUNK_SIZE = 16
@@ -84,7 +85,7 @@ def dplr_delta_rule(
     if initial_state is None:
         initial_state = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
     if T == 0:
-        o, state = v.new_empty(v.shape).to(q.dtype), initial_state.to(_compute_dtype(q))
+        o, state = v.new_empty(v.shape).to(q.dtype), initial_state.to(compute_dtype(q))
     elif T == 1:
         o, state = _step(q, k, v, a, b, w, scale, initial_state)
     else:
@@ -110,15 +111,10 @@ def _check_inputs(q, k, v, a, b, w, initial_state, chunk_size) -> tuple[int, int
     return B, T, H, K
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """fp32 for half/bf16/fp32 inputs (states are always kept at least fp32); fp64 stays fp64."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def _step(q, k, v, a, b, w, scale: float, state: Tensor) -> tuple[Tensor, Tensor]:
     """One token (decode): the recurrence written out directly."""
     out_dtype = q.dtype
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
     q, k, v, a, b, w = (x[:, 0].to(dtype) for x in (q, k, v, a, b, w))  # [B, H, *]
     state = state.to(dtype)  # [B, H, K, V]
     z = torch.einsum("bhk,bhkv->bhv", a, state)  # [B, H, V] low-rank read of the previous state
@@ -135,7 +131,7 @@ def _chunked(q, k, v, a, b, w, scale: float, state: Tensor, chunk_size: int) -> 
     C = min(chunk_size, T)
     N = -(-T // C)  # chunks
     pad = N * C - T  # zero tokens at the end: w = k = b = 0 leave the state unchanged
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
 
     def chunks(x: Tensor) -> Tensor:  # [B, T, H, D] -> [B, H, N, C, D] in the compute dtype
         x = x.to(dtype)

@@ -405,7 +405,9 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
     normed = None  # state_key_norm(slots.keys) while the slots are unchanged since it was computed
     c = first_chunk
     while c <= last_chunk:
-        per_chunk = hq * chunk * (slots.keys.shape[2] + window)  # logits of one chunk's read
+        # Elements per chunk: its read logits (C x (S + W)) plus a chunk of slack, which keeps groups
+        # small enough to stay in cache (measured faster than sizing by the logits alone).
+        per_chunk = hq * chunk * (slots.keys.shape[2] + chunk + window)
         group = max(1, min(last_chunk - c + 1, _LOGITS_PER_GROUP // (b * per_chunk)))
         snapshots = []
         for cc in range(c, c + group):

@@ -130,14 +130,14 @@ class _SoftmaxAttention(ProjectedAttention):
         return torch.cat(outs, dim=2)
 
 
-@register_mixer("attention", symbol="A", state="kv")
+@register_mixer("attention", symbol="A", state=KVCacheState)
 class CausalAttention(_SoftmaxAttention):
     """Full causal softmax attention (the transformer baseline and conversion teacher)."""
 
     Config = AttentionConfig
 
 
-@register_mixer("swa", symbol="S", state="window")
+@register_mixer("swa", symbol="S", state=WindowState)
 class SlidingWindowAttention(_SoftmaxAttention):
     """Sliding-window softmax attention: each query sees the last ``window`` tokens."""
 
@@ -152,7 +152,7 @@ class SlidingWindowAttention(_SoftmaxAttention):
         return max(0, n_tokens - self.config.window + 1)
 
 
-@register_mixer("bswa", symbol="B", state="window")
+@register_mixer("bswa", symbol="B", state=WindowState)
 class BlockSlidingWindowAttention(_SoftmaxAttention):
     """Block sliding-window softmax attention: each query sees its chunk and the previous Nb-1 chunks."""
 

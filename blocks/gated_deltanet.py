@@ -103,13 +103,13 @@ class GatedDeltaNetConfig:
         require_choice("backend", self.backend, BACKENDS)
 
 
-@register_mixer("gated_deltanet", symbol="D", state="recurrent")
+@register_mixer("gated_deltanet", symbol="D", state=GatedDeltaNetState)
 class GatedDeltaNet(nn.Module):
     """Gated DeltaNet (fla.layers.GatedDeltaNet): gated delta-rule memory with short convs and a gated norm."""
 
     Config = GatedDeltaNetConfig
 
-    def __init__(self, config: GatedDeltaNetConfig, d_model: int, layer_idx: int = 0):
+    def __init__(self, config: GatedDeltaNetConfig, d_model: int, layer_idx: int = 0, n_layers: int | None = None):
         super().__init__()
         require_positive("d_model", d_model)
         self.config = config

@@ -103,13 +103,13 @@ class GLAState(LayerState):
     seq_len: int = 0
 
 
-@register_mixer("gla", symbol="G", state="recurrent")
+@register_mixer("gla", symbol="G", state=GLAState)
 class GatedLinearAttention(nn.Module):
     """Gated Linear Attention: a linear RNN with per-key data-dependent decay (fla-compatible)."""
 
     Config = GLAConfig
 
-    def __init__(self, config: GLAConfig, d_model: int, layer_idx: int = 0):
+    def __init__(self, config: GLAConfig, d_model: int, layer_idx: int = 0, n_layers: int | None = None):
         super().__init__()
         self.config = config
         self.d_model = d_model

@@ -472,7 +472,7 @@ def _check_state(state: KVMState, b: int, hkv: int, d: int, dv: int, n0: int, cf
                          + "; ".join(problems))
 
 
-@register_mixer("kvm", symbol="K", state="kvm")
+@register_mixer("kvm", symbol="K", state=KVMState)
 class KVMAttention(ProjectedAttention):
     """Key-Value Means attention: block sliding window + a compressed, budgeted memory."""
 

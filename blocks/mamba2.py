@@ -111,13 +111,13 @@ class Mamba2State(LayerState):
     seq_len: int = 0
 
 
-@register_mixer("mamba2", symbol="M", state="recurrent")
+@register_mixer("mamba2", symbol="M", state=Mamba2State)
 class Mamba2(nn.Module):
     """Mamba2 (selective SSM with scalar decay per head), SSD computed as simple GLA (fla-compatible)."""
 
     Config = Mamba2Config
 
-    def __init__(self, config: Mamba2Config, d_model: int, layer_idx: int = 0):
+    def __init__(self, config: Mamba2Config, d_model: int, layer_idx: int = 0, n_layers: int | None = None):
         super().__init__()
         self.config = config
         self.d_model = d_model

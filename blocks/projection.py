@@ -9,8 +9,9 @@ attend. Everything the two families need is an option here:
 * the KVM paper's backbone (kvm.md §2.1): per-head q/k LayerNorm, partial "kvm_paper" RoPE, token
   shift on the projected q/k/v (the first token's previous value is itself), and the RWKV-style
   value residual ``v <- v + (v_first - v) * sigmoid(v_residual_bias + up(down(x)))`` where
-  ``v_first`` is the raw value projection of the first value-residual layer in this forward,
-  passed between layers through the per-forward ``ctx`` dict.
+  ``v_first`` is the raw value projection of the first value-residual layer of its group in this
+  forward, passed between layers through the per-forward ``ctx`` dict. (The model computes it as the
+  published backbone does: that first layer's ``v_proj`` on the embedding stream; see hybrid/model.py.)
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class ProjectionConfig:
     token_shift: bool = False
     value_residual: bool = False
     value_residual_rank: int = 32
-    value_residual_group: str = "v_first"  # ctx key: layers sharing a group mix towards one v_first
+    value_residual_group: str = "attn_v_first"  # ctx key: layers sharing a group mix towards one v_first
     softmax_scale: float | None = None  # None: 1 / sqrt(head_dim)
 
     def __post_init__(self):

@@ -3,10 +3,11 @@
 Recipes name mixers (``kvm``) or lay layers out with symbols (``"GGGK*3"``); both resolve here.
 A mixer class registers with::
 
-    @register_mixer("kvm", symbol="K", state="kvm")
+    @register_mixer("kvm", symbol="K", state=KVMState)
     class KVMAttention(nn.Module):
         Config = KVMConfig          # a dataclass of the mixer's options (validated by recipes)
-        def __init__(self, config: KVMConfig, d_model: int, layer_idx: int = 0): ...
+        def __init__(self, config: KVMConfig, d_model: int, layer_idx: int = 0,
+                     n_layers: int | None = None): ...   # n_layers: model depth, for depth-aware init
         def forward(self, x, state=None, ctx=None) -> tuple[Tensor, LayerState]: ...
 
 The contract of ``forward``: ``x`` is (batch, time, d_model); ``state=None`` starts from an empty
@@ -22,7 +23,7 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
-from blocks.state import STATE_KINDS
+from blocks.state import STATE_KINDS, LayerState
 
 
 class UnknownMixerError(KeyError):
@@ -36,7 +37,7 @@ class UnknownMixerError(KeyError):
 class MixerSpec:
     name: str
     symbol: str
-    state_kind: str
+    state_cls: type[LayerState]
     cls: type
     description: str
 
@@ -44,17 +45,22 @@ class MixerSpec:
     def config_cls(self) -> type:
         return self.cls.Config
 
+    @property
+    def state_kind(self) -> str:
+        return self.state_cls.kind
+
 
 _BY_NAME: dict[str, MixerSpec] = {}
 _BY_SYMBOL: dict[str, MixerSpec] = {}
 
 
-def register_mixer(name: str, *, symbol: str, state: str) -> Callable[[type], type]:
-    """Class decorator adding a mixer to the registry (names and symbols must be unique)."""
+def register_mixer(name: str, *, symbol: str, state: type[LayerState]) -> Callable[[type], type]:
+    """Class decorator adding a mixer to the registry (names and symbols must be unique).
+    ``state`` is the mixer's ``LayerState`` subclass; its ``kind`` is the mixer's state kind."""
     if len(symbol) != 1 or not symbol.isalpha():
         raise ValueError(f"mixer symbol must be one letter, got {symbol!r}")
-    if state not in STATE_KINDS:
-        raise ValueError(f"mixer state kind must be one of {STATE_KINDS}, got {state!r}")
+    if not (isinstance(state, type) and issubclass(state, LayerState) and state.kind in STATE_KINDS):
+        raise ValueError(f"mixer state must be a LayerState subclass with a kind in {STATE_KINDS}, got {state!r}")
 
     def decorate(cls: type) -> type:
         if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
@@ -101,7 +107,7 @@ def all_mixers() -> list[MixerSpec]:
     return sorted(_BY_NAME.values(), key=lambda s: s.name)
 
 
-def build_mixer(name: str, d_model: int, layer_idx: int = 0, **options: Any):
+def build_mixer(name: str, d_model: int, layer_idx: int = 0, n_layers: int | None = None, **options: Any):
     """Construct a registered mixer from keyword options (validated by its Config dataclass)."""
     spec = get_mixer(name)
-    return spec.cls(spec.config_cls(**options), d_model=d_model, layer_idx=layer_idx)
+    return spec.cls(spec.config_cls(**options), d_model=d_model, layer_idx=layer_idx, n_layers=n_layers)

@@ -66,8 +66,8 @@ class RWKV7Config:
     norm_eps: GroupNorm eps per channel (the norm uses ``head_dim * norm_eps``, as fla).
     fuse_norm: fla's fused-norm variant; numerically it only changes kk's L2 norm to
         ``x / sqrt(sum x^2 + 1e-6)``. fla's RWKV7 *models* default to True, its layer to False.
-    num_hidden_layers: depth of the model, used only by the depth-dependent init (``None``: this
-        layer is taken to be the last one).
+    num_hidden_layers: depth of the model, used only by the depth-dependent init (``None``: the
+        ``n_layers`` the model passes, or, for a standalone layer, this layer is taken to be the last).
     v_first_source: whether this layer starts the v_first stream (``None``: ``layer_idx == 0``).
     chunk_size: tokens per chunk of the torch op.
     backend: ``auto`` (fla kernels on CUDA, torch ops elsewhere), ``torch`` or ``fla``.
@@ -138,27 +138,28 @@ def _default_rank(scale: float, d_model: int, head_factor: float) -> int:
     return max(32, int(round(scale * d_model**0.5 * head_factor / 32) * 32))
 
 
-@register_mixer("rwkv7", symbol="R", state="recurrent")
+@register_mixer("rwkv7", symbol="R", state=RWKV7State)
 class RWKV7Attention(nn.Module):
     """RWKV-7 time mixing (fla.layers.RWKV7Attention), v_first passed through ``ctx``."""
 
     Config = RWKV7Config
 
-    def __init__(self, config: RWKV7Config, d_model: int, layer_idx: int = 0):
+    def __init__(self, config: RWKV7Config, d_model: int, layer_idx: int = 0, n_layers: int | None = None):
         super().__init__()
         require_positive("d_model", d_model)
         self.config = config
         self.d_model = d_model
         self.layer_idx = layer_idx
+        self.n_layers = config.num_hidden_layers or n_layers
         self.num_heads, self.head_dim = self._resolve_heads(config, d_model)
         self.key_dim = d_model
         self.value_dim = config.value_dim if config.value_dim is not None else d_model
         require(self.value_dim % self.num_heads == 0, "value_dim",
                 f"must be divisible by the number of heads ({self.num_heads}), got {self.value_dim}")
         self.head_v_dim = self.value_dim // self.num_heads
-        if config.num_hidden_layers is not None:
-            require(layer_idx < config.num_hidden_layers, "num_hidden_layers",
-                    f"must exceed the layer index ({layer_idx}), got {config.num_hidden_layers}")
+        if self.n_layers is not None:
+            require(layer_idx < self.n_layers, "num_hidden_layers",
+                    f"must exceed the layer index ({layer_idx}), got {self.n_layers}")
         self.v_first_source = layer_idx == 0 if config.v_first_source is None else config.v_first_source
 
         head_factor = self.head_dim / 64  # fla widens the w/a/v LoRAs for heads wider than 64
@@ -202,7 +203,7 @@ class RWKV7Attention(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """fla's RWKV-7 init, which depends on the layer's relative depth (see RWKV7Config.num_hidden_layers)."""
-        n_layers = self.config.num_hidden_layers or self.layer_idx + 1
+        n_layers = self.n_layers or self.layer_idx + 1
         depth = self.layer_idx / max(n_layers - 1, 1)  # 0 at the first layer, 1 at the last
         keep = 1.0 - self.layer_idx / n_layers  # 1 at the first layer, towards 0 at the last
         C, D = self.d_model, self.head_dim

@@ -295,7 +295,6 @@ def _mixer_table(data: Any) -> dict[str, _MixerEntry]:
     if not isinstance(data, dict) or not data:
         raise ConfigError("model.mixers", "must map mixer names to their options, e.g. {kvm: {num_heads: 4}}")
     table: dict[str, _MixerEntry] = {}
-    taken: dict[str, str] = {}
     for name, options in data.items():
         path = f"model.mixers.{name}"
         options = dict(options or {}) if isinstance(options, dict | None) else None
@@ -311,25 +310,34 @@ def _mixer_table(data: Any) -> dict[str, _MixerEntry]:
         symbol = options.pop("symbol", spec.symbol)
         if not (isinstance(symbol, str) and len(symbol) == 1 and symbol.isalpha()):
             raise ConfigError(f"{path}.symbol", f"must be one letter, got {symbol!r}")
-        if symbol in taken:
-            raise ConfigError(f"{path}.symbol", f"{symbol!r} already lays out {taken[symbol]!r}; "
-                                                "give this entry its own 'symbol: X'")
-        taken[symbol] = str(name)
         table[str(name)] = _MixerEntry(spec_name, options, symbol)
     return table
 
 
 def expand_layers(layers: Any, mixers: dict[str, _MixerEntry], path: str) -> list[str]:
-    """A pattern string or an explicit list -> the recipe mixer name of each layer."""
-    symbols = {entry.symbol: name for name, entry in mixers.items()}
+    """A pattern string or an explicit list -> the recipe mixer name of each layer.
+
+    Two entries may share a letter (an alias without its own ``symbol`` keeps its mixer's) as long
+    as no layer is laid out by that letter: the expanded form (``Recipe.to_dict``) lists names."""
+    symbols: dict[str, list[str]] = {}
+    for name, entry in mixers.items():
+        symbols.setdefault(entry.symbol, []).append(name)
+
+    def by_symbol(letter: str) -> str:
+        if len(symbols[letter]) > 1:
+            first, other = symbols[letter][:2]
+            raise ConfigError(f"model.mixers.{other}.symbol", f"{letter!r} already lays out {first!r}; "
+                                                             "give this entry its own 'symbol: X'")
+        return symbols[letter][0]
+
     if isinstance(layers, str):
         names = []
         for letter in expand_pattern(layers, path):
             if letter not in symbols:
-                valid = ", ".join(f"{s}={n}" for s, n in sorted(symbols.items()))
+                valid = ", ".join(f"{s}={'/'.join(n)}" for s, n in sorted(symbols.items()))
                 raise ConfigError(path, f"symbol {letter!r} in {layers!r} names no mixer of this recipe "
                                         f"(its symbols: {valid}); configure that mixer under model.mixers")
-            names.append(symbols[letter])
+            names.append(by_symbol(letter))
         return names
     if isinstance(layers, list) and layers:
         names = []
@@ -337,7 +345,7 @@ def expand_layers(layers: Any, mixers: dict[str, _MixerEntry], path: str) -> lis
             if isinstance(item, str) and item in mixers:
                 names.append(item)
             elif isinstance(item, str) and item in symbols:
-                names.append(symbols[item])
+                names.append(by_symbol(item))
             else:
                 close = difflib.get_close_matches(str(item), list(mixers), n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -434,10 +442,16 @@ def build_dataclass(cls: type, data: Any, prefix: str):
         raise ConfigError(prefix.rstrip("."), str(err).split(".__init__() ")[-1]) from None
 
 
+def _union_members(hint: Any) -> tuple:
+    """``int | None`` -> (int, NoneType); a plain annotation -> (itself,)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)
+    return (hint,)
+
+
 def _coerce(value: Any, hint: Any, path: str) -> Any:
     """Check ``value`` against a field annotation (int, float, bool, str, X | None, tuples)."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
-        else (hint,)
+    options = _union_members(hint)
     if value is None:
         if type(None) in options:
             return None
@@ -451,8 +465,12 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             return float(value)
         if option is str and isinstance(value, str):
             return value
-        if typing.get_origin(option) is tuple and isinstance(value, list):
-            return tuple(value)
+        if typing.get_origin(option) is tuple and isinstance(value, list | tuple):
+            items = typing.get_args(option)
+            if items and items[-1] is not Ellipsis and len(items) != len(value):
+                raise ConfigError(path, f"must be a list of {len(items)} values, got {list(value)!r}")
+            kinds = [items[0]] * len(value) if items[-1:] == (Ellipsis,) else items or [Any] * len(value)
+            return tuple(_coerce(v, k, f"{path}[{i}]") for i, (v, k) in enumerate(zip(value, kinds)))
         if option is Any:
             return value
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
@@ -462,16 +480,33 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
 # ----------------------------------------------------------------------------- back to plain data
 
 def model_to_dict(model: ModelConfig) -> dict:
-    """The expanded ``model:`` section: an explicit layer list and each mixer's full options."""
+    """The expanded ``model:`` section: an explicit layer list and each mixer's full options, as plain
+    YAML data (lists, not tuples; a float option is a float even if its default was written as an
+    int), so the fingerprint does not depend on how a config was built."""
     mixers = {}
     for layer in model.layers:
         if layer.name not in mixers:
-            options = dataclasses.asdict(layer.options)
+            options = _plain_fields(layer.options)
             if layer.name != layer.mixer:
                 options = {"type": layer.mixer, **options}
             mixers[layer.name] = options
-    out = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in ("layers", "block")}
+    out = _plain_fields(model, skip=("layers", "block"))
     out["layers"] = [layer.name for layer in model.layers]
     out["mixers"] = mixers
-    out["block"] = dataclasses.asdict(model.block)
+    out["block"] = _plain_fields(model.block)
     return out
+
+
+def _plain_fields(obj: Any, skip: tuple[str, ...] = ()) -> dict:
+    """A config dataclass's fields as plain data, each value in the form its annotation reads."""
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: _plain(getattr(obj, f.name), hints[f.name]) for f in dataclasses.fields(obj) if f.name not in skip}
+
+
+def _plain(value: Any, hint: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v, Any) for v in value]
+    options = _union_members(hint)
+    if isinstance(value, int) and not isinstance(value, bool) and float in options and int not in options:
+        return float(value)
+    return value

@@ -19,7 +19,6 @@ from torch import Tensor
 from hybrid.model import HybridLM
 from hybrid.state import ModelState
 
-
 # ----------------------------------------------------------------------------- prefill
 
 @torch.no_grad()

@@ -93,7 +93,7 @@ def test_sample_filters_at_the_edges():
     assert torch.equal(sample(wide, SamplingConfig(top_p=1.0, top_k=7), torch.Generator().manual_seed(2)), plain)
     assert torch.equal(sample(wide, SamplingConfig(top_k=1000), torch.Generator().manual_seed(2)), plain)
     assert set(plain.tolist()) == set(range(7))
-    for bad in (dict(temperature=-1), dict(top_k=0), dict(top_p=0), dict(top_p=1.5), dict(max_new_tokens=-1)):
+    for bad in ({"temperature": -1}, {"top_k": 0}, {"top_p": 0}, {"top_p": 1.5}, {"max_new_tokens": -1}):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
 

@@ -141,8 +141,8 @@ def generate(model: HybridLM, prompts: Sequence[Sequence[int]], config: Sampling
     sampled. All rows stay at the same ``seq_len``, and each row's tokens are those of its prompt
     alone. A row that stops is taken out of the batch (``state.select``) after its last token is fed,
     with its own state kept for the result: finished rows cost no compute, and the result state of
-    every row includes its last token. The last step therefore feeds tokens whose logits nobody uses
-    (one forward per generate call); that is the price of states that continue cleanly.
+    every row includes its last token. So each row's last token is fed although its logits are never
+    used: one extra token per row, the price of states that continue cleanly.
     """
     prompts = [[int(t) for t in p] for p in prompts]
     if not prompts:
@@ -165,6 +165,7 @@ def generate(model: HybridLM, prompts: Sequence[Sequence[int]], config: Sampling
     start = time.perf_counter()
     logits, state = prefill(model, torch.tensor([p[:common] for p in prompts], device=model.device), state,
                             chunk_size=prefill_chunk_size)  # logits: (B, vocab)
+    _synchronize(model.device)
     prefill_seconds = time.perf_counter() - start
 
     out: list[list[int]] = [[] for _ in prompts]
@@ -181,7 +182,7 @@ def generate(model: HybridLM, prompts: Sequence[Sequence[int]], config: Sampling
         for j, i in enumerate(rows):
             if fed[i] < len(prompts[i]) + len(out[i]):
                 keep.append(j)
-            elif out[i] and out[i][-1] in stop or len(out[i]) == config.max_new_tokens:
+            elif (out[i] and out[i][-1] in stop) or len(out[i]) == config.max_new_tokens:
                 reasons[i] = "stop" if out[i] and out[i][-1] in stop else "length"
                 final[i] = state if len(rows) == 1 else state.select([j])
             else:
@@ -204,6 +205,7 @@ def generate(model: HybridLM, prompts: Sequence[Sequence[int]], config: Sampling
         for i in rows:
             fed[i] += 1
         steps += 1
+    _synchronize(model.device)
     decode_seconds = time.perf_counter() - start
 
     state_bytes: dict[str, int] = {}
@@ -212,3 +214,9 @@ def generate(model: HybridLM, prompts: Sequence[Sequence[int]], config: Sampling
             state_bytes[kind] = state_bytes.get(kind, 0) + n
     stats = GenerationStats(common, prefill_seconds, steps, decode_seconds, sum(map(len, out)), state_bytes)
     return GenerationResult(out, final, reasons, stats)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so the timings measure the work and not just its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

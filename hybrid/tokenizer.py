@@ -12,8 +12,9 @@ Two kinds, chosen by a recipe's ``tokenizer:`` section (see ``load_tokenizer``):
 Streaming: a model emits one token at a time, but a character can span several tokens (a 3-byte
 UTF-8 character is 3 byte tokens; byte-fallback and byte-level BPE split characters too). A
 ``StreamDecoder`` (``tokenizer.stream_decoder()``) takes ids one by one with ``push(id)`` and returns
-only text that is final; ``flush()`` returns what is left at the end. The pieces always join to
-``decode(all ids)``.
+only text that is final; ``flush()`` returns what is left at the end. The pieces join to
+``decode(all ids)`` (for ids that are not valid text, the U+FFFD replacements may differ where
+``decode`` itself is not local, as with byte-fallback runs: see ``HFStreamDecoder``).
 """
 
 from __future__ import annotations
@@ -163,6 +164,10 @@ class HFStreamDecoder:
     beyond what the prefix decodes to, unless that text ends in U+FFFD (a character still
     incomplete): then it waits for more ids. Once text is emitted, the tail restarts from the ids
     that produced it, so the work per token stays bounded.
+
+    For valid text the pieces join to ``decode(all ids)``. For invalid byte sequences they may show
+    fewer U+FFFD: the ByteFallback decoder turns a whole run of byte tokens into U+FFFD when any byte
+    of the run is invalid, and a stream that has already printed part of the run cannot take it back.
     """
 
     def __init__(self, decode):

@@ -33,10 +33,12 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.rotary_dim, self.style, self.round_bf16 = head_dim, rotary_dim, style, round_bf16
         half = rotary_dim // 2
         if style == "kvm_paper":
-            inv_freq = (1.0 / theta) ** torch.linspace(0, 1, half, dtype=torch.float64)
+            # In fp32 exactly as the published code computes it: a float64 version differs by an ulp in some
+            # frequencies, which is enough to flip bf16-rounded cos/sin (round_bf16) at large positions.
+            inv_freq = (1.0 / theta) ** torch.linspace(0, 1, half, dtype=torch.float32)
         else:
-            inv_freq = theta ** (-torch.arange(0, half, dtype=torch.float64) * 2 / rotary_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+            inv_freq = (theta ** (-torch.arange(0, half, dtype=torch.float64) * 2 / rotary_dim)).float()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _apply(self, fn, recurse=True):
         # Keep the frequencies in fp32 whatever dtype the model is moved to (kvm.md B8).

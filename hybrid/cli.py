@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+import torch
 
 from blocks.config import ConfigError
 from blocks.registry import UnknownMixerError
 from blocks.state import StateError
+from hybrid.checkpoint import CheckpointError
+from hybrid.published import PublishedCheckpointError
 from hybrid.recipe import RECIPES_DIR, RecipeError, load_recipe
+from hybrid.run import UsageError
+from hybrid.tokenizer import TokenizerError
 
-USER_ERRORS = (RecipeError, ConfigError, UnknownMixerError, StateError, FileNotFoundError)
+USER_ERRORS = (RecipeError, ConfigError, UnknownMixerError, StateError, CheckpointError, TokenizerError,
+               UsageError, PublishedCheckpointError, FileNotFoundError)
 
 
 def _positive_int(text: str) -> int:
@@ -53,6 +61,41 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init(args: argparse.Namespace) -> int:
+    from hybrid.run import init_checkpoint
+
+    print(f"wrote {init_checkpoint(args.recipe, args.out, args.seed)}")
+    return 0
+
+
+def _import_published(args: argparse.Namespace) -> int:
+    from hybrid.run import import_published
+
+    print(f"wrote {import_published(args.source, args.out, args.compat)}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from hybrid.generate import SamplingConfig
+    from hybrid.run import generate_text, open_model
+
+    if args.prompt is None and args.prompt_file is None:
+        raise UsageError("give the text to continue with --prompt TEXT or --prompt-file FILE")
+    prompt = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(encoding="utf-8")
+    _, model, tokenizer = open_model(args.model, args.device, args.dtype, args.seed, sys.stderr)
+    stop = [tokenizer.eos_id] if tokenizer.eos_id is not None and not args.no_eos_stop else []
+    for text in args.stop:
+        ids = tokenizer.encode(text)
+        if len(ids) != 1:
+            raise UsageError(f"--stop {text!r} is {len(ids)} tokens; a stop must be exactly one token")
+        stop += ids
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              max_new_tokens=args.max_new_tokens, stop_tokens=tuple(stop), seed=args.seed)
+    with torch.inference_mode():
+        generate_text(model, tokenizer, prompt, sampling, args.state, args.save_state, args.prefill_chunk)
+    return 0
+
+
 def _recipes(args: argparse.Namespace) -> int:
     for path in sorted(RECIPES_DIR.rglob("*.yaml")):
         if path.name.startswith("_"):
@@ -78,6 +121,51 @@ def build_parser() -> argparse.ArgumentParser:
                       help="context lengths to report state bytes at (e.g. 1k 4k 32k)")
     info.add_argument("--batch", type=_positive_int, default=1, help="sequences decoded at once (default 1)")
     info.set_defaults(run=_info)
+
+    init = commands.add_parser("init", help="create a checkpoint folder with freshly initialised weights",
+                               description="Build the model a recipe describes with random weights and save it "
+                                           "as a checkpoint folder (recipe.yaml, model.safetensors, tokenizer).")
+    init.add_argument("recipe", help="recipe file, or a name under recipes/")
+    init.add_argument("out", help="checkpoint folder to write (an existing checkpoint there is replaced)")
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(run=_init)
+
+    gen = commands.add_parser("generate", help="continue a prompt, streaming the text",
+                              description="Continue a prompt with a checkpoint (or a recipe, with random weights), "
+                                          "streaming the text; prints prefill time, decode tokens/s and the state "
+                                          "memory by kind. --save-state keeps the state after the prompt and the "
+                                          "new text; --state continues one (prompt caching).")
+    gen.add_argument("model", help="checkpoint folder, or a recipe file/name (random weights)")
+    prompt = gen.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="text to continue")
+    prompt.add_argument("--prompt-file", help="file whose text to continue (UTF-8)")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (0: only read the prompt)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    gen.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely tokens")
+    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95; 1 = off)")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                     help="stop after this token (one token; repeatable). The tokenizer's end-of-text always stops")
+    gen.add_argument("--no-eos-stop", action="store_true", help="do not stop at the tokenizer's end-of-text token")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (and init seed for a recipe)")
+    gen.add_argument("--state", help="a saved state (from --save-state) that the prompt continues")
+    gen.add_argument("--save-state", metavar="FILE", help="save the state after prompt and output (safetensors)")
+    gen.add_argument("--prefill-chunk", type=_positive_int, default=1024,
+                     help="prompt tokens per forward during prefill (bounds memory; default 1024)")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                     help="weights and compute dtype (default: as saved)")
+    gen.set_defaults(run=_generate)
+
+    imp = commands.add_parser("import-published", help="convert a published KVM-paper checkpoint to a checkpoint folder",
+                              description="Read a checkpoint in the published KVM code's format (recursal/KVM-paper: "
+                                          "config.json or config.yaml + model.safetensors) and save it as a "
+                                          "checkpoint folder that generate and train load.")
+    imp.add_argument("source", help="published checkpoint folder, or its .safetensors file")
+    imp.add_argument("out", help="checkpoint folder to write")
+    imp.add_argument("--compat", action="store_true",
+                     help="reproduce the published code's bf16 rounding of RoPE cos/sin and KVM state values "
+                          "(what the released models were trained with; off: exact fp32 math)")
+    imp.set_defaults(run=_import_published)
 
     recipes = commands.add_parser("recipes", help="list the shipped recipes",
                                   description="List the recipes shipped under recipes/ with their first comment line.")

@@ -16,8 +16,8 @@ from blocks.kvm import KVMAttention, KVMConfig, slots_after
 
 D_MODEL, HEADS = 768, 6
 BUDGETS = {
-    "fixed-256": dict(budget="fixed", state_min_len=256),
-    "16*sqrt(T)": dict(budget="power_law", growth_factor=16.0, state_min_len=256),
+    "fixed-256": {"budget": "fixed", "state_min_len": 256},
+    "16*sqrt(T)": {"budget": "power_law", "growth_factor": 16.0, "state_min_len": 256},
 }
 
 

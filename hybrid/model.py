@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blocks.config import ConfigError
 from blocks.mlp import MLP
 from blocks.projection import ProjectedAttention
 from blocks.registry import get_mixer
@@ -50,8 +51,11 @@ class Block(nn.Module):
         layer, block, d = config.layers[layer_idx], config.block, config.d_model
         self.residual_scale = block.residual_scale
         self.mixer_norm = make_norm(block, d)
-        self.mixer = get_mixer(layer.mixer).cls(mixer_options or layer.options, d_model=d, layer_idx=layer_idx,
-                                                n_layers=config.n_layers)
+        try:
+            self.mixer = get_mixer(layer.mixer).cls(mixer_options or layer.options, d_model=d, layer_idx=layer_idx,
+                                                    n_layers=config.n_layers)
+        except ConfigError as err:  # a rule that needs d_model (head sizes): name the recipe's YAML path
+            raise ConfigError(f"model.mixers.{layer.name}.{err.field}", err.reason) from None
         self.mlp_norm = make_norm(block, d)
         self.mlp = MLP(d, block.hidden_size(d), block.mlp, block.mlp_bias, block.mlp_token_shift,
                        layer_idx, config.n_layers)

@@ -199,7 +199,8 @@ def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> dict:
 
 def deep_merge(base: dict, override: dict) -> dict:
     """``override`` over ``base``, recursively for mappings; ``None`` deletes the key (back to default).
-    A layer list or pattern replaces the parent's, and so does a mixer set given with ``layers``."""
+    A layer list or pattern replaces the parent's; ``mixers`` merge like any mapping, option by
+    option (set a mixer to ``null`` to drop it)."""
     out = copy.deepcopy(base)
     for key, value in override.items():
         if value is None:
@@ -216,6 +217,9 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
     where = f"{source}: " if source else ""
     try:
         _check_keys(data, TOP_LEVEL_KEYS, "")
+        if "extends" in data:  # only files are merged with their parents; never drop it silently
+            raise ConfigError("extends", "is resolved when a recipe file is read (load_recipe); "
+                                         "pass recipe_from_dict the merged mapping")
         if "model" not in data:
             raise ConfigError("model", "missing: a recipe needs a 'model:' section")
         model = model_from_dict(data["model"])

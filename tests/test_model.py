@@ -17,10 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from blocks.config import ConfigError
 from blocks.projection import ProjectedAttention
 from blocks.state import StateError
 from hybrid.model import HybridLM
-from hybrid.recipe import RECIPES_DIR, load_recipe
+from hybrid.recipe import RECIPES_DIR, load_recipe, recipe_from_dict
 from hybrid.state import ModelState
 
 TINY = sorted((RECIPES_DIR / "tiny").glob("*.yaml"))
@@ -231,3 +232,14 @@ def test_training_step_reaches_every_parameter(path):
             for name, p in model.named_parameters():
                 p.copy_(before[name])
         model.zero_grad(set_to_none=True)
+
+
+def test_mixer_rules_that_need_d_model_name_the_yaml_path():
+    """Head sizes are checked against d_model when the model is built; the error names the recipe key."""
+    data = {"model": {"vocab_size": 256, "d_model": 32, "n_layers": 2, "layers": "KR",
+                      "mixers": {"kvm": {"num_heads": 3}, "rwkv7": {"head_dim": 16}}}}
+    with pytest.raises(ConfigError, match=r"model.mixers.kvm.num_heads: must divide d_model \(32\), got 3"):
+        HybridLM(recipe_from_dict(data).model)
+    data["model"]["mixers"] = {"kvm": {"num_heads": 2, "rope_partial_dim": 64}, "rwkv7": {"head_dim": 12}}
+    with pytest.raises(ConfigError, match=r"model.mixers.kvm.rope_partial_dim: must be <= head_dim \(16\), got 64"):
+        HybridLM(recipe_from_dict(data).model)

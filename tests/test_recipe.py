@@ -345,3 +345,8 @@ def test_configs_are_frozen():
         model.d_model = 64
     with pytest.raises(AttributeError):
         model.layers[1].options.chunk_len = 4
+
+
+def test_recipe_from_dict_refuses_unresolved_extends():
+    with pytest.raises(RecipeError, match="extends: is resolved when a recipe file is read"):
+        recipe_from_dict({"extends": "tiny/kvm_fixed", **small()})

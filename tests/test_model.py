@@ -70,8 +70,13 @@ per_recipe = pytest.mark.parametrize("path", TINY, ids=recipe_ids)
 
 
 def test_every_architecture_kind_has_a_tiny_recipe():
-    mixers = {layer.mixer for p in TINY for layer in load_recipe(p).model.layers}
-    assert mixers == {"kvm", "attention", "swa", "bswa", "gla", "rwkv7", "mamba2", "gated_deltanet"}
+    def kinds(path: Path) -> frozenset[str]:
+        return frozenset(layer.mixer for layer in load_recipe(path).model.layers)
+
+    tiny = {kinds(p) for p in TINY}
+    for path in RECIPES_DIR.glob("[!t]*/**/[!_]*.yaml"):  # paper/ and hybrids/
+        assert kinds(path) in tiny, f"no tiny recipe mixes {sorted(kinds(path))} like {path.name}"
+    assert set().union(*tiny) == {"kvm", "attention", "swa", "bswa", "gla", "rwkv7", "mamba2", "gated_deltanet"}
     budgets = {layer.options.budget for p in TINY for layer in load_recipe(p).model.layers if layer.mixer == "kvm"}
     assert budgets == {"fixed", "power_law", "saturation"}
 

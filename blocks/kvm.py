@@ -18,8 +18,10 @@ direction times the norm of the value that created the slot ("vlens"), or divide
 One code path serves training, prefill, continuing a state by any number of tokens and one-token
 decode: the state update for a chunk boundary runs when the first token past it is processed, so
 "prefill P tokens, then continue" and "process everything at once" perform the same updates.
-For speed the boundary updates (which need only keys, values and gates) run first for a group of
-chunks, then the group's queries read their state snapshots in one batched attention.
+Without autograd (no_grad / inference_mode) on CPU, whole chunks read their window and their state
+separately and merge the two partial softmaxes by log-sum-exp: the windows of all of them in one
+flash-attention call over overlapping views of the keys (no tiles are copied), the state chunk by
+chunk right after that chunk's update. With autograd, each chunk is one softmax over [state ; window].
 
 Differences from the published v1 code (kvm.md §6), each deliberate:
 
@@ -55,10 +57,6 @@ from blocks.registry import register_mixer
 from blocks.state import LayerState, StateError
 
 BUDGETS = ("fixed", "power_law", "saturation")
-
-# Upper bound on attention-logit elements materialised per batched read (keeps prefill memory flat).
-_LOGITS_PER_GROUP = 1 << 24
-
 
 @dataclasses.dataclass(frozen=True)
 class KVMConfig(ProjectionConfig):
@@ -280,41 +278,71 @@ class _KVMCore:
         return _Slots(add(slots.keys, 2, target.unsqueeze(-1).expand_as(k_g), k_g),
                       add(slots.values, 2, target.unsqueeze(-1).expand_as(v_g), v_g), lens)
 
-    def read_view(self, slots: _Slots, dtype: torch.dtype, groups: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Slots as attention keys and values for the query heads, (B, Hq, S, d) each: keys through
-        the state-key norm times the state temperature, values re-normalised just in time. Also
-        returns the normed keys per kv head (B, Hkv, S, d), which the next update routes against."""
+    def read_slots(self, slots: _Slots, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Slots as attention keys and values per kv head, (B, Hkv, S, d) each: keys through the
+        state-key norm (the next update routes against them too), values re-normalised just in time."""
         normed = self.norm(slots.keys)
-        keys = normed
         if self.config.use_vlens:
             values = F.normalize(slots.values.float(), dim=-1) * slots.lens
         else:
             values = slots.values.float() / slots.lens
         if self.config.bf16_state_values:
             values = values.bfloat16()
-        return self._per_query_head(keys, groups, self.state_temp), repeat_heads(values.to(dtype), groups), normed
+        return normed, values.to(dtype)
 
-    def window_source(self, keys: Tensor, values: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-        """Raw (B, Hkv, L, d) window keys/values -> (B, Hq, L, d), keys times the window temperature.
-        Done once per call: overlapping window tiles are views of the result."""
-        return self._per_query_head(keys, groups, self.window_temp), repeat_heads(values, groups)
+    def attend_tile(self, q: Tensor, slot_keys: Tensor, slot_values: Tensor, keys: Tensor, values: Tensor,
+                    mask: Tensor) -> Tensor:
+        """The exact read of one tile: one softmax per query over [state ; window] keys.
 
-    @staticmethod
-    def _per_query_head(keys: Tensor, groups: int, temp: Tensor | None) -> Tensor:
-        keys = repeat_heads(keys, groups)
-        return keys if temp is None else keys * temp.to(keys.dtype).view(1, -1, 1, 1)
+        q (B, Hq, Lq, d); slot_keys/slot_values (B, Hkv, S, d) from ``read_slots``; keys/values
+        (B, Hkv, L, d) the raw window; mask (Lq, L) True where a query may see a window key.
+        -> (B, Hq, Lq, dv)"""
+        groups = q.shape[1] // keys.shape[1]
+        keys = torch.cat([_per_query_head(slot_keys, groups, self.state_temp),
+                          _per_query_head(keys, groups, self.window_temp)], 2)  # (B, Hq, S + L, d)
+        values = repeat_heads(torch.cat([slot_values, values], 2), groups)
+        mask = torch.cat([mask.new_ones(mask.shape[0], slot_keys.shape[2]), mask], 1)  # (Lq, S + L)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
 
-    def attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-        """One softmax per query over its tile's keys (state slots and window together).
+    def attend_slots(self, q: Tensor, slot_keys: Tensor, slot_values: Tensor) -> tuple[Tensor, Tensor]:
+        """The state part of a split read: q (B, Hq, Lq, d) against every slot (B, Hkv, S, d).
+        -> output (B, Hq, Lq, dv) and its log-sum-exp (B, Hq, Lq) fp32."""
+        if self.state_temp is not None:  # (q t) . k == q . (k t): scale the fewer rows
+            q = q * self.state_temp.to(q.dtype).view(1, -1, 1, 1)
+        return _flash_cpu(q, slot_keys, slot_values, attn_mask=None, scale=self.scale)
 
-        q (B, Hq, n, Lq, d): n query tiles; keys, values (B, Hq, n, L, d); mask (n, Lq, L) True where
-        a query may attend. -> (B, Hq, n, Lq, dv)
-        """
-        b, _, n, lq, _ = q.shape
-        fold = lambda x: x.transpose(1, 2).flatten(0, 1)  # noqa: E731  (B, H, n, L, d) -> (B*n, H, L, d)
-        out = F.scaled_dot_product_attention(fold(q), fold(keys), fold(values), scale=self.scale,
-                                             attn_mask=mask.repeat(b, 1, 1)[:, None])  # (B*n, Hq, Lq, dv)
-        return out.unflatten(0, (b, n)).transpose(1, 2)
+    def attend_windows(self, q: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """The window part of a split read for n whole query chunks, in one call.
+
+        q (B, Hq, n*C, d): the chunks' queries; keys/values (B, Hkv, (n + Nb - 1)*C, d): the raw
+        tokens from the first chunk's window start. Chunk i sees the W keys from row i*C, lower-right
+        causal; these windows are overlapping views of keys/values, never copies.
+        -> output (B, Hkv, n, g, C, dv) and log-sum-exp (B, Hkv, n, g, C) fp32, g = Hq / Hkv query
+        heads per kv head (chunk i of query head h*g + j is [:, h, i, j])."""
+        chunk, window = self.config.chunk_len, self.config.window_len
+        b, hq, length, d = q.shape
+        hkv = keys.shape[1]
+        groups, n = hq // hkv, length // chunk
+        q = q.unflatten(1, (hkv, groups)).unflatten(3, (n, chunk))  # (B, Hkv, g, n, C, d)
+        if self.window_temp is not None:  # on q: the keys are shared by the g query heads
+            q = q * self.window_temp.to(q.dtype).view(1, hkv, groups, 1, 1, 1)
+        # A batch entry is (row, kv head) and a "head" is a chunk; a kv head's g query heads are extra query rows.
+        q = q.transpose(2, 3).reshape(b * hkv, n, groups * chunk, d)  # (B*Hkv, n, g*C, d)
+        tiles = lambda x: x.flatten(0, 1).unfold(1, window, chunk).transpose(-1, -2)  # noqa: E731  (B*Hkv, n, W, d)
+        visible = (torch.arange(window, device=q.device)[None, :]
+                   <= window - chunk + torch.arange(chunk, device=q.device)[:, None])  # (C, W)
+        mask = torch.zeros(chunk, window, dtype=q.dtype, device=q.device).masked_fill_(~visible, -torch.inf)
+        out, lse = _flash_cpu(q, tiles(keys), tiles(values), attn_mask=mask.repeat(groups, 1), scale=self.scale)
+        return out.view(b, hkv, n, groups, chunk, -1), lse.view(b, hkv, n, groups, chunk)
+
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # -> (output, log-sum-exp); lse has no grad
+
+
+def _per_query_head(keys: Tensor, groups: int, temp: Tensor | None) -> Tensor:
+    """(B, Hkv, L, d) keys -> (B, Hq, L, d), times the per-query-head temperature if any."""
+    keys = repeat_heads(keys, groups)
+    return keys if temp is None else keys * temp.to(keys.dtype).view(1, -1, 1, 1)
 
 
 def repeat_heads(x: Tensor, groups: int) -> Tensor:
@@ -367,92 +395,74 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
         fresh = core.new_slots(k[:, :, : direct_end - n0], v[:, :, : direct_end - n0], gate[:, :, : direct_end - n0])
         slots = _Slots(*(torch.cat([old, new], 2) for old, new in zip(slots, fresh)))
 
-    groups = hq // hkv
-    outputs = []
+    out = q.new_empty(b, hq, t, v.shape[-1])  # (B, Hq, T, dv), rows filled region by region
     front_end = min(n1, window)
     if n0 < front_end:  # plain causal attention before position W (the buffer starts at 0 here)
-        keys, values = core.window_source(buf_k[:, :, :front_end], buf_v[:, :, :front_end], groups)
+        keys, values = buf_k[:, :, :front_end], buf_v[:, :, :front_end]
+        groups = hq // hkv
         allowed = torch.arange(front_end, device=q.device)[None, :] <= torch.arange(n0, front_end, device=q.device)[:, None]
-        out = core.attend(q[:, :, None, : front_end - n0], keys[:, :, None], values[:, :, None], allowed[None])
-        outputs.append(out[:, :, 0])
+        out[:, :, : front_end - n0] = F.scaled_dot_product_attention(
+            q[:, :, : front_end - n0], _per_query_head(keys, groups, window_temp), repeat_heads(values, groups),
+            attn_mask=allowed, scale=core.scale)
     if n1 > window:
-        out, slots = _joint_region(core, q, buf_k, buf_v, buf_g, slots, n0, start)
-        outputs.append(out)
+        slots = _joint_region(core, q, buf_k, buf_v, buf_g, slots, n0, start, out)
 
     keep = window_begin(n1, cfg) - start
     new_state = KVMState(slots.keys, slots.values, slots.lens, buf_k[:, :, keep:n1 - start],
                          buf_v[:, :, keep:n1 - start], buf_g[:, :, keep:n1 - start], n1)
-    return torch.cat(outputs, dim=2), new_state
+    return out, new_state
 
 
 def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g: Tensor, slots: _Slots,
-                  n0: int, start: int) -> tuple[Tensor, _Slots]:
-    """Queries at positions >= W, a group of chunks at a time: run the group's boundary updates in
-    order, keeping each chunk's state snapshot, then read all of the group's queries in one call.
+                  n0: int, start: int, out: Tensor) -> _Slots:
+    """Queries at positions >= W, a chunk at a time: run the chunk's boundary update, then read its
+    queries against the state as it now is and against their window. Returns the final slots.
 
-    buf_* hold raw tokens [start, n0 + T); q holds the queries [n0, n0 + T)."""
+    buf_* hold raw tokens [start, n0 + T); q holds the queries [n0, n0 + T); their outputs go to the
+    same rows of ``out`` (B, Hq, T, dv). Two reads, equal up to float rounding:
+
+    * exact tile: one softmax over [state ; window] keys concatenated per chunk. Used with autograd
+      on (training: the flash op's log-sum-exp has no gradient), off CPU, and for partial chunks
+      (decode, continuations that start or stop inside a chunk).
+    * split (under no_grad / inference_mode, CPU, whole chunks): the window part of every whole chunk in one flash
+      attention call over overlapping views of the buffer, the state part per chunk against its
+      slots as they are, each with its log-sum-exp; their merge is the joint softmax,
+      o_w + sigmoid(lse_s - lse_w) * (o_s - o_w). Nothing is copied into tiles.
+    """
     cfg = core.config
     chunk, nb, window = cfg.chunk_len, cfg.n_bswa_chunks, cfg.window_len
-    b, hq, t, d = q.shape
-    groups = hq // buf_k.shape[1]
-    n1 = n0 + t
+    n1 = n0 + q.shape[2]
     first_chunk, last_chunk = max(n0, window) // chunk, (n1 - 1) // chunk
-    pad = (last_chunk + 1) * chunk - n1  # zero keys past the end, always masked as "future"
-    win_k, win_v = core.window_source(F.pad(buf_k, (0, 0, 0, pad)), F.pad(buf_v, (0, 0, 0, pad)), groups)
-    window_mask = (torch.arange(window, device=q.device)[None, :]
-                   <= (nb - 1) * chunk + torch.arange(chunk, device=q.device)[:, None])  # (C, W)
-    outputs = []
+    whole_lo, whole_hi = -(-max(n0, window) // chunk), n1 // chunk  # chunks [whole_lo, whole_hi) are all queries
+    split = whole_lo < whole_hi and q.device.type == "cpu" and not torch.is_grad_enabled()
+    if split:
+        win_lo = (whole_lo + 1 - nb) * chunk - start
+        win_out, win_lse = core.attend_windows(q[:, :, whole_lo * chunk - n0:whole_hi * chunk - n0],
+                                               buf_k[:, :, win_lo:whole_hi * chunk - start],
+                                               buf_v[:, :, win_lo:whole_hi * chunk - start])
+    visible = (torch.arange(window, device=q.device)[None, :]
+               <= (nb - 1) * chunk + torch.arange(chunk, device=q.device)[:, None])  # (C, W)
     normed = None  # state_key_norm(slots.keys) while the slots are unchanged since it was computed
-    c = first_chunk
-    while c <= last_chunk:
-        # Elements per chunk: its read logits (C x (S + W)) plus a chunk of slack, which keeps groups
-        # small enough to stay in cache (measured faster than sizing by the logits alone).
-        per_chunk = hq * chunk * (slots.keys.shape[2] + chunk + window)
-        group = max(1, min(last_chunk - c + 1, _LOGITS_PER_GROUP // (b * per_chunk)))
-        snapshots = []
-        for cc in range(c, c + group):
-            update = boundary_update(cc, cfg)
-            if update is not None and cc * chunk >= n0:  # this boundary's first token is new: update now
-                lo = (cc - nb) * chunk - start
-                slots = core.absorb(slots, buf_k[:, :, lo:lo + chunk], buf_v[:, :, lo:lo + chunk],
-                                    buf_g[:, :, lo:lo + chunk], *update, normed_keys=normed)
-            *snapshot, normed = core.read_view(slots, q.dtype, groups)
-            snapshots.append(snapshot)
-        q_lo, q_hi = max(n0, c * chunk), min(n1, (c + group) * chunk)  # absolute query range of the group
-        win_lo = (c + 1 - nb) * chunk - start  # buffer index of the first chunk's window
-        if group == 1:  # an exact tile: decode and short continuations pay only for real rows and keys
-            ks, vs = snapshots[0]
-            keys = torch.cat([ks, win_k[:, :, win_lo:q_hi - start]], 2)[:, :, None]  # (B, Hq, 1, S + Lk, d)
-            values = torch.cat([vs, win_v[:, :, win_lo:q_hi - start]], 2)[:, :, None]
-            rows = q_lo - c * chunk + torch.arange(q_hi - q_lo, device=q.device)
-            mask = torch.cat([torch.ones(len(rows), ks.shape[2], dtype=torch.bool, device=q.device),
-                              window_mask[rows, : q_hi - start - win_lo]], 1)[None]
-            q_tile = q[:, :, None, q_lo - n0:q_hi - n0]
-        else:  # whole chunks; rows outside [n0, n1) are zero queries whose outputs are dropped
-            num = max(s[0].shape[2] for s in snapshots)
-            keys = q.new_empty(b, hq, group, num + window, d)
-            values = q.new_empty(b, hq, group, num + window, buf_v.shape[-1])
-            span = slice(win_lo, win_lo + (group + nb - 1) * chunk)
-            keys[:, :, :, num:] = win_k[:, :, span].unfold(2, window, chunk).movedim(-1, -2)
-            values[:, :, :, num:] = win_v[:, :, span].unfold(2, window, chunk).movedim(-1, -2)
-            for i, (ks, vs) in enumerate(snapshots):
-                keys[:, :, i, : ks.shape[2]] = ks
-                values[:, :, i, : vs.shape[2]] = vs
-                keys[:, :, i, ks.shape[2]:num] = 0  # padding slots: masked, but must not hold NaN
-                values[:, :, i, vs.shape[2]:num] = 0
-            slot_valid = torch.arange(num, device=q.device)[None, :] < torch.tensor(
-                [s[0].shape[2] for s in snapshots], device=q.device)[:, None]  # (n, S)
-            mask = torch.cat([slot_valid[:, None, :].expand(-1, chunk, -1), window_mask.expand(group, -1, -1)], -1)
-            if q_lo == c * chunk and q_hi == (c + group) * chunk:
-                q_tile = q[:, :, q_lo - n0:q_hi - n0].unflatten(2, (group, chunk))
-            else:
-                q_tile = q.new_zeros(b, hq, group * chunk, d)
-                q_tile[:, :, q_lo - c * chunk:q_hi - c * chunk] = q[:, :, q_lo - n0:q_hi - n0]
-                q_tile = q_tile.view(b, hq, group, chunk, d)
-        out = core.attend(q_tile, keys, values, mask).flatten(2, 3)  # (B, Hq, n * Lq, dv)
-        outputs.append(out if group == 1 else out[:, :, q_lo - c * chunk:q_hi - c * chunk])
-        c += group
-    return torch.cat(outputs, dim=2), slots
+    for c in range(first_chunk, last_chunk + 1):
+        update = boundary_update(c, cfg)
+        if update is not None and c * chunk >= n0:  # this boundary's first token is new: update now
+            lo = (c - nb) * chunk - start
+            slots = core.absorb(slots, buf_k[:, :, lo:lo + chunk], buf_v[:, :, lo:lo + chunk],
+                                buf_g[:, :, lo:lo + chunk], *update, normed_keys=normed)
+        normed, slot_values = core.read_slots(slots, q.dtype)
+        q_lo, q_hi = max(n0, c * chunk), min(n1, (c + 1) * chunk)  # absolute query range of the chunk
+        rows = slice(q_lo - n0, q_hi - n0)
+        if split and whole_lo <= c < whole_hi:
+            o_s, lse_s = core.attend_slots(q[:, :, rows], normed, slot_values)  # (B, Hq, C, dv), (B, Hq, C)
+            o_w, lse_w = win_out[:, :, c - whole_lo], win_lse[:, :, c - whole_lo]  # (B, Hkv, g, C, dv), (B, Hkv, g, C)
+            weight = torch.sigmoid(lse_s.view_as(lse_w) - lse_w).unsqueeze(-1).to(o_w.dtype)  # share of the state
+            torch.lerp(o_w, o_s.view_as(o_w), weight, out=out[:, :, rows].view_as(o_w))
+        else:
+            win_lo = (c + 1 - nb) * chunk - start  # buffer index of the chunk's window start
+            mask = visible[q_lo - c * chunk:q_hi - c * chunk, : q_hi - start - win_lo]
+            out[:, :, rows] = core.attend_tile(q[:, :, rows], normed, slot_values, buf_k[:, :, win_lo:q_hi - start],
+                                               buf_v[:, :, win_lo:q_hi - start], mask)
+    return slots
 
 
 def _check_state(state: KVMState, b: int, hkv: int, d: int, dv: int, n0: int, cfg: KVMConfig) -> None:

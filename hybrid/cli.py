@@ -112,6 +112,10 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDiverged as err:
         print(f"hybrid train: stopped: {err}", file=sys.stderr)
         return DIVERGED_EXIT
+    except KeyboardInterrupt:
+        print("hybrid train: interrupted; run the same command again to resume from the newest checkpoint",
+              file=sys.stderr)
+        return 130
     print(summary.describe())
     return 0
 

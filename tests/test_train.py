@@ -297,3 +297,14 @@ def test_corrupt_or_mismatched_checkpoints_are_clear_errors(finished, corpus, tm
     (out / "step_000024" / "trainer.json").write_text("{not json")
     with pytest.raises(TrainError, match=r"trainer\.json is not readable \(corrupt\?\)"):
         run(same)
+
+
+def test_time_limit_stops_with_a_checkpoint_and_the_next_run_continues(corpus, tmp_path):
+    out = tmp_path / "run"
+    limited = small_recipe(corpus, out, max_steps=6, ckpt_every=100, val_every=0, time_limit_s=1e-3)
+    summary = run(limited)
+    assert summary.stopped == "time_limit" and summary.step == 1
+    assert [p.name for p in step_folders(out)] == ["step_000001"] and "time limit" in summary.describe()
+    rest = run(small_recipe(corpus, out, max_steps=6, ckpt_every=100, val_every=0))
+    assert (rest.start_step, rest.step, rest.stopped) == (1, 6, "completed")
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 7))

@@ -100,7 +100,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hybrid.train import TrainingDiverged, config_from_recipe, parse_overrides, train
+    from hybrid.train import (
+        TrainingDiverged,
+        config_from_recipe,
+        parse_overrides,
+        train,
+    )
 
     recipe = load_recipe(args.recipe)
     overrides = parse_overrides(args.set)
@@ -159,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "streaming the text; prints prefill time, decode tokens/s and the state "
                                           "memory by kind. --save-state keeps the state after the prompt and the "
                                           "new text; --state continues one (prompt caching).")
-    gen.add_argument("model", help="checkpoint folder, or a recipe file/name (random weights)")
+    gen.add_argument("model", help="checkpoint folder, training run folder (its newest checkpoint), "
+                                    "or a recipe file/name (random weights)")
     prompt = gen.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="text to continue")
     prompt.add_argument("--prompt-file", help="file whose text to continue (UTF-8)")

@@ -53,9 +53,18 @@ def import_published(source: str, out: str, compat: bool) -> Path:
 
 def open_model(source: str, device: str, dtype: str | None, seed: int, log: TextIO
                ) -> tuple[Recipe, HybridLM, Tokenizer]:
-    """A checkpoint folder, or a recipe file/name (random weights: says so on ``log``)."""
+    """A checkpoint folder, a training run folder (its newest checkpoint), or a recipe file/name
+    (random weights: says so on ``log``)."""
     if Path(source).is_dir():
-        return load_checkpoint(source, device=device, dtype=DTYPES[dtype] if dtype else None)
+        folder = Path(source)
+        if not (folder / "recipe.yaml").is_file():
+            from hybrid.train import latest_checkpoint
+
+            newest = latest_checkpoint(folder)
+            if newest is not None:
+                print(f"[{source} is a training run: using its newest checkpoint, {newest.name}]", file=log)
+                folder = newest
+        return load_checkpoint(folder, device=device, dtype=DTYPES[dtype] if dtype else None)
     try:
         recipe = load_recipe(source)
     except Exception:

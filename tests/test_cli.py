@@ -100,3 +100,13 @@ def test_a_state_from_another_model_is_refused(tmp_path, capsys):
     _generate(a, capsys, "--prompt", "hello", "--max-new-tokens", "2", "--save-state", str(state))
     assert main(["generate", str(b), "--prompt", "x", "--state", str(state)]) == 2
     assert "different model" in capsys.readouterr().err
+
+
+def test_generate_from_a_training_run_uses_its_newest_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "tiny/gla_kvm", "--out", str(run), "--no-progress", "--set", "train.max_steps=2",
+                 "--set", "train.ckpt_every=1", "--set", "train.keep_last=2", "--set", "train.seq_len=32",
+                 "--set", "train.batch_size=2", "--set", f"train.cache_dir={tmp_path / 'cache'}"]) == 0
+    capsys.readouterr()
+    _, err = _generate(run, capsys, "--prompt", "hi", "--max-new-tokens", "2")
+    assert "newest checkpoint, step_000002" in err

@@ -1,0 +1,13 @@
+"""Converting pretrained Llama-family transformers into KVM / LRNN hybrids (issue #6).
+
+``student, teacher, plan = convert_teacher(path_or_teacher, "K*30", {"kvm": {"chunk_len": 64}})``:
+``convert.teacher`` loads the teacher (HF folder or GGUF), ``convert.plan`` lays out the student,
+``convert.init`` copies the weights so the student starts equal to the teacher inside the KVM window.
+"""
+
+from convert.errors import TeacherError
+from convert.init import convert_teacher, init_student
+from convert.plan import LayerPlan, plan_student
+from convert.teacher import Teacher, load_teacher
+
+__all__ = ["LayerPlan", "Teacher", "TeacherError", "convert_teacher", "init_student", "load_teacher", "plan_student"]

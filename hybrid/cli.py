@@ -15,6 +15,7 @@ import torch
 from blocks.config import ConfigError
 from blocks.registry import UnknownMixerError
 from blocks.state import StateError
+from convert.errors import TeacherError
 from hybrid.checkpoint import CheckpointError
 from hybrid.data import DataError
 from hybrid.published import PublishedCheckpointError
@@ -24,7 +25,7 @@ from hybrid.tokenizer import TokenizerError
 from hybrid.train import TrainError
 
 USER_ERRORS = (RecipeError, ConfigError, UnknownMixerError, StateError, CheckpointError, TokenizerError,
-               UsageError, PublishedCheckpointError, FileNotFoundError, DataError, TrainError)
+               UsageError, PublishedCheckpointError, FileNotFoundError, DataError, TrainError, TeacherError)
 DIVERGED_EXIT = 3  # `hybrid train` stopped by a NaN/inf loss
 
 
@@ -125,6 +126,58 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from convert.distill import (
+        STAGES,
+        ConversionSettings,
+        parse_set_options,
+        run_conversion,
+    )
+
+    mixers, stages = parse_set_options(args.set)
+    budgets = {stage: getattr(args, f"{stage}_tokens") for stage in STAGES}
+    settings = ConversionSettings(args.teacher, args.out, args.plan, mixers, budgets, stages,
+                                  tuple(args.data) if args.data else None, args.teacher_samples, args.temperature,
+                                  args.teacher_layers, args.seed, args.threads, args.device, args.cache_dir,
+                                  args.time_limit)
+    try:
+        result = run_conversion(settings, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("hybrid convert: interrupted; run the same command again to continue from the newest checkpoint",
+              file=sys.stderr)
+        return 130
+    print(result.describe())
+    if args.report and result.finished:
+        return _report(args.out, args)
+    return 0
+
+
+def _convert_report(args: argparse.Namespace) -> int:
+    return _report(args.out, args)
+
+
+def _report(out: str, args: argparse.Namespace) -> int:
+    from convert.report import write_report
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    _, text = write_report(out, eval_files=args.eval_text or None, eval_tokens=args.eval_tokens,
+                           segment_len=args.segment_len, contexts=args.context, progress=not args.no_progress)
+    print(text, end="")
+    return 0
+
+
+def _add_report_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eval-text", action="append", default=[], metavar="FILE",
+                        help="held-out text to score (repeatable; default: the play kept out of the distillation data)")
+    parser.add_argument("--eval-tokens", type=_token_count, default=8192,
+                        help="held-out tokens to score (default 8k)")
+    parser.add_argument("--segment-len", type=_positive_int, default=1024,
+                        help="tokens per scored segment, each read from an empty state (default 1024)")
+    parser.add_argument("--context", type=_token_count, nargs="+", default=[1024, 4096, 16384],
+                        help="context lengths to report state bytes at (default 1k 4k 16k)")
+
+
 def _recipes(args: argparse.Namespace) -> int:
     for path in sorted(RECIPES_DIR.rglob("*.yaml")):
         if path.name.startswith("_"):
@@ -213,6 +266,55 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start from step 0; refuses an output folder that already holds checkpoints")
     trn.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
     trn.set_defaults(run=_train)
+
+    conv = commands.add_parser("convert", help="convert a pretrained transformer into a hybrid and distil it",
+                               description="Load a Llama-family teacher (HF folder or GGUF), replace the layers the "
+                                           "plan names (K = KVM, G = GLA, ..., A = keep attention) with weights "
+                                           "copied from it, and distil: stage 1 aligns each new mixer's output with "
+                                           "the teacher attention's, stage 2 distils the logits (KL), optional "
+                                           "stage 3 fine-tunes with cross-entropy. Writes OUT as a checkpoint folder "
+                                           "(generate runs it; its recipe's train: section fine-tunes it) with the "
+                                           "stage checkpoints under OUT/stages; run it again to resume. See "
+                                           "convert/distill.py.")
+    conv.add_argument("teacher", help="teacher: Hugging Face folder (config.json + safetensors) or .gguf file")
+    conv.add_argument("out", help="output folder")
+    conv.add_argument("--plan", required=True, help="layer plan, one letter per teacher layer: e.g. 'K*30', 'AKKK...'")
+    conv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a student mixer option (kvm.chunk_len=64) or a stage setting (stage2.lr=3e-5, "
+                           "stage1.seq_len=256: any train: key); repeatable")
+    for number, default in (("1", 5_000_000), ("2", 20_000_000), ("3", 0)):
+        conv.add_argument(f"--stage{number}-tokens", type=lambda t: 0 if t == "0" else _token_count(t),
+                          default=default, metavar="N",
+                          help=f"stage {number} token budget, e.g. 200k or 5m (default {default:,}; 0 skips it)")
+    conv.add_argument("--data", action="append", metavar="PATH",
+                      help="distillation text: .txt/.md/.jsonl files or folders (repeatable; default: the built-in "
+                           "Shakespeare corpus without the held-out play)")
+    conv.add_argument("--teacher-samples", type=lambda t: 0 if t == "0" else _token_count(t), default=0, metavar="N",
+                      help="also distil on about N tokens of text sampled from the teacher (default 0)")
+    conv.add_argument("--temperature", type=float, default=1.0, help="stage 2 KL temperature (default 1)")
+    conv.add_argument("--teacher-layers", type=_positive_int, default=None,
+                      help="use only the teacher's first N layers (quick trials)")
+    conv.add_argument("--seed", type=int, default=0)
+    conv.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    conv.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    conv.add_argument("--cache-dir", default=None, help="token cache folder (default: hybrid train's)")
+    conv.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                      help="stop all stages after this long, with a checkpoint (run again to continue)")
+    conv.add_argument("--report", action="store_true", help="then write OUT/report.md (see convert-report)")
+    conv.add_argument("--no-progress", action="store_true", help="no progress bars or status lines")
+    _add_report_options(conv)
+    conv.set_defaults(run=_convert)
+
+    rep = commands.add_parser("convert-report", help="perplexity beyond the window and state bytes of a conversion",
+                              description="Score the teacher, the converted-at-init student and the student after "
+                                          "each stage on held-out text (perplexity on the tokens beyond the KVM "
+                                          "window), and compare decode state bytes with the teacher's KV cache. "
+                                          "Writes OUT/report.md and OUT/report.json.")
+    rep.add_argument("out", help="a `hybrid convert` output folder")
+    rep.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    rep.add_argument("--no-progress", action="store_true", help="no status lines")
+    _add_report_options(rep)
+    rep.set_defaults(run=_convert_report)
 
     recipes = commands.add_parser("recipes", help="list the shipped recipes",
                                   description="List the recipes shipped under recipes/ with their first comment line.")

@@ -37,6 +37,9 @@ model and tokenizer must be those of the checkpoint, and the settings that defin
 (data, text_field, seq_len, batch_size, val_fraction, seed) must not change; other settings may
 (a lower lr after a divergence, more steps), and the run says which changed.
 
+A fresh run starts from the recipe's random initialisation, or from the weights of a checkpoint
+folder (``init_from``: fine-tuning, e.g. a model ``hybrid convert`` wrote); a resumed run ignores it.
+
 A non-finite loss or gradient norm stops the run before the weights are touched
 (``TrainingDiverged``, naming the step and the last good checkpoint, which is kept).
 """
@@ -55,6 +58,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +128,7 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept; older ones are deleted
     log_every: int = 10  # steps between metrics lines; each reports the mean loss since the last one
     out_dir: str | None = None  # None: runs/<recipe name>
+    init_from: str | None = None  # checkpoint folder (or run folder: its newest) whose weights start a fresh run
     seed: int = 0  # initial weights and data order
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 (CUDA only) | off
@@ -227,7 +232,9 @@ def parameter_groups(model: nn.Module) -> tuple[list[str], list[str]]:
     """(names of the parameters to decay, names of the others): see the module docstring for the rule."""
     modules = dict(model.named_modules())
     decay, no_decay = [], []
-    for name, _ in model.named_parameters():  # a tied weight is listed once
+    for name, param in model.named_parameters():  # a tied weight is listed once
+        if not param.requires_grad:  # frozen (an Objective's choice): not optimised at all
+            continue
         owner, _, leaf = name.rpartition(".")
         matrix = leaf == "weight" and isinstance(modules[owner], (nn.Linear, nn.Embedding))
         (decay if matrix else no_decay).append(name)
@@ -276,6 +283,20 @@ def accumulate_gradients(model: HybridLM, inputs: Tensor, targets: Tensor, grad_
         loss.backward()
         total += loss.detach()
     return total.item()
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a run minimises when it is not the next-token loss of every parameter: the stages of
+    ``convert.distill`` (align layer outputs with a teacher's, distil its logits) train with this loop.
+
+    ``loss(model, inputs, targets, grad_accum, autocast) -> float`` does what ``accumulate_gradients``
+    does: adds the whole batch's gradients to ``.grad`` and returns its mean loss. ``trainable(name)``
+    says which parameters are trained; the others are frozen (``requires_grad`` False), left out of the
+    optimizer and its checkpointed state, and stay bitwise unchanged."""
+
+    loss: Callable[[HybridLM, Tensor, Tensor, int, torch.dtype | None], float]
+    trainable: Callable[[str], bool] | None = None
 
 
 @torch.no_grad()
@@ -340,10 +361,14 @@ class TrainSummary:
         return "; ".join(parts)
 
 
-def train(recipe: Recipe, config: TrainConfig, resume: bool = True, progress: bool = True) -> TrainSummary:
+def train(recipe: Recipe, config: TrainConfig, resume: bool = True, progress: bool = True,
+          objective: Objective | None = None) -> TrainSummary:
     """Train the recipe's model as ``config`` says, writing checkpoints, metrics and the loss plot to
     ``config.out_dir``. ``resume``: continue from the newest checkpoint there (False refuses to touch
     an out_dir that has checkpoints). ``progress``: a progress bar and status lines on stderr.
+
+    ``objective``: what to minimise and which parameters to train, instead of every parameter's
+    next-token loss (``Objective``).
 
     Raises ``TrainError`` for settings or checkpoints that do not fit, ``TrainingDiverged`` for a
     NaN/inf loss; ``hybrid.data.DataError`` for unusable data. ``config.threads`` sets torch's
@@ -375,7 +400,15 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = True, progress: bo
         saved = _read_trainer_files(resume_from)
         _check_compatible(resume_from, saved["info"], recipe, config, tokenizer, say)
         _load_model_weights(resume_from, model)
+    elif config.init_from is not None:
+        _load_initial_weights(Path(config.init_from), recipe, model)
     model.to(device).train()
+    if objective is not None and objective.trainable is not None:
+        for name, param in model.named_parameters():
+            param.requires_grad_(objective.trainable(name))
+        if not any(p.requires_grad for p in model.parameters()):
+            raise TrainError("the objective trains none of the model's parameters")
+    step_loss = accumulate_gradients if objective is None else objective.loss
     if config.activation_checkpointing:
         enable_activation_checkpointing(model)
     optimizer, names = build_optimizer(model, config)
@@ -403,7 +436,7 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = True, progress: bo
             for group in optimizer.param_groups:
                 group["lr"] = lr
             inputs, targets = (t.to(device, non_blocking=True) for t in batches.batch(step))
-            loss = accumulate_gradients(model, inputs, targets, config.grad_accum, autocast)
+            loss = step_loss(model, inputs, targets, config.grad_accum, autocast)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf).item()
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 last = latest_checkpoint(out_dir)
@@ -667,6 +700,22 @@ def _load_model_weights(folder: Path, model: HybridLM) -> None:
     except CheckpointError as err:
         raise TrainError(f"cannot resume from {folder}: {err}. Delete it to resume from the checkpoint "
                          "before it") from None
+    model.load_state_dict(saved.state_dict())
+
+
+def _load_initial_weights(folder: Path, recipe: Recipe, model: HybridLM) -> None:
+    """``train.init_from``: a fresh run's weights from a checkpoint folder (or a run folder's newest
+    checkpoint) that holds this recipe's model."""
+    if folder.is_dir() and not (folder / "recipe.yaml").is_file() and latest_checkpoint(folder) is not None:
+        folder = latest_checkpoint(folder)
+    try:
+        saved_recipe, saved, _ = load_checkpoint(folder)
+    except CheckpointError as err:
+        raise TrainError(f"train.init_from: {err}") from None
+    if saved_recipe.model.fingerprint() != recipe.model.fingerprint():
+        raise TrainError(f"train.init_from: {folder} holds another model than {recipe.source} (architecture "
+                         f"fingerprint {saved_recipe.model.fingerprint()} vs {recipe.model.fingerprint()}); "
+                         f"train the recipe saved with it, {folder / 'recipe.yaml'}")
     model.load_state_dict(saved.state_dict())
 
 

@@ -1,0 +1,488 @@
+"""Distillation: a converted student trained towards its teacher in resumable stages (conversion.md §1.2).
+
+* **stage1, alignment.** Each converted layer's new mixer reads the teacher's normed hidden state
+  at that layer and learns to output what the teacher's attention outputs there. One teacher pass
+  gives every layer's input and target, so all layers train at once and independently of each
+  other. Loss: the mean over converted layers of the MSE divided by the mean square of the teacher's
+  output (a relative error, so deep layers with large activations do not dominate). Only the
+  converted layers' mixer parameters train; every other parameter stays bitwise the teacher's.
+* **stage2, logit distillation.** KL(teacher || student) of the next-token distributions at a
+  temperature T (times T², so gradients keep their scale), averaged over tokens; the whole
+  student trains.
+* **stage3, fine-tuning (optional).** Next-token cross-entropy, no teacher, at a longer context.
+
+Every stage is a ``hybrid.train.train`` run with an ``Objective``: the same optimizer groups,
+schedule, progress bar, ``metrics.jsonl``/``loss.png``, atomic ``step_*`` checkpoints and bitwise
+resume as ``hybrid train``. A stage starts (``train.init_from``) from the previous stage's final
+checkpoint, the first from the converted-at-init student. ``STAGE_DEFAULTS`` holds each stage's
+settings: the RADLADS ones (stage 1: lr 1e-3 cosine to 1e-5, sequences of 512; stage 2: constant
+lr, 512; stage 3: lr 1e-5, 1024) except stage 2's lr, 1e-4 (fla's rate for the new mixers, applied
+to the whole student, so that short runs move). Token budgets are per stage.
+
+``run_conversion(ConversionSettings(...))`` is what ``hybrid convert`` runs::
+
+    OUT/                      the distilled student: a checkpoint folder (recipe.yaml, model.safetensors,
+                              tokenizer.json) that ``hybrid generate OUT`` runs; its recipe's train:
+                              section fine-tunes it (``hybrid train OUT/recipe.yaml --out runs/ft``)
+      stages/conversion.json  teacher, plan, data, held-out text, budgets (what the report rebuilds from)
+      stages/init/            the converted-at-init student (checkpoint)
+      stages/stage1/          step_* checkpoints, latest, metrics.jsonl, loss.png of each stage
+      stages/stage2/ ...
+      stages/teacher_samples_*.jsonl   text sampled from the teacher (when asked for)
+
+Running the same command again resumes: a finished stage is not trained again, an interrupted one
+continues from its newest checkpoint, a larger budget extends the stage. A later stage that already
+started from an earlier stage's final weights refuses to continue once that earlier stage has been
+extended (delete its folder to redo it from the new weights).
+
+Data: text/JSONL files and folders (``hybrid.data``), by default the built-in Shakespeare corpus
+without the held-out play (``HELD_OUT``, which the report scores), plus optional text sampled
+from the teacher (prompts: 16-token snippets of the data; temperature 1, top-p 0.95).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from convert.errors import TeacherError
+from convert.evaluate import window_len
+from convert.init import convert_teacher
+from convert.teacher import Teacher
+from hybrid import data as datalib
+from hybrid.checkpoint import load_checkpoint, save_checkpoint
+from hybrid.model import HybridLM
+from hybrid.recipe import Recipe, build_dataclass
+from hybrid.train import (
+    TRAINER_JSON,
+    Objective,
+    TrainConfig,
+    TrainSummary,
+    latest_checkpoint,
+    train,
+)
+
+STAGES = ("stage1", "stage2", "stage3")
+HELD_OUT = ("tragedies/hamlet.md",)  # plays of the built-in corpus kept out of the default distillation data
+CONVERSION_FILE = "conversion.json"
+FINAL_FILES = ("tokenizer.json", "model.safetensors", "recipe.yaml")  # moved into OUT in this order
+COMMON_DEFAULTS: dict[str, Any] = {"val_fraction": 0.01, "val_every": 0, "val_batches": 4, "ckpt_every": 50,
+                                   "keep_last": 2, "log_every": 1, "weight_decay": 0.0, "grad_clip": 1.0}
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "stage1": {"seq_len": 512, "batch_size": 8, "lr": 1e-3, "min_lr_ratio": 0.01, "schedule": "cosine"},
+    "stage2": {"seq_len": 512, "batch_size": 8, "lr": 1e-4, "schedule": "constant"},
+    "stage3": {"seq_len": 1024, "batch_size": 8, "lr": 1e-5, "min_lr_ratio": 0.1, "schedule": "cosine"},
+}
+MAX_WARMUP = 50  # warm-up steps: 10% of a stage's steps, at most this many (unless set)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def teacher_mixer_io(teacher: HybridLM, inputs: Tensor, layers: Sequence[int]) -> dict[int, tuple[Tensor, Tensor]]:
+    """``{layer: (mixer input, mixer output)}`` of the teacher on ``inputs`` (B, T): the normed
+    residual stream each listed layer's attention reads and what it adds back. The teacher runs only
+    up to the last listed layer (no head)."""
+    captured: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def hook(index: int):
+        def record(module, args, output):
+            captured[index] = (args[0], output[0])
+        return record
+
+    handles = [teacher.blocks[i].mixer.register_forward_hook(hook(i)) for i in layers]
+    try:
+        x = teacher.embed(inputs)
+        if teacher.embed_norm is not None:
+            x = teacher.embed_norm(x)
+        ctx: dict = {}
+        for block in teacher.blocks[:max(layers) + 1]:
+            x, _, _ = block(x, None, None, ctx)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def relative_mse(output: Tensor, target: Tensor) -> Tensor:
+    """MSE of ``output`` against ``target`` divided by the mean square of ``target`` (fp32)."""
+    target = target.float()
+    return (output.float() - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
+
+
+def _alignment_terms(teacher: HybridLM, student: HybridLM, inputs: Tensor, layers: Sequence[int],
+                     autocast: torch.dtype | None) -> dict[int, Tensor]:
+    with torch.no_grad(), _autocast(inputs, autocast):
+        io = teacher_mixer_io(teacher, inputs, layers)
+    with _autocast(inputs, autocast):
+        outputs = {i: student.blocks[i].mixer(x, None, {})[0] for i, (x, _) in io.items()}
+    return {i: relative_mse(outputs[i], io[i][1]) for i in layers}
+
+
+@torch.no_grad()
+def alignment_losses(teacher: HybridLM, student: HybridLM, inputs: Tensor, layers: Sequence[int]) -> dict[int, float]:
+    """Stage 1's loss per converted layer (relative MSE of the student mixer against the teacher's
+    attention, both reading the teacher's hidden states) on ``inputs`` (B, T)."""
+    return {i: v.item() for i, v in _alignment_terms(teacher, student, inputs, layers, None).items()}
+
+
+def alignment_objective(teacher: HybridLM, layers: Sequence[int]) -> Objective:
+    """Stage 1: the mean of ``alignment_losses`` over ``layers``, training only their mixers."""
+    layers = tuple(layers)
+    prefixes = tuple(f"blocks.{i}.mixer." for i in layers)
+
+    def loss(model: HybridLM, inputs: Tensor, targets: Tensor, grad_accum: int, autocast) -> float:
+        total = 0.0
+        for x in inputs.chunk(grad_accum):
+            terms = _alignment_terms(teacher, model, x, layers, autocast)
+            value = torch.stack(list(terms.values())).mean() / grad_accum
+            value.backward()
+            total += value.item()
+        return total
+
+    return Objective(loss, trainable=lambda name: name.startswith(prefixes))
+
+
+def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Mean over tokens of KL(teacher || student) of the softened distributions, times T²."""
+    t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
+    s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def kl_objective(teacher: HybridLM, temperature: float = 1.0) -> Objective:
+    """Stage 2: ``kl_divergence`` of the whole student against the teacher."""
+    def loss(model: HybridLM, inputs: Tensor, targets: Tensor, grad_accum: int, autocast) -> float:
+        total = 0.0
+        for x in inputs.chunk(grad_accum):
+            with torch.no_grad(), _autocast(x, autocast):
+                teacher_logits = teacher(x).logits
+            with _autocast(x, autocast):
+                student_logits = model(x).logits
+            value = kl_divergence(student_logits, teacher_logits, temperature) / grad_accum
+            value.backward()
+            total += value.item()
+        return total
+
+    return Objective(loss)
+
+
+@torch.no_grad()
+def mean_kl(teacher: HybridLM, student: HybridLM, inputs: Tensor, temperature: float = 1.0) -> float:
+    """Stage 2's loss on ``inputs`` (B, T), without gradients."""
+    return kl_divergence(student(inputs).logits, teacher(inputs).logits, temperature).item()
+
+
+def _autocast(x: Tensor, dtype: torch.dtype | None):
+    return torch.autocast(x.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- stage settings
+
+def stage_config(stage: str, tokens: int, common: dict[str, Any], overrides: dict[str, Any] | None = None
+                 ) -> TrainConfig:
+    """The ``TrainConfig`` of one stage: ``COMMON_DEFAULTS``, ``STAGE_DEFAULTS[stage]``, then ``common``
+    (data, out_dir, init_from, seed, device...), then the user's ``overrides``; ``tokens`` is the budget
+    (``max_tokens``). Warm-up is 10% of the steps, at most ``MAX_WARMUP``, unless set. A budget below one
+    batch is refused (the stage would silently train a whole batch more than asked)."""
+    overrides = dict(overrides or {})
+    values = {**COMMON_DEFAULTS, **STAGE_DEFAULTS[stage], **common, **overrides, "max_tokens": tokens,
+              "max_steps": None}
+    batch = values["batch_size"] * values["seq_len"]
+    if tokens < batch:
+        raise TeacherError(f"the {stage} budget of {tokens} tokens is less than one batch ({values['batch_size']} "
+                           f"sequences of {values['seq_len']} tokens = {batch}): raise --{stage}-tokens or lower "
+                           f"--set {stage}.batch_size / {stage}.seq_len")
+    if "warmup_steps" not in overrides:
+        values["warmup_steps"] = min(MAX_WARMUP, math.ceil(tokens / batch) // 10)
+    try:
+        return build_dataclass(TrainConfig, values, f"{stage}.")
+    except ValueError as err:
+        raise TeacherError(f"{stage} settings: {err}") from None
+
+
+def stage_objective(stage: str, teacher: HybridLM, converted: Sequence[int], temperature: float) -> Objective | None:
+    """The stage's objective (None for stage 3: plain next-token cross-entropy)."""
+    if stage == "stage1":
+        return alignment_objective(teacher, converted)
+    if stage == "stage2":
+        return kl_objective(teacher, temperature)
+    return None
+
+
+def run_stage(stage: str, recipe: Recipe, teacher: HybridLM, converted: Sequence[int], config: TrainConfig,
+              temperature: float = 1.0, progress: bool = True) -> TrainSummary:
+    """Train one stage into ``config.out_dir`` (resuming it), starting from ``config.init_from``.
+
+    Refuses to continue a stage whose checkpoints started from other weights than ``init_from`` (an
+    earlier stage was extended since), and a ``seq_len`` that does not reach past the student's
+    window, inside which a converted KVM/BSWA student already equals the teacher."""
+    window = window_len(recipe.model)
+    if stage != "stage3" and window and config.seq_len <= window and all(
+            hasattr(recipe.model.layers[i].options, "n_bswa_chunks") for i in converted):
+        raise TeacherError(f"{stage}.seq_len {config.seq_len} is within the student's window of {window} tokens, "
+                           "where it already equals the teacher: nothing to learn; use a longer seq_len")
+    newest = latest_checkpoint(Path(config.out_dir))
+    if newest is not None:
+        started_from = json.loads((newest / TRAINER_JSON).read_text())["config"].get("init_from")
+        if started_from != config.init_from:
+            raise TeacherError(f"{config.out_dir} started from {started_from}, but the stage before it now ends at "
+                               f"{config.init_from}: delete {config.out_dir} to redo {stage} from the new weights, "
+                               "or keep the earlier stage's budget")
+    device = _device(config.device)
+    teacher.to(device)
+    return train(recipe, config, resume=True, progress=progress,
+                 objective=stage_objective(stage, teacher, converted, temperature))
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- data
+
+def default_sources() -> list[str]:
+    """The built-in corpus's plays except ``HELD_OUT``."""
+    folder = datalib.builtin_corpus()
+    return [str(p) for p in sorted(folder.rglob("*.md")) if p.relative_to(folder).as_posix() not in HELD_OUT]
+
+
+def held_out_files() -> list[Path]:
+    """The held-out plays the report scores (``HELD_OUT`` in the built-in corpus)."""
+    folder = datalib.builtin_corpus()
+    return [folder / name for name in HELD_OUT]
+
+
+def check_disjoint(sources: Sequence[str], held_out: Sequence[Path]) -> None:
+    """Refuse distillation data that contains a held-out file (the report would score training text)."""
+    held = {p.resolve() for p in held_out}
+    files = [f for s in map(Path, sources) for f in (s.rglob("*") if s.is_dir() else [s])]
+    overlap = sorted(str(p) for p in files if p.resolve() in held)
+    if overlap:
+        raise TeacherError(f"the distillation data includes the held-out text {', '.join(overlap)}: leave it out "
+                           "(the report measures perplexity on it)")
+
+
+@torch.no_grad()
+def sample_teacher_text(teacher: Teacher, prompt_tokens, n_tokens: int, path: Path, seed: int = 0,
+                        sample_len: int = 256, prompt_len: int = 16, batch_size: int = 8,
+                        progress: bool = True) -> Path:
+    """Write about ``n_tokens`` tokens of text sampled from the teacher to ``path`` (JSONL, one
+    ``{"text": ...}`` per sample) and return it; an existing ``path`` is kept as it is.
+
+    Each sample continues a ``prompt_len``-token snippet of ``prompt_tokens`` (1-D token ids, snippets
+    at seeded random positions) by up to ``sample_len`` tokens (temperature 1, top-p 0.95, stopping
+    at the tokenizer's end-of-sequence token)."""
+    from tqdm.auto import tqdm
+
+    from hybrid.generate import SamplingConfig, generate
+
+    if path.is_file():
+        return path
+    tokenizer = teacher.tokenizer
+    if tokenizer is None:
+        raise TeacherError(f"{teacher.source} has no tokenizer: cannot write sampled text (drop --teacher-samples)")
+    tokens = torch.from_numpy(np.asarray(prompt_tokens).astype(np.int64))
+    if len(tokens) <= prompt_len:
+        raise TeacherError(f"the data has {len(tokens)} tokens, too few for {prompt_len}-token sampling prompts")
+    n_samples = math.ceil(n_tokens / sample_len)
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - prompt_len, (n_samples,), generator=generator).tolist()
+    stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+    lines = []
+    with tqdm(total=n_samples * sample_len, unit="tok", desc="sampling the teacher", disable=not progress,
+              file=sys.stderr) as bar:
+        for b in range(0, n_samples, batch_size):
+            prompts = [tokens[s:s + prompt_len].tolist() for s in starts[b:b + batch_size]]
+            config = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=sample_len, stop_tokens=stop,
+                                    seed=seed + b)
+            result = generate(teacher.model, prompts, config)
+            for prompt, new in zip(prompts, result.tokens):
+                lines.append(json.dumps({"text": tokenizer.decode(prompt + [t for t in new if t not in stop])}))
+            bar.update(len(prompts) * sample_len)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- the whole conversion
+
+@dataclasses.dataclass(frozen=True)
+class ConversionSettings:
+    """What ``hybrid convert`` does (see the module docstring)."""
+
+    teacher: str  # HF folder or .gguf file
+    out: str  # output folder
+    plan: str  # layer plan (convert.plan), e.g. "K*30"
+    mixers: dict[str, dict] = dataclasses.field(default_factory=dict)  # student mixer options {"kvm": {...}}
+    budgets: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"stage1": 5_000_000, "stage2": 20_000_000, "stage3": 0})  # tokens; 0 skips
+    stage_overrides: dict[str, dict] = dataclasses.field(default_factory=dict)  # {"stage2": {"lr": 3e-5}}
+    data: tuple[str, ...] | None = None  # None: the built-in corpus without HELD_OUT
+    teacher_sample_tokens: int = 0  # text sampled from the teacher, added to the data
+    temperature: float = 1.0  # stage 2's KL temperature
+    teacher_layers: int | None = None  # use only the teacher's first layers (quick trials)
+    seed: int = 0
+    threads: int | None = None
+    device: str = "auto"
+    cache_dir: str | None = None  # token cache (None: hybrid train's default)
+    time_limit_s: float | None = None  # for all stages together; a stage stopped by it resumes on the next run
+
+    def identity(self) -> dict:
+        """What makes two runs the same conversion (a resumed run must match)."""
+        return {"teacher": str(Path(self.teacher).resolve()), "teacher_layers": self.teacher_layers,
+                "plan": self.plan, "mixers": self.mixers}
+
+
+@dataclasses.dataclass
+class ConversionResult:
+    out: Path
+    stages: dict[str, TrainSummary]
+    finished: bool  # False: a stage stopped at the time limit; run again to continue
+
+    def describe(self) -> str:
+        lines = [f"{stage}: {summary.describe()}" for stage, summary in self.stages.items()]
+        lines.append(f"wrote {self.out}" if self.finished else
+                     "stopped at the time limit: run the same command again to continue")
+        return "\n".join(lines)
+
+
+def run_conversion(settings: ConversionSettings, progress: bool = True) -> ConversionResult:
+    """Convert, distil and export (see the module docstring); resumes an interrupted run."""
+    started = time.monotonic()
+    say = (lambda m: print(f"[{m}]", file=sys.stderr)) if progress else (lambda m: None)
+    unknown = sorted(set(settings.budgets) - set(STAGES)) + sorted(set(settings.stage_overrides) - set(STAGES))
+    if unknown:
+        raise TeacherError(f"unknown stages {unknown}: the stages are {', '.join(STAGES)}")
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    out = Path(settings.out)
+    stages_dir = out / "stages"
+    record_path = stages_dir / CONVERSION_FILE
+    if out.exists() and not record_path.is_file() and any(out.iterdir()):
+        raise TeacherError(f"{out} exists and is not a conversion folder (no stages/{CONVERSION_FILE}): "
+                           "choose a new output folder")
+    if record_path.is_file():
+        previous = json.loads(record_path.read_text())
+        changed = [f"{k}: {previous['identity'].get(k)!r} there, {v!r} now"
+                   for k, v in settings.identity().items() if previous["identity"].get(k) != v]
+        if changed:
+            raise TeacherError(f"{out} holds another conversion ({'; '.join(changed)}): choose a new output folder")
+
+    student, teacher, plan = convert_teacher(settings.teacher, settings.plan, settings.mixers,
+                                             n_layers=settings.teacher_layers)
+    say(f"{teacher.source}: {plan.summary()}")
+    held_out = held_out_files()
+    sources = list(settings.data) if settings.data is not None else default_sources()
+    check_disjoint(sources, held_out)
+    tokenizer_recipe = plan.student
+    common = {"out_dir": None, "seed": settings.seed, "threads": settings.threads, "device": settings.device,
+              "cache_dir": settings.cache_dir}
+    if settings.teacher_sample_tokens:
+        from hybrid.train import _default_cache_dir
+
+        cache = Path(settings.cache_dir) if settings.cache_dir else _default_cache_dir()
+        prompt_tokens = datalib.build_token_cache(sources, teacher.tokenizer, cache, progress=progress)
+        samples = stages_dir / f"teacher_samples_{settings.teacher_sample_tokens}_seed{settings.seed}.jsonl"
+        sources.append(str(sample_teacher_text(teacher, prompt_tokens, settings.teacher_sample_tokens, samples,
+                                               settings.seed, progress=progress)))
+    common["data"] = sources
+
+    stages_dir.mkdir(parents=True, exist_ok=True)
+    record = {"identity": settings.identity(), "plan_summary": plan.summary(), "converted": list(plan.converted),
+              "data": sources, "held_out": [str(p) for p in held_out], "budgets": settings.budgets,
+              "stage_overrides": settings.stage_overrides, "temperature": settings.temperature,
+              "window": window_len(plan.student.model)}
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
+
+    init_dir = stages_dir / "init"
+    if not (init_dir / "model.safetensors").is_file():
+        save_checkpoint(init_dir, tokenizer_recipe, student, _tokenizer(teacher, tokenizer_recipe))
+    del student
+    previous, summaries = str(init_dir), {}
+    for stage in STAGES:
+        tokens = settings.budgets.get(stage, 0)
+        if not tokens:
+            continue
+        left = None
+        if settings.time_limit_s is not None:
+            left = settings.time_limit_s - (time.monotonic() - started)
+            if left <= 0:
+                return ConversionResult(out, summaries, False)
+        config = stage_config(stage, tokens, {**common, "out_dir": str(stages_dir / stage), "init_from": previous,
+                                              "time_limit_s": left}, settings.stage_overrides.get(stage))
+        say(f"{stage}: {tokens:,} tokens, {config.total_steps} steps of {config.batch_size}x{config.seq_len}")
+        summary = run_stage(stage, plan.student, teacher.model, plan.converted, config, settings.temperature, progress)
+        summaries[stage] = summary
+        if summary.stopped == "time_limit":
+            return ConversionResult(out, summaries, False)
+        previous = str(summary.checkpoint)
+    export_final(out, Path(previous), plan.student, stage_config(
+        "stage3", max(settings.budgets.get("stage3", 0), 1_000_000),
+        {**common, "init_from": str(out.resolve())}, settings.stage_overrides.get("stage3")))
+    return ConversionResult(out, summaries, True)
+
+
+def _tokenizer(teacher: Teacher, recipe: Recipe):
+    from hybrid.tokenizer import load_tokenizer
+
+    return teacher.tokenizer if teacher.tokenizer is not None else load_tokenizer(recipe.tokenizer)
+
+
+def export_final(out: Path, checkpoint: Path, recipe: Recipe, fine_tune: TrainConfig) -> Path:
+    """Make ``out`` a checkpoint folder of ``checkpoint``'s weights whose recipe's train: section is
+    ``fine_tune`` (stage 3's settings, starting from ``out``). The files are written as a checkpoint
+    under ``out/stages/final`` and then renamed into ``out`` one by one, the recipe last (``out``
+    itself cannot be swapped atomically: it holds ``stages/``)."""
+    _, model, tokenizer = load_checkpoint(checkpoint)
+    staging = out / "stages" / "final"
+    save_checkpoint(staging, dataclasses.replace(recipe, train=fine_tune.to_dict()), model, tokenizer)
+    for name in FINAL_FILES:
+        if (staging / name).is_file():
+            os.replace(staging / name, out / name)
+    shutil.rmtree(staging)
+    return out
+
+
+def parse_set_options(items: Sequence[str]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """``hybrid convert --set`` items -> (student mixer options, stage settings).
+
+    ``kvm.chunk_len=64`` sets an option of the student's ``kvm`` mixer; ``stage2.lr=3e-5`` a setting
+    of a stage (any ``train:`` key). Values are read as YAML; ``3e-5`` (YAML 1.1 reads it as a string)
+    is taken as the number it is."""
+    import yaml
+
+    mixers: dict[str, dict] = {}
+    stages: dict[str, dict] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise TeacherError(f"--set {item}: expected MIXER.OPTION=VALUE (kvm.chunk_len=64) or "
+                               f"STAGE.SETTING=VALUE (stage2.lr=3e-5)")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise TeacherError(f"--set {item}: the value is not valid YAML: {err}") from None
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        (stages if parts[0] in STAGES else mixers).setdefault(parts[0], {})[parts[1]] = value
+    return mixers, stages

@@ -1,0 +1,195 @@
+"""convert/distill.py and ``hybrid convert``: stage 1 aligns only the converted layers, stage 2 lowers the
+KL, stages resume exactly, the command writes a checkpoint that generate and train load, and the
+report; clear errors for bad plans, missing teachers and budgets below one batch."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from convert.distill import (
+    alignment_losses,
+    mean_kl,
+    parse_set_options,
+    run_stage,
+    stage_config,
+)
+from convert.errors import TeacherError
+from convert.init import convert_teacher
+from convert.teacher import load_teacher
+from hybrid.checkpoint import load_checkpoint, save_checkpoint
+from hybrid.cli import main
+from hybrid.train import read_metrics
+from tests.test_convert import TINY, random_teacher_tensors, write_hf_folder
+
+KVM = {"kvm": {"chunk_len": 8, "n_bswa_chunks": 2}}  # a 16-token window
+BYTES = {**TINY, "vocab_size": 256}  # a tiny random Llama whose vocabulary is the byte tokenizer's
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """About 16 kB of varied English-like text (byte tokens) for the tiny teacher."""
+    words = ["the", "king", "and", "queen", "walk", "to", "a", "castle", "while", "fool", "sings", "of", "gold",
+             "rain", "time;", "every", "night", "sea", "keeps", "its", "silver", "secrets", "from", "sleeping"]
+    g = torch.Generator().manual_seed(0)
+    text = " ".join(words[i] for i in torch.randint(0, len(words), (3000,), generator=g).tolist())
+    path = tmp_path_factory.mktemp("distill_corpus") / "corpus.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory) -> Path:
+    return write_hf_folder(tmp_path_factory.mktemp("teacher"), BYTES, random_teacher_tensors(BYTES))
+
+
+def start(teacher_folder: Path, tmp_path: Path, plan: str):
+    """(teacher, plan, converted-at-init checkpoint folder)."""
+    student, teacher, layer_plan = convert_teacher(load_teacher(teacher_folder), plan, KVM)
+    init = save_checkpoint(tmp_path / "init", layer_plan.student, student)
+    return teacher, layer_plan, init
+
+
+def config(stage: str, tokens: int, corpus: Path, tmp_path: Path, init: Path, out: str, **overrides):
+    common = {"data": [str(corpus)], "cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path / out),
+              "init_from": str(init), "threads": 1, "device": "cpu"}
+    return stage_config(stage, tokens, common, {"seq_len": 48, "batch_size": 4, **overrides})
+
+
+def batch(corpus: Path, n: int = 4, length: int = 48) -> torch.Tensor:
+    """The corpus's last ``n * length`` bytes as token rows (its validation split)."""
+    return torch.tensor(list(corpus.read_bytes()[-n * length:])).view(n, length)
+
+
+def test_stage1_lowers_each_layers_alignment_loss_and_changes_only_converted_mixers(teacher_folder, corpus, tmp_path):
+    teacher, plan, init = start(teacher_folder, tmp_path, "AKK")
+    _, before, _ = load_checkpoint(init)
+    x = batch(corpus)
+    loss_before = alignment_losses(teacher.model, before, x, plan.converted)
+    assert set(loss_before) == {1, 2} and min(loss_before.values()) > 1e-3
+    cfg = config("stage1", 30 * 4 * 48, corpus, tmp_path, init, "s1", lr=3e-3)
+    summary = run_stage("stage1", plan.student, teacher.model, plan.converted, cfg, progress=False)
+    assert summary.step == 30 and summary.stopped == "completed"
+    _, after, _ = load_checkpoint(summary.checkpoint)
+    loss_after = alignment_losses(teacher.model, after, x, plan.converted)
+    for i in plan.converted:
+        assert loss_after[i] < 0.85 * loss_before[i], (i, loss_before, loss_after)
+    old, new = before.state_dict(), after.state_dict()
+    changed = {name for name in old if not torch.equal(old[name], new[name])}
+    assert changed and all(name.startswith(("blocks.1.mixer.", "blocks.2.mixer.")) for name in changed)
+    assert any(name.startswith("blocks.1.mixer.") for name in changed)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "s1" / "metrics.jsonl")]
+    assert len(losses) == 30 and losses[-1] < losses[0]
+
+
+def test_stage2_lowers_the_kl_to_the_teacher(teacher_folder, corpus, tmp_path):
+    teacher, plan, init = start(teacher_folder, tmp_path, "KKK")
+    _, before, _ = load_checkpoint(init)
+    x = batch(corpus)
+    kl_before = mean_kl(teacher.model, before, x)
+    cfg = config("stage2", 25 * 4 * 48, corpus, tmp_path, init, "s2", lr=3e-3)
+    summary = run_stage("stage2", plan.student, teacher.model, plan.converted, cfg, temperature=2.0, progress=False)
+    _, after, _ = load_checkpoint(summary.checkpoint)
+    kl_after = mean_kl(teacher.model, after, x)
+    assert kl_before > 0.05 and kl_after < 0.85 * kl_before, (kl_before, kl_after)
+
+
+def test_an_interrupted_or_extended_stage_resumes_to_the_uninterrupted_result(teacher_folder, corpus, tmp_path):
+    """Stage 1 stopped after one step (time limit) and re-run equals a straight run, bitwise; stage 2
+    (constant lr) run to 4 steps and then given a budget of 8 equals a straight run to 8."""
+    teacher, plan, init = start(teacher_folder, tmp_path, "AKK")
+
+    def stage(name, out, steps, **extra):
+        cfg = config(name, steps * 4 * 48, corpus, tmp_path, init, out, ckpt_every=2, warmup_steps=1, **extra)
+        return run_stage(name, plan.student, teacher.model, plan.converted, cfg, progress=False)
+
+    assert stage("stage1", "cut", 6, time_limit_s=1e-9).step == 1
+    resumed = stage("stage1", "cut", 6)
+    straight = stage("stage1", "straight", 6)
+    assert (resumed.start_step, resumed.step, straight.step) == (1, 6, 6)
+    weights = [load_checkpoint(s.checkpoint)[1].state_dict() for s in (resumed, straight)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert [r["loss"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")] == \
+           [r["loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")]
+
+    assert stage("stage2", "short", 4).step == 4
+    extended, long = stage("stage2", "short", 8), stage("stage2", "long", 8)
+    assert extended.start_step == 4
+    weights = [load_checkpoint(s.checkpoint)[1].state_dict() for s in (extended, long)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_hybrid_convert_end_to_end_then_generate_train_and_report(teacher_folder, corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["convert", str(teacher_folder), str(out), "--plan", "AKK", "--set", "kvm.chunk_len=8",
+            "--set", "stage1.seq_len=48", "--set", "stage1.batch_size=4", "--set", "stage2.seq_len=48",
+            "--set", "stage2.batch_size=4", "--set", "stage2.lr=1e-3", "--stage1-tokens", "768",
+            "--stage2-tokens", "768", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
+            "--threads", "1", "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    assert "wrote" in capsys.readouterr().out
+    recipe, model, _ = load_checkpoint(out)
+    assert [layer.mixer for layer in recipe.model.layers] == ["attention", "kvm", "kvm"]
+    assert recipe.model.layers[1].options.chunk_len == 8
+    _, stage2, _ = load_checkpoint(out / "stages" / "stage2" / "step_000004")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), stage2.state_dict().values()))
+    record = json.loads((out / "stages" / "conversion.json").read_text())
+    assert record["converted"] == [1, 2] and record["window"] == 16
+
+    assert main(args) == 0  # a finished conversion is not trained again
+    assert "already trained to the last step" in capsys.readouterr().out
+
+    assert main(["generate", str(out), "--prompt", "the king", "--max-new-tokens", "8", "--seed", "1"]) == 0
+    capsys.readouterr()
+
+    ft = tmp_path / "ft"  # the recipe's train: section fine-tunes the converted weights (init_from)
+    assert main(["train", str(out / "recipe.yaml"), "--out", str(ft), "--no-progress", "--set", "train.max_tokens=192",
+                 "--set", "train.lr=1e-12", "--set", "train.warmup_steps=0", "--set", "train.threads=1",
+                 "--set", f"train.cache_dir={tmp_path / 'cache'}", "--set", "train.seq_len=48",
+                 "--set", "train.batch_size=4"]) == 0
+    _, tuned, _ = load_checkpoint(ft / "step_000001")
+    assert all((a - b).abs().max() < 1e-6 for a, b in zip(model.state_dict().values(), tuned.state_dict().values()))
+
+    assert main(["convert-report", str(out), "--eval-tokens", "2k", "--segment-len", "256", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "| teacher |" in text and "| after stage2 |" in text and "| 4,096 |" in text
+    report = json.loads((out / "report.json").read_text())
+    names = [row["model"] for row in report["perplexity"]]
+    assert names == ["teacher", "converted at init", "after stage1", "after stage2"]
+    assert report["perplexity"][0]["vs_teacher"] == 1.0 and report["eval_text"][0].endswith("hamlet.md")
+    assert report["scored_predictions"] == 8 * (256 - 1 - 16)
+    state = {row["context"]: row for row in report["state"]}
+    assert set(state[4096]["teacher"]) == {"kv"} and state[4096]["ratio"] < state[1024]["ratio"] < 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--plan", "K*5"], "gives 5 layers, the teacher has 3"),
+    (["--plan", "KKK", "--stage1-tokens", "100"], "budget of 100 tokens is less than one batch"),
+    (["--plan", "KKK", "--set", "stage1.seq_len=16"], "within the student's window of 16 tokens"),
+    (["--plan", "KKK", "--set", "gla.expand_k=1"], "options given for mixers the plan does not use"),
+    (["--plan", "KKK", "--set", "stage1.lrr=1"], "stage1.lrr"),
+])
+def test_convert_errors_are_one_line_exit_2(teacher_folder, corpus, tmp_path, capsys, extra, message):
+    args = ["convert", str(teacher_folder), str(tmp_path / "out"), "--set", "kvm.chunk_len=8", "--data", str(corpus),
+            "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--no-progress", "--stage2-tokens", "0", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hybrid convert: error:") and message in err, err
+
+
+def test_missing_teacher_and_foreign_output_folders_are_refused(teacher_folder, tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "nope.gguf"), str(tmp_path / "out"), "--plan", "K*3", "--no-progress"]) == 2
+    assert "nope.gguf does not exist" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    assert main(["convert", str(teacher_folder), str(tmp_path / "busy"), "--plan", "K*3", "--no-progress"]) == 2
+    assert "is not a conversion folder" in capsys.readouterr().err
+
+
+def test_set_options_split_into_mixers_and_stages():
+    mixers, stages = parse_set_options(["kvm.chunk_len=64", "stage2.lr=3e-5", "stage1.data=[a.txt, b/]"])
+    assert mixers == {"kvm": {"chunk_len": 64}}
+    assert stages == {"stage2": {"lr": 3e-5}, "stage1": {"data": ["a.txt", "b/"]}}
+    with pytest.raises(TeacherError, match="expected MIXER.OPTION=VALUE"):
+        parse_set_options(["chunk_len=64"])

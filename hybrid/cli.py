@@ -7,6 +7,7 @@ errors (bad recipes, checkpoints, states) into one clear line on stderr and exit
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -188,6 +189,125 @@ def _recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _output_dir(root: str, name: str) -> Path:
+    """``root/<name as a folder name>``: where bench and eval write when no --out is given."""
+    return Path(root) / re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip("/")).strip("_.")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from hybrid.bench import (
+        BenchSettings,
+        header,
+        parse_options,
+        run_bench,
+        single_mixer_config,
+        subjects_for,
+        summary,
+        write_outputs,
+    )
+    from hybrid.model import HybridLM
+    from hybrid.run import DTYPES, open_model
+
+    if (args.mixer is None) == (not args.models):
+        raise UsageError("name the models to measure (recipes, checkpoint folders, training runs) or one mixer "
+                         "with --mixer NAME, not both")
+    if args.set and args.mixer is None:
+        raise UsageError("--set gives options of the --mixer being measured; for a model, edit its recipe")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    named = []
+    if args.mixer is not None:
+        config = single_mixer_config(args.mixer, parse_options(args.set), args.d_model)
+        torch.manual_seed(args.seed)
+        model = HybridLM(config).eval().to(device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
+        named.append((" ".join([args.mixer, *args.set]), model))
+    else:
+        for source in args.models:
+            _, model, _ = open_model(source, args.device, args.dtype, args.seed, sys.stderr)
+            named.append((source, model))
+    settings = BenchSettings(tuple(args.contexts), args.repeats, args.steps, args.max_prefill, args.prefill_chunk,
+                             args.seed)
+    print(header(settings, named[0][1].device), flush=True)
+    rows = run_bench(subjects_for(named, with_baseline=not args.no_baseline), settings,
+                     log=lambda line: print(line, flush=True))
+    print("\n" + summary(rows))
+    write_outputs(rows, args.out or _output_dir("bench_out", named[0][0]), ", ".join(n for n, _ in named), sys.stdout)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from hybrid.run import open_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, model, tokenizer = open_model(args.model, args.device, args.dtype, args.seed, sys.stderr)
+    out = Path(args.out) if args.out else _output_dir("eval_out", args.model)
+    with torch.inference_mode():
+        if args.tasks:
+            return _eval_lm_eval(args, model, tokenizer, out)
+        if args.niah:
+            return _eval_niah(args, model, tokenizer, out)
+        return _eval_text(args, model, tokenizer, out)
+
+
+def _eval_text(args, model, tokenizer, out: Path) -> int:
+    import json
+
+    from hybrid.evaluate import load_texts, score_documents, write_loss_by_position
+
+    texts = load_texts(args.text)
+    result = score_documents(model, tokenizer, texts, args.max_len, args.chunk, args.bucket)
+    source = "the built-in corpus's held-out tail" if not args.text else ", ".join(args.text)
+    print(f"{source}: perplexity {result.perplexity:.4f} (loss {result.loss:.4f} nats/token over {result.count} "
+          f"predictions in {result.windows} windows of up to {args.max_len + 1} tokens)")
+    print(f"{'positions':>15} {'predictions':>11} {'loss':>8}")
+    for start, end, n, loss in result.by_position():
+        print(f"{start:>7}-{end:<7} {n:>11} {loss:>8.4f}")
+    csv_path, png_path = write_loss_by_position(result, out, f"{args.model}: loss by position")
+    summary = {"model": args.model, "text": args.text or "builtin held-out tail", "max_len": args.max_len,
+               "predictions": result.count, "windows": result.windows, "loss": result.loss,
+               "perplexity": result.perplexity}
+    (out / "perplexity.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {out / 'perplexity.json'}, {csv_path} and {png_path}")
+    return 0
+
+
+def _eval_niah(args, model, tokenizer, out: Path) -> int:
+    from hybrid.evaluate import niah_table, run_niah, write_niah
+
+    try:
+        results = run_niah(model, tokenizer, args.styles, args.contexts, args.depths, args.samples, args.seed,
+                           args.chunk, log=lambda line: print(line, flush=True))
+    except ValueError as err:  # a context too short for the prompt template, a depth outside [0, 1]
+        raise UsageError(str(err)) from None
+    table = niah_table(results)
+    print(f"\n{'style':>8} " + "".join(f"{c:>8}" for c in args.contexts) + "   (accuracy %)")
+    for style in args.styles:
+        print(f"{style:>8} " + "".join(f"{100 * table[style, c]:>8.1f}" for c in args.contexts))
+    csv_path, png_path = write_niah(results, out, f"{args.model}: needle in a haystack")
+    print(f"wrote {csv_path} and {png_path}")
+    return 0
+
+
+def _eval_lm_eval(args, model, tokenizer, out: Path) -> int:
+    import json
+
+    try:
+        from hybrid.lm_eval_adapter import HybridEvalLM, run_lm_eval
+    except ImportError as err:
+        raise UsageError(f"--tasks needs lm-evaluation-harness: pip install 'kvm-hybrid[eval]' ({err})") from None
+    output = run_lm_eval(HybridEvalLM(model=model, tokenizer=tokenizer, prefill_chunk=args.chunk), args.tasks,
+                         args.include_path, args.limit, args.num_fewshot)
+    for task, metrics in output["results"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float))
+                          and not isinstance(v, bool) and k != "sample_len")
+        print(f"{task}: {shown}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lm_eval.json").write_text(json.dumps(output["results"], indent=1, default=float) + "\n")
+    print(f"wrote {out / 'lm_eval.json'}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,6 +447,70 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--piece", type=_positive_int, default=2048, help="tokens per call; each call continues the state")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+
+    bench = commands.add_parser("bench", help="prefill, decode and state bytes vs context, against full attention",
+                                description="Measure prefill time, decode time per token at position T and state "
+                                            "bytes by kind over context lengths, for models or one mixer, with the "
+                                            "full-attention model of the same size (every mixer replaced by "
+                                            "attention with the same heads) measured in the same run. Writes "
+                                            "bench.csv and bench.png. See hybrid/bench.py for the method.")
+    bench.add_argument("models", nargs="*", help="recipes, checkpoint folders or training runs")
+    bench.add_argument("--mixer", help="measure one mixer (a one-layer model around it) instead of models")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="an option of --mixer, read as YAML (repeatable), e.g. --set budget=power_law")
+    bench.add_argument("--d-model", type=_positive_int, default=768, help="model width for --mixer (default 768)")
+    bench.add_argument("--contexts", type=_token_count, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768],
+                       help="context lengths T (default 1k 2k 4k 8k 16k 32k)")
+    bench.add_argument("--repeats", type=_positive_int, default=3, help="runs per measurement (median, min, max)")
+    bench.add_argument("--steps", type=_positive_int, default=256,
+                       help="decode steps averaged per run (default 256: a whole paper-sized KVM chunk)")
+    bench.add_argument("--max-prefill", type=lambda t: 0 if t == "0" else _token_count(t), default=None,
+                       metavar="T", help="measure prefill only up to this context (0: never; default: always)")
+    bench.add_argument("--prefill-chunk", type=_token_count, default=None,
+                       help="prefill tokens per forward (default: the whole context in one forward)")
+    bench.add_argument("--no-baseline", action="store_true", help="do not measure the full-attention baseline")
+    bench.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--out", help="output folder (default bench_out/<first model>)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    bench.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                       help="weights and compute dtype (default: as saved)")
+    bench.set_defaults(run=_bench)
+
+    evl = commands.add_parser("eval", help="perplexity and loss by position, needle in a haystack, lm-eval tasks",
+                              description="Evaluate a checkpoint. Default: perplexity and loss by position on text "
+                                          "(--text; default the built-in corpus's held-out tail), writing "
+                                          "loss_by_position.csv/.png. --niah: needle-in-a-haystack retrieval "
+                                          "(RULER single-needle styles, generated offline). --tasks: "
+                                          "lm-evaluation-harness tasks (the 'eval' extra). See hybrid/evaluate.py.")
+    evl.add_argument("model", help="checkpoint folder, training run folder, or a recipe (random weights)")
+    mode = evl.add_mutually_exclusive_group()
+    mode.add_argument("--niah", action="store_true", help="needle-in-a-haystack retrieval instead of perplexity")
+    mode.add_argument("--tasks", nargs="+", metavar="TASK", help="lm-eval tasks instead of perplexity")
+    evl.add_argument("--text", nargs="+", metavar="FILE", help="text/JSONL files or folders to score")
+    evl.add_argument("--max-len", type=_token_count, default=32768,
+                     help="tokens a window predicts; longer documents are cut into windows (default 32k)")
+    evl.add_argument("--bucket", type=_positive_int, default=1024,
+                     help="positions per loss-by-position bucket (default 1024; small ones for tiny models)")
+    evl.add_argument("--chunk", type=_token_count, default=1024, help="tokens per forward (default 1024)")
+    evl.add_argument("--styles", nargs="+", choices=["passkey", "word", "uuid"], default=["passkey", "word", "uuid"],
+                     help="NIAH styles (RULER S1, S2, S3; default all)")
+    evl.add_argument("--contexts", type=_token_count, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768],
+                     help="NIAH prompt lengths (default 1k 2k 4k 8k 16k 32k)")
+    evl.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                     help="NIAH needle depths in the haystack, 0..1 (default 0 0.25 0.5 0.75 1)")
+    evl.add_argument("--samples", type=_positive_int, default=1, help="NIAH prompts per style, context and depth")
+    evl.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (e.g. a local task)")
+    evl.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or a fraction)")
+    evl.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    evl.add_argument("--seed", type=int, default=0, help="NIAH generator seed (and init seed for a recipe)")
+    evl.add_argument("--threads", type=_positive_int, default=None,
+                     help="torch threads (default: torch's; 1 is steadiest on a shared machine)")
+    evl.add_argument("--out", help="output folder (default eval_out/<model>)")
+    evl.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    evl.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                     help="weights and compute dtype (default: as saved)")
+    evl.set_defaults(run=_eval)
     return parser
 
 

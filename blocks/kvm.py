@@ -357,22 +357,25 @@ class _KVMCore:
         for buf, new in zip(room, (k_g, v_g, counts)):
             if new is not None:
                 buf.view(-1, buf.shape[-1]).index_add_(0, _flat_rows(buf, target), new.reshape(-1, buf.shape[-1]))
-        self._refresh(slots, torch.cat([target, torch.arange(num, num + n_append, device=target.device)
-                                        .expand(*target.shape[:2], -1)], 2))
-        return slots
+        return self._refresh(slots, torch.cat([target, torch.arange(num, num + n_append, device=target.device)
+                                               .expand(*target.shape[:2], -1)], 2))
 
-    def _refresh(self, slots: _Slots, touched: Tensor) -> None:
+    def _refresh(self, slots: _Slots, touched: Tensor) -> _Slots:
         """Recompute the room's read view where an update touched the slots (B, Hkv, M), repeats
         allowed; the whole view when that is most of it (gathering rows costs more than it saves)."""
         room, num = slots.room, slots.keys.shape[2]
         if 2 * touched.shape[2] >= num:
-            room.read_keys[:, :, :num], room.read_values[:, :, :num] = self._read(*slots[:3], room.read_values.dtype)
-            return
+            read_keys, read_values = self._read(*slots[:3], room.read_values.dtype)
+            if num == room.keys.shape[2]:  # the view spans the whole room: keep the new tensors as they are
+                return slots._replace(room=room._replace(read_keys=read_keys, read_values=read_values))
+            room.read_keys[:, :, :num], room.read_values[:, :, :num] = read_keys, read_values
+            return slots
         flat = _flat_rows(room.keys, touched)  # (B*Hkv*M,)
         rows = lambda buf: buf.view(-1, buf.shape[-1]).index_select(0, flat)  # noqa: E731
         for view, new in zip((room.read_keys, room.read_values),
                              self._read(rows(room.keys), rows(room.values), rows(room.lens), room.read_values.dtype)):
             view.view(-1, view.shape[-1]).index_copy_(0, flat, new)
+        return slots
 
     def _appended(self, slots: _Slots, keys: Tensor, values: Tensor, lens: Tensor) -> _Slots:
         """The slots followed by new ones (B, Hkv, M, *); written into the room if there is one."""

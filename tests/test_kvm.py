@@ -358,3 +358,17 @@ def test_max_last_equals_torch_max_including_ties(s):
     best, index = _max_last(x)
     expected = x.max(-1)
     assert torch.equal(best, expected.values) and torch.equal(index, expected.indices)
+
+
+def test_routing_scores_over_fewer_dims_equal_the_plain_product():
+    """Routing scores the zeroed rotary dims of prepared keys as two numbers per slot (LayerNorm)."""
+    torch.manual_seed(4)
+    norm = torch.nn.LayerNorm(16)
+    with torch.no_grad():
+        norm.weight.add_(0.5 * torch.randn(16)), norm.bias.add_(0.5 * torch.randn(16))
+        norm.weight[2] = 0
+    core = _KVMCore(KVMConfig(num_heads=2, chunk_len=C, rope_partial_dim=6), norm, 6, None, None, 1.0)
+    k_u = core.prepare_keys(torch.randn(2, 2, C, 16))
+    normed = norm(torch.randn(2, 2, 3 * C, 16))
+    with torch.no_grad():
+        assert_close(core._routing_scores(k_u, normed), k_u @ normed.transpose(-1, -2), 1e-6)

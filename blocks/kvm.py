@@ -339,7 +339,7 @@ class _KVMCore:
             k_app, v_app = _gather_rows(k_app, append_idx), _gather_rows(v_app, append_idx)
             slots = self._appended(slots, k_app, v_app, self._lens_of(v_app))
             with torch.no_grad():  # merges route against the post-append slots: scores for the new ones
-                new_columns = k_u.detach().float() @ self.norm(k_app).detach().float().transpose(-1, -2)
+                new_columns = self._routing_scores(k_u, self.norm(k_app))  # (B, Hkv, C, n_append)
         with torch.no_grad():  # winner-take-all over old slots (sinks excluded) then the appended ones
             scores[..., : cfg.sink_len] = -torch.inf
             best, target = _max_last(scores)  # (B, Hkv, C)

@@ -22,6 +22,8 @@ Without autograd (no_grad / inference_mode) on CPU, whole chunks read their wind
 separately and merge the two partial softmaxes by log-sum-exp: the windows of all of them in one
 flash-attention call over overlapping views of the keys (no tiles are copied), the state chunk by
 chunk right after that chunk's update. With autograd, each chunk is one softmax over [state ; window].
+Without autograd the slots also live in buffers sized for the call's final slot count, so updates
+write in place and only the touched slots' read view is recomputed.
 
 Differences from the published v1 code (kvm.md §6), each deliberate:
 

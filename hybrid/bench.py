@@ -15,7 +15,9 @@ What is measured, at each context length T:
   of T tokens would cost more than the measurement itself for full attention on a CPU (and would
   have to be repeated for every repeat, as decoding grows the state). The mean over ``steps``
   tokens includes the chunk-boundary state updates a KVM layer makes every ``chunk_len`` tokens,
-  amortised as in a long generation (the default, 256, is one paper-sized chunk).
+  amortised as in a long generation (the default, 256, is one paper-sized chunk). These are the
+  toolkit's own layers as ``hybrid generate`` runs them: full attention appends to its KV cache by
+  concatenation every step (``benchmarks/bench_kvm.py`` times a preallocated cache at operator level).
 * **state bytes** by kind (recurrent, kvm, window, kv) after T tokens, from ``state_at`` (exact).
 
 Every timing is repeated ``repeats`` times and reported as median, min and max (spread = max -

@@ -297,6 +297,7 @@ def _local_tasks(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # importing lm_eval and datasets takes most of its ~9 s
 def test_lm_eval_adapter_matches_the_model_on_a_local_task(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # set before datasets is imported: it reads them then
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -67,6 +67,7 @@ from hybrid import data as datalib
 from hybrid.checkpoint import load_checkpoint, save_checkpoint
 from hybrid.model import HybridLM
 from hybrid.recipe import Recipe, build_dataclass
+from hybrid.tokenizer import Tokenizer, load_tokenizer
 from hybrid.train import (
     TRAINER_JSON,
     Objective,
@@ -230,11 +231,7 @@ def run_stage(stage: str, recipe: Recipe, teacher: HybridLM, converted: Sequence
     Refuses to continue a stage whose checkpoints started from other weights than ``init_from`` (an
     earlier stage was extended since), and a ``seq_len`` that does not reach past the student's
     window, inside which a converted KVM/BSWA student already equals the teacher."""
-    window = window_len(recipe.model)
-    if stage != "stage3" and window and config.seq_len <= window and all(
-            hasattr(recipe.model.layers[i].options, "n_bswa_chunks") for i in converted):
-        raise TeacherError(f"{stage}.seq_len {config.seq_len} is within the student's window of {window} tokens, "
-                           "where it already equals the teacher: nothing to learn; use a longer seq_len")
+    check_reaches_past_window(stage, recipe, converted, config)
     newest = latest_checkpoint(Path(config.out_dir))
     if newest is not None:
         started_from = json.loads((newest / TRAINER_JSON).read_text())["config"].get("init_from")
@@ -246,6 +243,16 @@ def run_stage(stage: str, recipe: Recipe, teacher: HybridLM, converted: Sequence
     teacher.to(device)
     return train(recipe, config, resume=True, progress=progress,
                  objective=stage_objective(stage, teacher, converted, temperature))
+
+
+def check_reaches_past_window(stage: str, recipe: Recipe, converted: Sequence[int], config: TrainConfig) -> None:
+    """Refuse a stage 1/2 ``seq_len`` within the window of a student whose converted layers are all
+    KVM/BSWA: there the student equals the teacher, so the losses are zero."""
+    window = window_len(recipe.model)
+    if stage != "stage3" and window and config.seq_len <= window and all(
+            hasattr(recipe.model.layers[i].options, "n_bswa_chunks") for i in converted):
+        raise TeacherError(f"{stage}.seq_len {config.seq_len} is within the student's window of {window} tokens, "
+                           "where it already equals the teacher: nothing to learn; use a longer seq_len")
 
 
 def _device(name: str) -> torch.device:
@@ -279,7 +286,7 @@ def check_disjoint(sources: Sequence[str], held_out: Sequence[Path]) -> None:
 
 
 @torch.no_grad()
-def sample_teacher_text(teacher: Teacher, prompt_tokens, n_tokens: int, path: Path, seed: int = 0,
+def sample_teacher_text(teacher: HybridLM, tokenizer: Tokenizer, prompt_tokens, n_tokens: int, path: Path, seed: int = 0,
                         sample_len: int = 256, prompt_len: int = 16, batch_size: int = 8,
                         progress: bool = True) -> Path:
     """Write about ``n_tokens`` tokens of text sampled from the teacher to ``path`` (JSONL, one
@@ -294,9 +301,6 @@ def sample_teacher_text(teacher: Teacher, prompt_tokens, n_tokens: int, path: Pa
 
     if path.is_file():
         return path
-    tokenizer = teacher.tokenizer
-    if tokenizer is None:
-        raise TeacherError(f"{teacher.source} has no tokenizer: cannot write sampled text (drop --teacher-samples)")
     tokens = torch.from_numpy(np.asarray(prompt_tokens).astype(np.int64))
     if len(tokens) <= prompt_len:
         raise TeacherError(f"the data has {len(tokens)} tokens, too few for {prompt_len}-token sampling prompts")
@@ -311,7 +315,7 @@ def sample_teacher_text(teacher: Teacher, prompt_tokens, n_tokens: int, path: Pa
             prompts = [tokens[s:s + prompt_len].tolist() for s in starts[b:b + batch_size]]
             config = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=sample_len, stop_tokens=stop,
                                     seed=seed + b)
-            result = generate(teacher.model, prompts, config)
+            result = generate(teacher, prompts, config)
             for prompt, new in zip(prompts, result.tokens):
                 lines.append(json.dumps({"text": tokenizer.decode(prompt + [t for t in new if t not in stop])}))
             bar.update(len(prompts) * sample_len)
@@ -392,17 +396,22 @@ def run_conversion(settings: ConversionSettings, progress: bool = True) -> Conve
     held_out = held_out_files()
     sources = list(settings.data) if settings.data is not None else default_sources()
     check_disjoint(sources, held_out)
-    tokenizer_recipe = plan.student
+    tokenizer = _tokenizer(teacher, plan.student)
     common = {"out_dir": None, "seed": settings.seed, "threads": settings.threads, "device": settings.device,
-              "cache_dir": settings.cache_dir}
+              "cache_dir": settings.cache_dir, "data": list(sources)}
+    for stage in STAGES:  # every stage's settings checked before any work
+        if settings.budgets.get(stage, 0):
+            config = stage_config(stage, settings.budgets[stage], {**common, "out_dir": str(stages_dir / stage)},
+                                  settings.stage_overrides.get(stage))
+            check_reaches_past_window(stage, plan.student, plan.converted, config)
     if settings.teacher_sample_tokens:
         from hybrid.train import _default_cache_dir
 
         cache = Path(settings.cache_dir) if settings.cache_dir else _default_cache_dir()
-        prompt_tokens = datalib.build_token_cache(sources, teacher.tokenizer, cache, progress=progress)
+        prompt_tokens = datalib.build_token_cache(sources, tokenizer, cache, progress=progress)
         samples = stages_dir / f"teacher_samples_{settings.teacher_sample_tokens}_seed{settings.seed}.jsonl"
-        sources.append(str(sample_teacher_text(teacher, prompt_tokens, settings.teacher_sample_tokens, samples,
-                                               settings.seed, progress=progress)))
+        sources.append(str(sample_teacher_text(teacher.model, tokenizer, prompt_tokens, settings.teacher_sample_tokens,
+                                               samples, settings.seed, progress=progress)))
     common["data"] = sources
 
     stages_dir.mkdir(parents=True, exist_ok=True)
@@ -414,7 +423,7 @@ def run_conversion(settings: ConversionSettings, progress: bool = True) -> Conve
 
     init_dir = stages_dir / "init"
     if not (init_dir / "model.safetensors").is_file():
-        save_checkpoint(init_dir, tokenizer_recipe, student, _tokenizer(teacher, tokenizer_recipe))
+        save_checkpoint(init_dir, plan.student, student, tokenizer)
     del student
     previous, summaries = str(init_dir), {}
     for stage in STAGES:
@@ -440,9 +449,8 @@ def run_conversion(settings: ConversionSettings, progress: bool = True) -> Conve
     return ConversionResult(out, summaries, True)
 
 
-def _tokenizer(teacher: Teacher, recipe: Recipe):
-    from hybrid.tokenizer import load_tokenizer
-
+def _tokenizer(teacher: Teacher, recipe: Recipe) -> Tokenizer:
+    """The teacher's tokenizer, or the one its recipe names (bytes, for a folder without tokenizer.json)."""
     return teacher.tokenizer if teacher.tokenizer is not None else load_tokenizer(recipe.tokenizer)
 
 

@@ -126,7 +126,7 @@ def test_hybrid_convert_end_to_end_then_generate_train_and_report(teacher_folder
             "--set", "stage1.seq_len=48", "--set", "stage1.batch_size=4", "--set", "stage2.seq_len=48",
             "--set", "stage2.batch_size=4", "--set", "stage2.lr=1e-3", "--stage1-tokens", "768",
             "--stage2-tokens", "768", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
-            "--threads", "1", "--device", "cpu", "--no-progress"]
+            "--teacher-samples", "512", "--threads", "1", "--device", "cpu", "--no-progress"]
     assert main(args) == 0
     assert "wrote" in capsys.readouterr().out
     recipe, model, _ = load_checkpoint(out)
@@ -136,6 +136,10 @@ def test_hybrid_convert_end_to_end_then_generate_train_and_report(teacher_folder
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), stage2.state_dict().values()))
     record = json.loads((out / "stages" / "conversion.json").read_text())
     assert record["converted"] == [1, 2] and record["window"] == 16
+    samples = out / "stages" / "teacher_samples_512_seed0.jsonl"  # 2 samples of 256 tokens after 16-token prompts
+    assert record["data"] == [str(corpus), str(samples)]
+    texts = [json.loads(line)["text"] for line in samples.read_text().splitlines()]
+    assert len(texts) == 2 and all(t[:16] in corpus.read_text() and len(t) > 100 for t in texts)
 
     assert main(args) == 0  # a finished conversion is not trained again
     assert "already trained to the last step" in capsys.readouterr().out
@@ -166,6 +170,7 @@ def test_hybrid_convert_end_to_end_then_generate_train_and_report(teacher_folder
 @pytest.mark.parametrize("extra, message", [
     (["--plan", "K*5"], "gives 5 layers, the teacher has 3"),
     (["--plan", "KKK", "--stage1-tokens", "100"], "budget of 100 tokens is less than one batch"),
+    (["--plan", "KKK", "--stage2-tokens", "64"], "the stage2 budget of 64 tokens"),
     (["--plan", "KKK", "--set", "stage1.seq_len=16"], "within the student's window of 16 tokens"),
     (["--plan", "KKK", "--set", "gla.expand_k=1"], "options given for mixers the plan does not use"),
     (["--plan", "KKK", "--set", "stage1.lrr=1"], "stage1.lrr"),
@@ -176,6 +181,7 @@ def test_convert_errors_are_one_line_exit_2(teacher_folder, corpus, tmp_path, ca
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("hybrid convert: error:") and message in err, err
+    assert not (tmp_path / "out" / "stages" / "stage1").exists()  # every stage is checked before any training
 
 
 def test_missing_teacher_and_foreign_output_folders_are_refused(teacher_folder, tmp_path, capsys):

@@ -272,7 +272,9 @@ def accumulate_gradients(model: HybridLM, inputs: Tensor, targets: Tensor, grad_
     """Forward and backward over ``inputs``/``targets`` (B, T) in ``grad_accum`` equal micro-batches.
 
     The gradients added to ``.grad`` are those of the whole batch's mean next-token loss, which is
-    returned. ``autocast``: run the forward under autocast to this dtype (the loss is taken in fp32).
+    returned; targets of -100 take no loss (``cross_entropy``'s ``ignore_index``: the mean is then over
+    each micro-batch's scored targets). ``autocast``: run the forward under autocast to this dtype
+    (the loss is taken in fp32).
     """
     device = inputs.device.type
     total = torch.zeros((), device=inputs.device)
@@ -362,10 +364,14 @@ class TrainSummary:
 
 
 def train(recipe: Recipe, config: TrainConfig, resume: bool = True, progress: bool = True,
-          objective: Objective | None = None) -> TrainSummary:
+          batches=None, objective: Objective | None = None) -> TrainSummary:
     """Train the recipe's model as ``config`` says, writing checkpoints, metrics and the loss plot to
     ``config.out_dir``. ``resume``: continue from the newest checkpoint there (False refuses to touch
     an out_dir that has checkpoints). ``progress``: a progress bar and status lines on stderr.
+    ``batches``: train on these instead of ``config.data``'s text, for synthetic tasks
+    (``hybrid.recall.RecallBatches``): ``batches.batch(step)`` returns (inputs, targets) of shape
+    (batch_size, seq_len), a pure function of the step so that a resumed run continues the stream;
+    a target of -100 takes no loss. Validation reads held-out text, so it needs ``val_every: 0``.
 
     ``objective``: what to minimise and which parameters to train, instead of every parameter's
     next-token loss (``Objective``).
@@ -390,8 +396,12 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = True, progress: bo
     source = Path(recipe.source)
     tokenizer = load_tokenizer(recipe.tokenizer, source.parent if source.is_file() else None,
                                vocab_size=recipe.model.vocab_size)
-    train_tokens, val_tokens = _prepare_data(config, tokenizer, progress)
-    batches = datalib.PackedBatches(train_tokens, config.seq_len, config.batch_size, config.seed)
+    if batches is None:
+        train_tokens, val_tokens = _prepare_data(config, tokenizer, progress)
+        batches = datalib.PackedBatches(train_tokens, config.seq_len, config.batch_size, config.seed)
+    elif config.val_every:
+        raise TrainError("train.val_every must be 0 when the batches come from a synthetic source: "
+                         "validation reads held-out text (evaluate the task yourself)")
 
     torch.manual_seed(config.seed)
     model = HybridLM(recipe.model)

@@ -102,6 +102,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from hybrid import distributed
     from hybrid.train import (
         TrainingDiverged,
         config_from_recipe,
@@ -123,7 +124,8 @@ def _train(args: argparse.Namespace) -> int:
         print("hybrid train: interrupted; run the same command again to resume from the newest checkpoint",
               file=sys.stderr)
         return 130
-    print(summary.describe())
+    if distributed.is_main():  # under torchrun every process returns the summary: one prints it
+        print(summary.describe())
     return 0
 
 
@@ -376,7 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(OUT/step_NNNNNN, loadable by generate), OUT/latest, OUT/metrics.jsonl "
                                           "and OUT/loss.png; run it again to continue from the newest checkpoint. "
                                           f"Exit code {DIVERGED_EXIT} when the loss becomes NaN/inf "
-                                          "(the last good checkpoint is kept).")
+                                          "(the last good checkpoint is kept). Started by torchrun "
+                                          "(torchrun --nproc_per_node=N -m hybrid.cli train ...), it trains "
+                                          "data-parallel (train.parallel: ddp or fsdp; batch_size is the global "
+                                          "batch).")
     trn.add_argument("recipe", help="recipe file, or a name under recipes/")
     trn.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
                      help="override a train: setting, the value read as YAML (repeatable), e.g. "

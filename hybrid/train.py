@@ -42,6 +42,15 @@ folder (``init_from``: fine-tuning, e.g. a model ``hybrid convert`` wrote); a re
 
 A non-finite loss or gradient norm stops the run before the weights are touched
 (``TrainingDiverged``, naming the step and the last good checkpoint, which is kept).
+
+Several processes: ``torchrun --nproc_per_node=N -m hybrid.cli train RECIPE`` trains data-parallel
+(``hybrid.distributed``; ``parallel: ddp`` or ``fsdp``). ``batch_size`` stays the global batch: each
+process takes ``batch_size / N`` of its sequences (and splits them into ``grad_accum`` micro-batches),
+so the losses match a one-process run up to float rounding. Every process computes, but only the
+first (rank 0) prints, writes metrics and checkpoints; a checkpoint has the same files whatever the
+process count, so a run may resume with another count (same ``batch_size``). Validation is split
+across the processes. The output folder must be one that every process reads (one machine, or a
+shared filesystem).
 """
 
 from __future__ import annotations
@@ -70,6 +79,7 @@ from torch import Tensor, nn
 from blocks.config import ConfigError, require, require_choice
 from blocks.state import StateError
 from hybrid import data as datalib
+from hybrid import distributed
 from hybrid.checkpoint import CheckpointError, _fsync_folder, _swap_into_place, load_checkpoint, save_checkpoint
 from hybrid.model import HybridLM
 from hybrid.recipe import Recipe, RecipeError, build_dataclass, deep_merge, model_to_dict
@@ -78,6 +88,7 @@ from hybrid.tokenizer import Tokenizer, load_tokenizer
 
 SCHEDULES = ("cosine", "linear", "constant")
 AUTOCASTS = ("auto", "bf16", "off")
+PARALLEL = distributed.PARALLEL_MODES
 TRAINER_FORMAT = "kvm-hybrid-trainer"
 TRAINER_VERSION = 1
 TRAINER_TENSORS = "trainer.safetensors"
@@ -109,8 +120,8 @@ class TrainConfig:
     text_field: str = "text"  # JSONL key that holds the text
     cache_dir: str | None = None  # token cache; None: $XDG_CACHE_HOME/kvm-hybrid/tokens (keyed by content)
     seq_len: int = 256
-    batch_size: int = 16  # sequences per optimizer step
-    grad_accum: int = 1  # micro-batches per step (divides batch_size)
+    batch_size: int = 16  # sequences per optimizer step, over all processes
+    grad_accum: int = 1  # micro-batches per step and process (divides batch_size / processes)
     max_steps: int | None = None
     max_tokens: int | None = None  # training tokens; rounded up to whole steps
     lr: float = 1e-3  # peak learning rate
@@ -133,6 +144,8 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 (CUDA only) | off
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    parallel: str = "ddp"  # with several processes (torchrun): ddp (a full copy per process) | fsdp (weights,
+    # gradients and optimizer state sharded across them) | none (refuses several processes)
     threads: int | None = None  # torch CPU threads; None: torch's default. Bitwise resume needs the same count
     time_limit_s: float | None = None  # stop cleanly (with a checkpoint) after this many seconds
 
@@ -164,6 +177,7 @@ class TrainConfig:
         require(self.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None, "device",
                 f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         require_choice("autocast", self.autocast, AUTOCASTS)
+        require_choice("parallel", self.parallel, PARALLEL)
         require(self.time_limit_s is None or self.time_limit_s > 0, "time_limit_s",
                 f"must be > 0 or null, got {self.time_limit_s}")
 
@@ -274,15 +288,16 @@ def accumulate_gradients(model: HybridLM, inputs: Tensor, targets: Tensor, grad_
     The gradients added to ``.grad`` are those of the whole batch's mean next-token loss, which is
     returned; targets of -100 take no loss (``cross_entropy``'s ``ignore_index``: the mean is then over
     each micro-batch's scored targets). ``autocast``: run the forward under autocast to this dtype
-    (the loss is taken in fp32).
+    (the loss is taken in fp32). A DDP ``model`` all-reduces the gradients in the last micro-batch only.
     """
     device = inputs.device.type
     total = torch.zeros((), device=inputs.device)
-    for x, y in zip(inputs.chunk(grad_accum), targets.chunk(grad_accum)):
-        with torch.autocast(device, dtype=autocast) if autocast is not None else contextlib.nullcontext():
-            logits = model(x).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / grad_accum
-        loss.backward()
+    for i, (x, y) in enumerate(zip(inputs.chunk(grad_accum), targets.chunk(grad_accum))):
+        with distributed.gradient_sync(model, enabled=i == grad_accum - 1):
+            with torch.autocast(device, dtype=autocast) if autocast is not None else contextlib.nullcontext():
+                logits = model(x).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / grad_accum
+            loss.backward()
         total += loss.detach()
     return total.item()
 
@@ -304,17 +319,25 @@ class Objective:
 @torch.no_grad()
 def evaluate(model: HybridLM, tokens, config: TrainConfig, device: torch.device,
              autocast: torch.dtype | None = None) -> float:
-    """Mean next-token loss over the first ``val_batches`` batches of held-out ``tokens`` (in order)."""
+    """Mean next-token loss over the first ``val_batches`` batches of held-out ``tokens`` (in order).
+
+    Several processes share the batches (batch ``i`` in process ``i % world_size``) and add up their
+    sums. Under FSDP every forward is a collective, so a process that has run out of batches runs a
+    last one again, uncounted, until all have done as many forwards."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    batches = datalib.iterate_eval_batches(tokens, config.seq_len, config.batch_size)
-    for _, (x, y) in zip(range(config.val_batches), batches):
-        x, y = x.to(device), y.to(device)
+    rank, size = distributed.rank(), distributed.world_size()
+    batches = [b for _, b in zip(range(config.val_batches),
+                                 datalib.iterate_eval_batches(tokens, config.seq_len, config.batch_size))]
+    for i in range(rank, math.ceil(len(batches) / size) * size, size):
+        x, y = (t.to(device) for t in batches[min(i, len(batches) - 1)])
         with torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext():
             logits = model(x).logits
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-        count += y.numel()
+        if i < len(batches):
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            count += y.numel()
+    total, count = distributed.total([total, count])
     model.train(was_training)
     return total / count
 
@@ -379,17 +402,42 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = True, progress: bo
     Raises ``TrainError`` for settings or checkpoints that do not fit, ``TrainingDiverged`` for a
     NaN/inf loss; ``hybrid.data.DataError`` for unusable data. ``config.threads`` sets torch's
     CPU thread count for the process.
+
+    In a process that ``torchrun`` started, the call joins the launch's other processes
+    (``hybrid.distributed.process_group``) and trains data-parallel with them (``config.parallel``);
+    every process returns the same summary. Synthetic ``batches`` and an ``objective`` train in one
+    process only.
     """
+    try:
+        device = distributed.local_device(_device(config.device))
+        with distributed.process_group(device):
+            return _train(recipe, config, resume, progress, batches, objective, device)
+    except distributed.DistributedError as err:
+        raise TrainError(str(err)) from None
+
+
+def _train(recipe: Recipe, config: TrainConfig, resume: bool, progress: bool, batches,
+           objective: Objective | None, device: torch.device) -> TrainSummary:
+    """``train`` in this process, once it has joined the other processes of its launch (if any)."""
     started = time.monotonic()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    device = _device(config.device)
     autocast = _autocast_dtype(config.autocast, device)
     out_dir = Path(config.out_dir) if config.out_dir is not None else Path("runs") / Path(recipe.source).stem
+    main = distributed.is_main()
+    progress = progress and main  # one progress bar, one copy of each message
     say = _printer(progress)
+    ranks = distributed.world_size()
+    if ranks > 1 and (batches is not None or objective is not None):
+        raise TrainError("synthetic batches and training objectives (convert's stages) train in one process; "
+                         "start it without torchrun")
+    if config.batch_size % (ranks * config.grad_accum) != 0:
+        raise TrainError(f"train.batch_size {config.batch_size} (the global batch) must split evenly into "
+                         f"{ranks} processes x train.grad_accum {config.grad_accum} micro-batches")
 
-    _remove_leftovers(out_dir)
-    resume_from = latest_checkpoint(out_dir)
+    if main:
+        _remove_leftovers(out_dir)
+    resume_from = distributed.from_main(latest_checkpoint(out_dir))  # all processes resume the same folder
     if resume_from is not None and not resume:
         raise TrainError(f"{out_dir} already holds checkpoints (up to {resume_from.name}); resume them "
                          "(drop --no-resume) or train into another --out folder")
@@ -397,8 +445,10 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = True, progress: bo
     tokenizer = load_tokenizer(recipe.tokenizer, source.parent if source.is_file() else None,
                                vocab_size=recipe.model.vocab_size)
     if batches is None:
-        train_tokens, val_tokens = _prepare_data(config, tokenizer, progress)
-        batches = datalib.PackedBatches(train_tokens, config.seq_len, config.batch_size, config.seed)
+        with distributed.main_first():  # the main process tokenizes; the others open its cache file
+            train_tokens, val_tokens = _prepare_data(config, tokenizer, progress)
+        batches = datalib.PackedBatches(train_tokens, config.seq_len, config.batch_size // ranks, config.seed,
+                                        rank=distributed.rank(), world_size=ranks)
     elif config.val_every:
         raise TrainError("train.val_every must be 0 when the batches come from a synthetic source: "
                          "validation reads held-out text (evaluate the task yourself)")
@@ -421,16 +471,19 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = True, progress: bo
     step_loss = accumulate_gradients if objective is None else objective.loss
     if config.activation_checkpointing:
         enable_activation_checkpointing(model)
-    optimizer, names = build_optimizer(model, config)
+    model = distributed.wrap(model, config.parallel, device)
+    optimizer, names = build_optimizer(distributed.unwrap(model), config)
     step, window = 0, []
     if resume_from is not None:
         _load_optimizer(resume_from, optimizer, names, saved)
         _restore_rng(saved["tensors"], device)
         step, window = saved["info"]["step"], list(saved["info"]["loss_window"])
         say(f"resuming from {resume_from} (step {step})")
+    if ranks > 1:  # each process its own random stream from here on (see distributed.rank_seed)
+        torch.manual_seed(distributed.rank_seed(config.seed, step))
     start_step, total = step, config.total_steps
 
-    metrics = MetricsLog(out_dir / METRICS_FILE, keep_through=step)
+    metrics = MetricsLog(out_dir / METRICS_FILE, keep_through=step) if main else None
     summary = TrainSummary(out_dir, start_step, step, total, "already_done" if step >= total else "completed",
                            resume_from, None, None, 0.0, 0.0)
     if step >= total:
@@ -447,7 +500,10 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = True, progress: bo
                 group["lr"] = lr
             inputs, targets = (t.to(device, non_blocking=True) for t in batches.batch(step))
             loss = step_loss(model, inputs, targets, config.grad_accum, autocast)
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf).item()
+            # under FSDP the norm comes back as a replicated DTensor (the shards' norms combined)
+            grad_norm = distributed.full_tensor(
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)).item()
+            loss, grad_norm = distributed.mean([loss, grad_norm])  # every process logs and decides alike
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 last = latest_checkpoint(out_dir)
                 keep = (f"the last good checkpoint, {last}, is kept: resume from it with a lower train.lr, "
@@ -462,7 +518,8 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = True, progress: bo
             window_tokens += config.tokens_per_step
             bar.update(1)
 
-            timed_out = config.time_limit_s is not None and time.monotonic() - started >= config.time_limit_s
+            timed_out = (config.time_limit_s is not None and
+                         distributed.any_process(time.monotonic() - started >= config.time_limit_s))
             finished = step == total or timed_out
             record: dict[str, Any] = {}
             if step % config.log_every == 0 or finished:
@@ -474,25 +531,27 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = True, progress: bo
                 window, window_start, window_tokens, window_pause = [], now, 0, 0.0
             pause_start = time.monotonic()
             if config.val_every and (step % config.val_every == 0 or finished):
-                summary.val_loss = evaluate(model, val_tokens, config, device, autocast)
+                summary.val_loss = evaluate(distributed.unwrap(model), val_tokens, config, device, autocast)
                 record.update(val_loss=summary.val_loss, val_ppl=math.exp(min(summary.val_loss, 700)))
                 if progress:
                     bar.write(f"step {step}: val loss {summary.val_loss:.4f}, ppl {record['val_ppl']:.2f}",
                               file=sys.stderr)
-            if record:
+            if record and main:
                 metrics.write({"step": step, **record})
             if step % config.ckpt_every == 0 or finished:
                 summary.checkpoint = save_training_checkpoint(
                     out_dir, step, recipe, config, model, tokenizer, optimizer, names,
                     {"loss_window": list(window), "elapsed_s": time.monotonic() - train_start}, config.keep_last)
-                plot_metrics(metrics.path, out_dir / PLOT_FILE)
+                if main:
+                    plot_metrics(metrics.path, out_dir / PLOT_FILE)
+                distributed.barrier()  # the checkpoint is complete before any process goes on or ends
             window_pause += time.monotonic() - pause_start
             if timed_out and step < total:
                 summary.stopped = "time_limit"
                 break
     finally:
         bar.close()
-        if metrics.path.is_file():
+        if metrics is not None and metrics.path.is_file():
             plot_metrics(metrics.path, out_dir / PLOT_FILE)
     summary.step = step
     summary.elapsed_s = time.monotonic() - train_start
@@ -542,13 +601,20 @@ def save_training_checkpoint(out_dir: Path, step: int, recipe: Recipe, config: T
     """Write ``out_dir/step_NNNNNN`` atomically, point ``latest`` at it and delete all but the newest
     ``keep_last`` step folders. The folder is assembled under a hidden name (the model checkpoint,
     then the trainer files), flushed to disk and renamed into place, so a ``step_*`` folder is
-    always complete; a run killed midway leaves at most a hidden folder that the next save removes."""
+    always complete; a run killed midway leaves at most a hidden folder that the next save removes.
+
+    Every process of a data-parallel run calls it and only the main one writes. ``model`` may be
+    wrapped (``hybrid.distributed.wrap``); under FSDP the full weights and optimizer moments are
+    gathered from the shards first, so the files are those a one-process run writes."""
     folder = out_dir / f"step_{step:06d}"
+    whole = _whole_model(model)
+    tensors, structure = _optimizer_tensors(optimizer, names)
+    if not distributed.is_main():
+        return folder
     staging = out_dir / f".{folder.name}.partial"
     if staging.exists():
         shutil.rmtree(staging)
-    save_checkpoint(staging, dataclasses.replace(recipe, train=config.to_dict()), model, tokenizer)
-    tensors, structure = _optimizer_tensors(optimizer, names)
+    save_checkpoint(staging, dataclasses.replace(recipe, train=config.to_dict()), whole, tokenizer)
     tensors.update(_rng_tensors())
     atomic_save_safetensors(tensors, staging / TRAINER_TENSORS,
                             {"format": TRAINER_FORMAT, "format_version": str(TRAINER_VERSION)})
@@ -603,16 +669,33 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(json.dumps(datalib.tokenizer_identity(tokenizer), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _whole_model(model: nn.Module) -> HybridLM | None:
+    """The model with all of its weights in this process: itself, or DDP's inner module; under FSDP
+    (a collective) a copy assembled from the gathered shards in the main process, None elsewhere."""
+    if not distributed.is_sharded(model):
+        return distributed.unwrap(model)
+    state = distributed.full_state_dict(model)
+    if state is None:
+        return None
+    with torch.device("meta"):  # no memory, and no draw from the RNG, for weights about to be replaced
+        whole = HybridLM(model.config)
+    whole.load_state_dict(state, assign=True)
+    return whole
+
+
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, Tensor], dict]:
     """The optimizer's per-parameter state as named tensors (``optimizer.<param>.<key>``) plus the
-    JSON structure that says which keys each parameter has; no pickling anywhere."""
+    JSON structure that says which keys each parameter has; no pickling anywhere. FSDP's sharded
+    moments are gathered whole (every process takes part); only the main process keeps them."""
     tensors: dict[str, Tensor] = {}
     keys: dict[str, list[str]] = {}
     for index, entries in optimizer.state_dict()["state"].items():
         name = names[index]
         keys[name] = sorted(entries)
         for key, value in entries.items():
-            tensors[f"optimizer.{name}.{key}"] = value.detach().cpu().contiguous()
+            value = distributed.full_tensor(value)
+            if distributed.is_main():
+                tensors[f"optimizer.{name}.{key}"] = value.detach().cpu().contiguous()
     return tensors, {"type": type(optimizer).__name__, "param_names": names, "state_keys": keys}
 
 
@@ -730,12 +813,14 @@ def _load_initial_weights(folder: Path, recipe: Recipe, model: HybridLM) -> None
 
 
 def _load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, names: list[str], saved: dict) -> None:
-    """Put the saved moments back; the hyperparameters stay those of the current settings."""
+    """Put the saved moments back; the hyperparameters stay those of the current settings. Under FSDP
+    each process keeps its shard of each (whole) saved moment."""
     structure, tensors = saved["info"]["optimizer"], saved["tensors"]
     path = folder / TRAINER_TENSORS
     if structure.get("type") != type(optimizer).__name__ or structure.get("param_names") != names:
         raise TrainError(f"{folder / TRAINER_JSON}: the optimizer state is for other parameters than this "
                          f"model's {type(optimizer).__name__} (corrupt or edited?)")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state = {}
     for index, name in enumerate(names):
         entries = {}
@@ -744,7 +829,7 @@ def _load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, names: list[
             if tensor is None:
                 raise TrainError(f"{path} lacks optimizer.{name}.{key} (corrupt?). Delete {folder} to resume "
                                  "from the checkpoint before it")
-            entries[key] = tensor
+            entries[key] = distributed.shard_like(tensor, params[index])
         if entries:
             state[index] = entries
     current = optimizer.state_dict()
@@ -752,8 +837,7 @@ def _load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, names: list[
         optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
     except (ValueError, RuntimeError) as err:
         raise TrainError(f"{path}: the optimizer state does not fit this model ({err})") from None
-    shapes = [(n, tuple(state[i]["exp_avg"].shape), tuple(p.shape)) for i, (n, p) in
-              enumerate(zip(names, (p for g in optimizer.param_groups for p in g["params"])))
+    shapes = [(n, tuple(state[i]["exp_avg"].shape), tuple(p.shape)) for i, (n, p) in enumerate(zip(names, params))
               if i in state and "exp_avg" in state[i] and state[i]["exp_avg"].shape != p.shape]
     if shapes:
         name, got, want = shapes[0]

@@ -51,7 +51,7 @@ def load_error(tmp_path: Path, data: dict | str) -> str:
 
 def test_recipes_are_shipped():
     kinds = {p.relative_to(RECIPES_DIR).parts[0] for p in SHIPPED}
-    assert kinds == {"paper", "hybrids", "tiny"}
+    assert kinds == {"paper", "hybrids", "tiny", "recall"}
     assert len(list((RECIPES_DIR / "tiny").glob("*.yaml"))) >= 8
 
 

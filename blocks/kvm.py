@@ -161,6 +161,12 @@ def boundary_update(c: int, config: KVMConfig) -> tuple[int, int] | None:
     return c * config.chunk_len, (overflow_chunk + 1) * config.chunk_len
 
 
+def runs_update(n0: int, n1: int, config: KVMConfig) -> bool:
+    """Whether processing tokens [n0, n1) runs a state update (a decode step mostly does not)."""
+    first = max(-(-n0 // config.chunk_len), config.n_bswa_chunks + 1)  # updates run at chunks > Nb
+    return first * config.chunk_len < n1
+
+
 def slots_after(n_tokens: int, config: KVMConfig) -> int:
     """Number of state slots after processing ``n_tokens`` tokens (no tensors involved)."""
     slots = min(n_tokens, config.chunk_len)
@@ -413,12 +419,32 @@ class _KVMCore:
         q (B, Hq, Lq, d); slot_keys/slot_values (B, Hkv, S, d) from ``read_slots``; keys/values
         (B, Hkv, L, d) the raw window; mask (Lq, L) True where a query may see a window key.
         -> (B, Hq, Lq, dv)"""
+        if q.shape[2] <= SMALL_TILE:
+            return self._attend_small_tile(q, slot_keys, slot_values, keys, values, mask)
         groups = q.shape[1] // keys.shape[1]
         keys = torch.cat([_per_query_head(slot_keys, groups, self.state_temp),
                           _per_query_head(keys, groups, self.window_temp)], 2)  # (B, Hq, S + L, d)
         values = repeat_heads(torch.cat([slot_values, values], 2), groups)
         mask = torch.cat([mask.new_ones(mask.shape[0], slot_keys.shape[2]), mask], 1)  # (Lq, S + L)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+
+    def _attend_small_tile(self, q: Tensor, slot_keys: Tensor, slot_values: Tensor, keys: Tensor, values: Tensor,
+                           mask: Tensor) -> Tensor:
+        """``attend_tile`` for a few queries (decode): the temperatures scale the queries, not the S + L
+        keys, and the state and the window are read by products of their own, so no key or value is
+        copied; the logits (a few rows) are joined for one softmax in fp32."""
+        b, hq, lq, _ = q.shape
+        hkv, num = keys.shape[1], slot_keys.shape[2]
+        groups = hq // hkv
+
+        def logits(temp: Tensor | None, k: Tensor) -> Tensor:  # (B, Hkv, g*Lq, n): a kv head's g query heads as rows
+            q_t = q if temp is None else q * temp.to(q.dtype).view(1, -1, 1, 1)
+            return (q_t.reshape(b, hkv, groups * lq, -1) @ k.transpose(-1, -2)).float() * self.scale
+
+        window_logits = logits(self.window_temp, keys).masked_fill(~mask.repeat(groups, 1), -torch.inf)
+        weights = torch.cat([logits(self.state_temp, slot_keys), window_logits], -1).softmax(-1).to(values.dtype)
+        out = weights[..., :num] @ slot_values + weights[..., num:] @ values  # (B, Hkv, g*Lq, dv)
+        return out.view(b, hq, lq, -1)
 
     def attend_slots(self, q: Tensor, slot_keys: Tensor, slot_values: Tensor) -> tuple[Tensor, Tensor]:
         """The state part of a split read: q (B, Hq, Lq, d) against every slot (B, Hkv, S, d).
@@ -452,6 +478,7 @@ class _KVMCore:
         return out.view(b, hkv, n, groups, chunk, -1), lse.view(b, hkv, n, groups, chunk)
 
 
+SMALL_TILE = 16  # tiles of at most this many queries are read by ``_attend_small_tile``
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # -> (output, log-sum-exp); lse has no grad
 
 
@@ -508,7 +535,7 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
     if n0 < direct_end:
         fresh = core.new_slots(k[:, :, : direct_end - n0], v[:, :, : direct_end - n0], gate[:, :, : direct_end - n0])
         slots = _Slots(*(torch.cat([old, new], 2) for old, new in zip(slots[:3], fresh[:3])))
-    if not torch.is_grad_enabled():  # updates then write in place, never into the caller's state
+    if not torch.is_grad_enabled() and runs_update(n0, n1, cfg):  # updates write in place, never into the caller's state
         slots = core.with_room(slots, slots_after(n1, cfg), q.dtype)
 
     out = q.new_empty(b, hq, t, v.shape[-1])  # (B, Hq, T, dv), rows filled region by region
@@ -556,8 +583,6 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
         win_out, win_lse = core.attend_windows(q[:, :, whole_lo * chunk - n0:whole_hi * chunk - n0],
                                                buf_k[:, :, win_lo:whole_hi * chunk - start],
                                                buf_v[:, :, win_lo:whole_hi * chunk - start])
-    visible = (torch.arange(window, device=q.device)[None, :]
-               <= (nb - 1) * chunk + torch.arange(chunk, device=q.device)[:, None])  # (C, W)
     normed = None  # state_key_norm(slots.keys) while the slots are unchanged since it was computed
     for c in range(first_chunk, last_chunk + 1):
         update = boundary_update(c, cfg)
@@ -575,7 +600,9 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
             torch.lerp(o_w, o_s.view_as(o_w), weight, out=out[:, :, rows].view_as(o_w))
         else:
             win_lo = (c + 1 - nb) * chunk - start  # buffer index of the chunk's window start
-            mask = visible[q_lo - c * chunk:q_hi - c * chunk, : q_hi - start - win_lo]
+            # (q_hi - q_lo, keys): the query at chunk offset i sees window keys j <= (Nb - 1)*C + i
+            mask = (torch.arange(q_hi - start - win_lo, device=q.device)[None, :]
+                    <= (nb - 1) * chunk + torch.arange(q_lo - c * chunk, q_hi - c * chunk, device=q.device)[:, None])
             out[:, :, rows] = core.attend_tile(q[:, :, rows], normed, slot_values, buf_k[:, :, win_lo:q_hi - start],
                                                buf_v[:, :, win_lo:q_hi - start], mask)
     return slots

@@ -24,7 +24,8 @@ to the whole student, so that short runs move). Token budgets are per stage.
     OUT/                      the distilled student: a checkpoint folder (recipe.yaml, model.safetensors,
                               tokenizer.json) that ``hybrid generate OUT`` runs; its recipe's train:
                               section fine-tunes it (``hybrid train OUT/recipe.yaml --out runs/ft``)
-      stages/conversion.json  teacher, plan, data, held-out text, budgets (what the report rebuilds from)
+      stages/conversion.json  teacher, plan, data, held-out text, budgets (what the report rebuilds from),
+                              and the layer scores that chose the plan (``keep_attention``)
       stages/init/            the converted-at-init student (checkpoint)
       stages/stage1/          step_* checkpoints, latest, metrics.jsonl, loss.png of each stage
       stages/stage2/ ...
@@ -34,6 +35,10 @@ Running the same command again resumes: a finished stage is not trained again, a
 continues from its newest checkpoint, a larger budget extends the stage. A later stage that already
 started from an earlier stage's final weights refuses to continue once that earlier stage has been
 extended (delete its folder to redo it from the new weights).
+
+``keep_attention=N`` (``--keep-attention N``) makes ``plan`` the target and keeps as attention the
+N converted layers whose restoring alone lowers the KL to the teacher most (``convert.layer_scores``,
+``select_layers``); a resumed run reuses the recorded choice.
 
 Data: text/JSONL files and folders (``hybrid.data``), by default the built-in Shakespeare corpus
 without the held-out play (``HELD_OUT``, which the report scores), plus optional text sampled
@@ -62,7 +67,8 @@ from torch import Tensor
 from convert.errors import TeacherError
 from convert.evaluate import window_len
 from convert.init import convert_teacher
-from convert.teacher import Teacher
+from convert.plan import plan_student
+from convert.teacher import Teacher, load_teacher
 from hybrid import data as datalib
 from hybrid.checkpoint import load_checkpoint, save_checkpoint
 from hybrid.model import HybridLM
@@ -73,6 +79,7 @@ from hybrid.train import (
     Objective,
     TrainConfig,
     TrainSummary,
+    _default_cache_dir,
     latest_checkpoint,
     train,
 )
@@ -348,11 +355,12 @@ class ConversionSettings:
     device: str = "auto"
     cache_dir: str | None = None  # token cache (None: hybrid train's default)
     time_limit_s: float | None = None  # for all stages together; a stage stopped by it resumes on the next run
+    keep_attention: int | None = None  # plan is the target; keep its N best-scoring layers as attention (select_layers)
 
     def identity(self) -> dict:
         """What makes two runs the same conversion (a resumed run must match)."""
         return {"teacher": str(Path(self.teacher).resolve()), "teacher_layers": self.teacher_layers,
-                "plan": self.plan, "mixers": self.mixers}
+                "plan": self.plan, "keep_attention": self.keep_attention, "mixers": self.mixers}
 
 
 @dataclasses.dataclass
@@ -383,31 +391,40 @@ def run_conversion(settings: ConversionSettings, progress: bool = True) -> Conve
     if out.exists() and not record_path.is_file() and any(out.iterdir()):
         raise TeacherError(f"{out} exists and is not a conversion folder (no stages/{CONVERSION_FILE}): "
                            "choose a new output folder")
-    if record_path.is_file():
-        previous = json.loads(record_path.read_text())
-        changed = [f"{k}: {previous['identity'].get(k)!r} there, {v!r} now"
-                   for k, v in settings.identity().items() if previous["identity"].get(k) != v]
+    recorded = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if recorded:
+        changed = [f"{k}: {recorded['identity'].get(k)!r} there, {v!r} now"
+                   for k, v in settings.identity().items() if recorded["identity"].get(k) != v]
         if changed:
             raise TeacherError(f"{out} holds another conversion ({'; '.join(changed)}): choose a new output folder")
 
-    student, teacher, plan = convert_teacher(settings.teacher, settings.plan, settings.mixers,
-                                             n_layers=settings.teacher_layers)
-    say(f"{teacher.source}: {plan.summary()}")
+    teacher = load_teacher(settings.teacher, n_layers=settings.teacher_layers)
+    target = plan_student(teacher.recipe, settings.plan, settings.mixers)
     held_out = held_out_files()
     sources = list(settings.data) if settings.data is not None else default_sources()
     check_disjoint(sources, held_out)
-    tokenizer = _tokenizer(teacher, plan.student)
+    tokenizer = _tokenizer(teacher, teacher.recipe)
     common = {"out_dir": None, "seed": settings.seed, "threads": settings.threads, "device": settings.device,
               "cache_dir": settings.cache_dir, "data": list(sources)}
     for stage in STAGES:  # every stage's settings checked before any work
         if settings.budgets.get(stage, 0):
             config = stage_config(stage, settings.budgets[stage], {**common, "out_dir": str(stages_dir / stage)},
                                   settings.stage_overrides.get(stage))
-            check_reaches_past_window(stage, plan.student, plan.converted, config)
-    if settings.teacher_sample_tokens:
-        from hybrid.train import _default_cache_dir
+            check_reaches_past_window(stage, target.student, target.converted, config)
+    cache = Path(settings.cache_dir) if settings.cache_dir else _default_cache_dir()
+    selection = None
+    if settings.keep_attention is not None:
+        from convert.layer_scores import check_keep
 
-        cache = Path(settings.cache_dir) if settings.cache_dir else _default_cache_dir()
+        check_keep(settings.keep_attention, target)
+        selection = recorded.get("layer_selection") or select_layers(
+            settings, teacher, datalib.build_token_cache(sources, tokenizer, cache, progress=progress), progress)
+        say(f"kept layers {selection['kept']} as attention: restoring them alone lowered the KL to the teacher "
+            f"most (scores in stages/{CONVERSION_FILE})")
+    student, teacher, plan = convert_teacher(teacher, selection["plan"] if selection else settings.plan,
+                                             settings.mixers)
+    say(f"{teacher.source}: {plan.summary()}")
+    if settings.teacher_sample_tokens:
         prompt_tokens = datalib.build_token_cache(sources, tokenizer, cache, progress=progress)
         samples = stages_dir / f"teacher_samples_{settings.teacher_sample_tokens}_seed{settings.seed}.jsonl"
         sources.append(str(sample_teacher_text(teacher.model, tokenizer, prompt_tokens, settings.teacher_sample_tokens,
@@ -418,7 +435,7 @@ def run_conversion(settings: ConversionSettings, progress: bool = True) -> Conve
     record = {"identity": settings.identity(), "plan_summary": plan.summary(), "converted": list(plan.converted),
               "data": sources, "held_out": [str(p) for p in held_out], "budgets": settings.budgets,
               "stage_overrides": settings.stage_overrides, "temperature": settings.temperature,
-              "window": window_len(plan.student.model)}
+              "window": window_len(plan.student.model), "layer_selection": selection}
     record_path.write_text(json.dumps(record, indent=1) + "\n")
 
     init_dir = stages_dir / "init"
@@ -447,6 +464,21 @@ def run_conversion(settings: ConversionSettings, progress: bool = True) -> Conve
         "stage3", max(settings.budgets.get("stage3", 0), 1_000_000),
         {**common, "init_from": str(out.resolve())}, settings.stage_overrides.get("stage3")))
     return ConversionResult(out, summaries, True)
+
+
+def select_layers(settings: ConversionSettings, teacher: Teacher, data_tokens, progress: bool = True) -> dict:
+    """``keep_attention``: the record of the plan chosen by ``convert.layer_scores`` (the target plan
+    ``settings.plan`` with its best layers kept as attention), measured on the first
+    ``DEFAULT_SEQUENCES`` sequences of stage 2's length of the distillation data (``data_tokens``,
+    1-D ids), not on the held-out text, which the report scores."""
+    from convert.layer_scores import DEFAULT_SEQUENCES, as_sequences, layer_scores
+
+    seq_len = {**STAGE_DEFAULTS["stage2"], **settings.stage_overrides.get("stage2", {})}["seq_len"]
+    ids = as_sequences(np.asarray(data_tokens[:DEFAULT_SEQUENCES * seq_len]).astype(np.int64), seq_len,
+                       "the distillation data")
+    teacher.model.to(_device(settings.device))
+    scores = layer_scores(teacher, settings.plan, settings.mixers, ids, progress=progress)
+    return scores.to_dict(keep=settings.keep_attention)
 
 
 def _tokenizer(teacher: Teacher, recipe: Recipe) -> Tokenizer:

@@ -83,7 +83,8 @@ def build_report(out: str | Path, eval_files: Sequence[str | Path] | None = None
     teacher_state, student_state = state_bytes(teacher, contexts), state_bytes(init, contexts)
     states = [{"context": n, "teacher": teacher_state[n], "student": student_state[n],
                "ratio": sum(student_state[n].values()) / sum(teacher_state[n].values())} for n in contexts]
-    return {"teacher": identity["teacher"], "plan": record["plan_summary"], "window": window,
+    return {"teacher": identity["teacher"], "plan": record["plan_summary"],
+            "layer_selection": record.get("layer_selection"), "window": window,
             "eval_text": [str(f) for f in files], "eval_tokens": len(ids), "segment_len": segment_len,
             "scored_predictions": scored, "budgets": record["budgets"], "perplexity": rows, "state": states}
 
@@ -95,6 +96,7 @@ def format_report(report: dict) -> str:
              (f"Held-out text: {held_out} ({report['eval_tokens']} tokens in segments of {report['segment_len']}); "
               f"perplexity on the {report['scored_predictions']} predictions beyond the {report['window']}-token "
               "window."), "",
+             *_selection_lines(report.get("layer_selection")),
              "| model | tokens trained | perplexity beyond window | vs teacher |", "|---|---:|---:|---:|"]
     for row in report["perplexity"]:
         trained = "" if row["tokens_trained"] is None else f"{row['tokens_trained']:,}"
@@ -105,6 +107,17 @@ def format_report(report: dict) -> str:
         lines.append(f"| {row['context']:,} | {human_bytes(sum(row['teacher'].values()))} | "
                      f"{human_bytes(sum(row['student'].values()))} ({kinds}) | {row['ratio']:.1%} |")
     return "\n".join(lines) + "\n"
+
+
+def _selection_lines(selection: dict | None) -> list[str]:
+    """Why the plan kept its attention layers (``hybrid convert --keep-attention``), if it was chosen."""
+    if not selection:
+        return []
+    restored = {row["layer"]: row["kl_restored"] for row in selection["layers"]}
+    alone = ", ".join(f"layer {i} {restored[i]:.3f}" for i in selection["kept"])
+    return [f"Kept as attention: layers {selection['kept']}, the {selection['keep_attention']} of the target plan "
+            f"{selection['target']} whose restoring alone lowered the KL to the teacher most at init (beyond the "
+            f"window: fully converted {selection['kl_all']:.3f}; restored {alone or 'none'}).", ""]
 
 
 def write_report(out: str | Path, **options) -> tuple[dict, str]:

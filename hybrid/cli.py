@@ -37,6 +37,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    """A count that may be 0."""
+    return 0 if text == "0" else _positive_int(text)
+
+
 def _token_count(text: str) -> int:
     """'4096', '4k' (4096) or '1m' (1048576)."""
     scale = {"k": 1024, "m": 1024 ** 2}.get(text[-1:].lower(), 1)
@@ -142,7 +147,7 @@ def _convert(args: argparse.Namespace) -> int:
     settings = ConversionSettings(args.teacher, args.out, args.plan, mixers, budgets, stages,
                                   tuple(args.data) if args.data else None, args.teacher_samples, args.temperature,
                                   args.teacher_layers, args.seed, args.threads, args.device, args.cache_dir,
-                                  args.time_limit)
+                                  args.time_limit, args.keep_attention)
     try:
         result = run_conversion(settings, progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -152,6 +157,34 @@ def _convert(args: argparse.Namespace) -> int:
     print(result.describe())
     if args.report and result.finished:
         return _report(args.out, args)
+    return 0
+
+
+def _convert_scores(args: argparse.Namespace) -> int:
+    import json
+
+    from convert.distill import _device, held_out_files, parse_set_options
+    from convert.layer_scores import check_keep, eval_token_ids, format_scores, layer_scores
+    from convert.plan import plan_student
+    from convert.teacher import load_teacher
+
+    mixers, stages = parse_set_options(args.set)
+    if stages:
+        raise UsageError(f"--set {', '.join(sorted(stages))}.*: convert-scores takes student mixer options only "
+                         "(kvm.chunk_len=64); stage settings belong to `hybrid convert`")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    teacher = load_teacher(args.teacher, n_layers=args.teacher_layers)
+    if args.keep_attention is not None:
+        check_keep(args.keep_attention, plan_student(teacher.recipe, args.plan, mixers))
+    teacher.model.to(_device(args.device))
+    ids = eval_token_ids(teacher, args.text or held_out_files(), args.eval_tokens, args.seq_len)
+    scores = layer_scores(teacher, args.plan, mixers, ids, batch_size=args.batch_size, progress=not args.no_progress)
+    print(format_scores(scores, args.keep_attention), end="")
+    if args.out is not None:
+        Path(args.out).write_text(json.dumps({**scores.to_dict(args.keep_attention), "mixer_options": mixers},
+                                             indent=1) + "\n")
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -425,10 +458,40 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--cache-dir", default=None, help="token cache folder (default: hybrid train's)")
     conv.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                       help="stop all stages after this long, with a checkpoint (run again to continue)")
+    conv.add_argument("--keep-attention", type=_count, default=None, metavar="N",
+                      help="choose the plan: --plan is the target (e.g. 'K*30'), and the N converted layers whose "
+                           "restoring lowers the KL to the teacher most stay attention (see convert-scores; "
+                           "scored on 4 sequences of stage 2's length of the distillation data)")
     conv.add_argument("--report", action="store_true", help="then write OUT/report.md (see convert-report)")
     conv.add_argument("--no-progress", action="store_true", help="no progress bars or status lines")
     _add_report_options(conv)
     conv.set_defaults(run=_convert)
+
+    scs = commands.add_parser("convert-scores", help="score each layer of a conversion plan: the KL gain of keeping it",
+                              description="Convert the teacher by the target plan (at init, no training) and measure "
+                                          "KL(teacher || student) beyond the KVM window, fully converted and with "
+                                          "each converted layer alone restored to the teacher's attention. A layer's "
+                                          "score is how much restoring it lowers the KL; prints the per-layer table "
+                                          "(rank 1 = most worth keeping). See convert/layer_scores.py.")
+    scs.add_argument("teacher", help="teacher: Hugging Face folder (config.json + safetensors) or .gguf file")
+    scs.add_argument("--plan", required=True, help="target layer plan, e.g. 'K*30' (see hybrid convert)")
+    scs.add_argument("--set", action="append", default=[], metavar="MIXER.OPTION=VALUE",
+                     help="a student mixer option, e.g. kvm.chunk_len=64 (repeatable)")
+    scs.add_argument("--text", action="append", default=[], metavar="FILE",
+                     help="text to score on (repeatable; default: the play kept out of the distillation data)")
+    scs.add_argument("--eval-tokens", type=_token_count, default=2048, help="tokens to score (default 2k)")
+    scs.add_argument("--seq-len", type=_positive_int, default=512,
+                     help="tokens per sequence, each read from an empty state; must exceed the window (default 512)")
+    scs.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per forward (default 4)")
+    scs.add_argument("--keep-attention", type=_count, default=None, metavar="N",
+                     help="also print the plan that keeps the N best layers as attention")
+    scs.add_argument("--teacher-layers", type=_positive_int, default=None,
+                     help="use only the teacher's first N layers (quick trials)")
+    scs.add_argument("--out", help="write the scores as JSON to this file")
+    scs.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    scs.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    scs.add_argument("--no-progress", action="store_true", help="no progress bar")
+    scs.set_defaults(run=_convert_scores)
 
     rep = commands.add_parser("convert-report", help="perplexity beyond the window and state bytes of a conversion",
                               description="Score the teacher, the converted-at-init student and the student after "

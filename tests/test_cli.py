@@ -1,6 +1,7 @@
 """The ``hybrid`` command: every subcommand's help, info, init -> generate, state save/continue,
 published import, and user errors as one line with exit code 2 (no traceback)."""
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,8 @@ import pytest
 from hybrid.cli import build_parser, main
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "kvm_published_tiny"
-COMMANDS = ["info", "init", "generate", "import-published", "recipes", "demo"]
+COMMANDS = ["info", "init", "generate", "import-published", "train", "convert", "convert-report", "convert-scores",
+            "recipes", "demo", "bench", "eval"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -20,9 +22,12 @@ def test_every_command_has_help(command, capsys):
 
 
 def test_parser_lists_every_command():
-    help_text = build_parser().format_help()
+    parser = build_parser()
+    help_text = parser.format_help()
     for command in COMMANDS:
         assert command in help_text
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(subcommands.choices) == sorted(COMMANDS), "a command without a --help test above"
 
 
 def test_info_reports_layers_parameters_and_state_by_kind(capsys):

@@ -1,26 +1,33 @@
 """convert/distill.py and ``hybrid convert``: stage 1 aligns only the converted layers, stage 2 lowers the
-KL, stages resume exactly, the command writes a checkpoint that generate and train load, and the
-report; clear errors for bad plans, missing teachers and budgets below one batch."""
+KL, stage 3 fine-tunes with cross-entropy at its own length, stages resume exactly, the command writes a
+checkpoint that generate and train load, and the report; clear errors for bad plans, missing teachers
+and budgets below one batch."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from convert.distill import (
+    STAGE_DEFAULTS,
+    ConversionSettings,
     alignment_losses,
     mean_kl,
     parse_set_options,
+    run_conversion,
     run_stage,
     stage_config,
 )
 from convert.errors import TeacherError
 from convert.init import convert_teacher
 from convert.teacher import load_teacher
+from hybrid import data as datalib
 from hybrid.checkpoint import load_checkpoint, save_checkpoint
 from hybrid.cli import main
-from hybrid.train import read_metrics
+from hybrid.train import TRAINER_JSON, read_metrics, train
 from tests.test_convert import TINY, random_teacher_tensors, write_hf_folder
 
 KVM = {"kvm": {"chunk_len": 8, "n_bswa_chunks": 2}}  # a 16-token window
@@ -118,6 +125,57 @@ def test_an_interrupted_or_extended_stage_resumes_to_the_uninterrupted_result(te
     assert extended.start_step == 4
     weights = [load_checkpoint(s.checkpoint)[1].state_dict() for s in (extended, long)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_stage3_fine_tunes_with_cross_entropy_at_its_seq_len_and_resumes(teacher_folder, corpus, tmp_path):
+    """Stage 3 starts from stage 2's final weights and minimises the next-token cross-entropy on
+    sequences of its own length (96, twice stages 1-2's) with its own defaults (lr, cosine schedule);
+    stopped after one step and run again it equals a straight run, and its final weights are the
+    exported model."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    budgets = {"stage1": 192, "stage2": 192, "stage3": 4 * 2 * 96}  # one step each for stages 1-2, four for 3
+    stages = {"stage1": {"seq_len": 48, "batch_size": 4}, "stage2": {"seq_len": 48, "batch_size": 4},
+              "stage3": {"seq_len": 96, "batch_size": 2}}
+
+    def convert(stage3_overrides: dict):
+        settings = ConversionSettings(
+            str(teacher_folder), str(out), "AKK", mixers=KVM, budgets=budgets,
+            stage_overrides={**stages, "stage3": {**stages["stage3"], **stage3_overrides}}, data=(str(corpus),),
+            threads=1, device="cpu", cache_dir=str(cache))
+        return run_conversion(settings, progress=False)
+
+    cut = convert({"time_limit_s": 1e-9})  # stage 3 stops after its first step: nothing exported yet
+    assert not cut.finished and (cut.stages["stage3"].step, cut.stages["stage3"].stopped) == (1, "time_limit")
+    assert not (out / "model.safetensors").exists()
+    done = convert({})
+    assert done.finished and [done.stages[s].stopped for s in ("stage1", "stage2")] == ["already_done"] * 2
+    s3 = done.stages["stage3"]
+    assert (s3.start_step, s3.step, s3.stopped) == (1, 4, "completed")
+
+    stage2_final = done.stages["stage2"].checkpoint
+    settings = json.loads((s3.checkpoint / TRAINER_JSON).read_text())["config"]
+    assert (settings["seq_len"], settings["batch_size"], settings["init_from"]) == (96, 2, str(stage2_final))
+    assert all(settings[key] == value for key, value in STAGE_DEFAULTS["stage3"].items() if key not in stages["stage3"])
+
+    # the first logged loss is the cross-entropy of stage 2's final model on stage 3's first batch
+    recipe, start, tokenizer = load_checkpoint(stage2_final)
+    tokens = datalib.build_token_cache([str(corpus)], tokenizer, cache, progress=False)
+    train_tokens, _ = datalib.split_train_val(tokens, settings["val_fraction"], 96)
+    x, y = datalib.PackedBatches(train_tokens, 96, 2, settings["seed"]).batch(0)
+    with torch.no_grad():
+        first_loss = F.cross_entropy(start(x).logits.flatten(0, 1), y.flatten()).item()
+    losses = [r["loss"] for r in read_metrics(out / "stages" / "stage3" / "metrics.jsonl")]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert abs(losses[0] - first_loss) < 1e-5, (losses[0], first_loss)
+
+    straight = train(recipe, config("stage3", budgets["stage3"], corpus, tmp_path, stage2_final, "straight",
+                                    **stages["stage3"]), progress=False)  # stage 3 is a plain next-token run
+    exported_recipe, exported, _ = load_checkpoint(out)
+    weights = [m.state_dict() for m in (exported, load_checkpoint(s3.checkpoint)[1],
+                                        load_checkpoint(straight.checkpoint)[1])]
+    assert all(torch.equal(weights[0][k], w[k]) for w in weights[1:] for k in weights[0])
+    assert not all(torch.equal(weights[0][k], v) for k, v in start.state_dict().items())
+    assert exported_recipe.train["seq_len"] == 96  # the exported recipe fine-tunes at stage 3's settings
 
 
 def test_hybrid_convert_end_to_end_then_generate_train_and_report(teacher_folder, corpus, tmp_path, capsys):

@@ -438,8 +438,8 @@ class _KVMCore:
         groups = hq // hkv
 
         def logits(temp: Tensor | None, k: Tensor) -> Tensor:  # (B, Hkv, g*Lq, n): a kv head's g query heads as rows
-            q_t = q if temp is None else q * temp.to(q.dtype).view(1, -1, 1, 1)
-            return (q_t.reshape(b, hkv, groups * lq, -1) @ k.transpose(-1, -2)).float() * self.scale
+            rows = _times_head_temp(q, temp).reshape(b, hkv, groups * lq, -1)
+            return (rows @ k.transpose(-1, -2)).float() * self.scale
 
         window_logits = logits(self.window_temp, keys).masked_fill(~mask.repeat(groups, 1), -torch.inf)
         weights = torch.cat([logits(self.state_temp, slot_keys), window_logits], -1).softmax(-1).to(values.dtype)
@@ -449,8 +449,7 @@ class _KVMCore:
     def attend_slots(self, q: Tensor, slot_keys: Tensor, slot_values: Tensor) -> tuple[Tensor, Tensor]:
         """The state part of a split read: q (B, Hq, Lq, d) against every slot (B, Hkv, S, d).
         -> output (B, Hq, Lq, dv) and its log-sum-exp (B, Hq, Lq) fp32."""
-        if self.state_temp is not None:  # (q t) . k == q . (k t): scale the fewer rows
-            q = q * self.state_temp.to(q.dtype).view(1, -1, 1, 1)
+        q = _times_head_temp(q, self.state_temp)  # (q t) . k == q . (k t): scale the fewer rows
         return _flash_cpu(q, slot_keys, slot_values, attn_mask=None, scale=self.scale)
 
     def attend_windows(self, q: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
@@ -484,8 +483,12 @@ _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # -> (o
 
 def _per_query_head(keys: Tensor, groups: int, temp: Tensor | None) -> Tensor:
     """(B, Hkv, L, d) keys -> (B, Hq, L, d), times the per-query-head temperature if any."""
-    keys = repeat_heads(keys, groups)
-    return keys if temp is None else keys * temp.to(keys.dtype).view(1, -1, 1, 1)
+    return _times_head_temp(repeat_heads(keys, groups), temp)
+
+
+def _times_head_temp(x: Tensor, temp: Tensor | None) -> Tensor:
+    """(B, H, L, d) times a per-head temperature (H,); x itself when there is none."""
+    return x if temp is None else x * temp.to(x.dtype).view(1, -1, 1, 1)
 
 
 def repeat_heads(x: Tensor, groups: int) -> Tensor:

@@ -95,17 +95,19 @@ class LayerScores:
 
 def check_keep(keep: int, plan: LayerPlan) -> None:
     """Refuse keeping more layers as attention than the target plan converts (before any scoring)."""
-    if not 0 <= keep <= len(plan.converted):
-        raise TeacherError(f"cannot keep {keep} layers as attention: the target plan converts {len(plan.converted)} "
-                           f"(layers {list(plan.converted)}); choose 0..{len(plan.converted)}")
+    _check_keep(keep, plan.converted)
+
+
+def _check_keep(keep: int, converted: Sequence[int]) -> None:
+    if not 0 <= keep <= len(converted):
+        raise TeacherError(f"cannot keep {keep} layers as attention: the target plan converts {len(converted)} "
+                           f"(layers {sorted(converted)}); choose 0..{len(converted)}")
 
 
 def choose_plan(scores: LayerScores, keep: int) -> tuple[str, list[dict]]:
     """The target plan with its ``keep`` highest-scoring layers kept as attention (``A``), as a
     string of letters ``plan_student`` reads, and the per-layer table marking them."""
-    if not 0 <= keep <= len(scores.restored):
-        raise TeacherError(f"cannot keep {keep} layers as attention: the plan {scores.target} converts "
-                           f"{len(scores.restored)}; choose 0..{len(scores.restored)}")
+    _check_keep(keep, list(scores.restored))
     kept = set(scores.ranking()[:keep])
     return "".join(KEEP if i in kept else x for i, x in enumerate(scores.target)), scores.table(keep)
 

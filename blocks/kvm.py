@@ -203,11 +203,12 @@ class _Room(NamedTuple):
     """Inference buffers for R slots, R the call's final slot count: the slot sums, updated in place,
     and their read view, whose rows are recomputed only where an update touched them."""
 
-    keys: Tensor  # (B, Hkv, R, d)
-    values: Tensor  # (B, Hkv, R, dv)
+    sums: Tensor  # (B, Hkv, R, d + dv): key sums | value sums, side by side so that a merge is one index_add
     lens: Tensor  # (B, Hkv, R, 1) fp32
     read_keys: Tensor  # (B, Hkv, R, d): state_key_norm(keys)
     read_values: Tensor  # (B, Hkv, R, dv): the values as attention reads them, in the model dtype
+    features: Tensor  # (B, Hkv, R, r) fp32: slot_features(read_keys), the slots as routing reads them
+    scores: Tensor  # (B * Hkv * C * R,) fp32 scratch for routing scores: one buffer, not a fresh one per update
 
 
 class _Slots(NamedTuple):
@@ -220,30 +221,53 @@ class _Slots(NamedTuple):
     room: _Room | None = None
 
 
+class _Incoming(NamedTuple):
+    """A chunk of tokens leaving the window, prepared for the state (rows: tokens)."""
+
+    keys: Tensor  # (B, Hkv, N, d): prepared keys (zeroed dims, state-key norm), ungated
+    values: Tensor  # (B, Hkv, N, dv)
+    gated: Tensor  # (B, Hkv, N, d + dv): what a merge adds, the (gated) key and value side by side
+    routing: Tensor  # (B, Hkv, N, r) fp32: the keys as routing scores read them (``_KVMCore.token_features``)
+
+
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """x: (B, H, L, F), index: (B, H, M) -> (B, H, M, F)."""
-    return x.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+    """x: (B, H, L, F), index: (B, H, M) -> (B, H, M, F): one index_select of flattened rows (several
+    times faster than gather with an expanded index on CPU)."""
+    (b, h, _, f), m = x.shape, index.shape[-1]
+    return x.reshape(-1, f).index_select(0, _flat_rows(x, index)).view(b, h, m, f)
 
 
-def _max_last(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``x.max(-1)``: the maxima over the last dim and the first index of each. The same values and
-    indices, several times faster on CPU for long rows: the max of each block of 32 or 64 entries
-    first (a vectorised amax), then the max and its index inside each row's first best block."""
+def _max_last(x: Tensor, skip: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Over the last dim of x (..., S): the max of every entry, then the max and first index of the
+    entries from ``skip`` on (x[..., :skip] is overwritten with -inf). The same values and indices as
+    ``amax`` and ``max``, several times faster on CPU for long rows, in one pass over x: the max of each
+    block of 32 or 64 entries first (a vectorised amax), then the max and its index inside each row's
+    first best block."""
     s = x.shape[-1]
     block = 32 if s < 1024 else 64
     n = s // block
-    if n < 2:
-        return x.max(-1)
+    if n < 2 or skip > n * block:
+        every = x.amax(-1)
+        x[..., :skip] = -torch.inf
+        return every, *x.max(-1)
     blocks = x[..., : n * block].unflatten(-1, (n, block))  # (..., n, block)
-    best_block = blocks.amax(-1).max(-1).indices  # (...,)
-    inside = blocks.gather(-2, best_block[..., None, None].expand(*best_block.shape, 1, block)).squeeze(-2)
+    block_max = blocks.amax(-1)  # (..., n)
+    every = block_max.amax(-1)
+    if skip:
+        x[..., :skip] = -torch.inf
+        touched = -(-skip // block)
+        block_max[..., :touched] = blocks[..., :touched, :].amax(-1)
+    best_block = block_max.max(-1).indices  # (...,)
+    blocked_rows = x.reshape(-1, s).unfold(1, block, block)  # (rows, n, block), a view
+    rows = torch.arange(blocked_rows.shape[0], device=x.device)
+    inside = blocked_rows[rows, best_block.flatten()].view(*best_block.shape, block)  # faster than gather on CPU
     best, index = inside.max(-1)
     index = best_block * block + index
     if n * block < s:  # the ragged tail wins only if strictly larger: ties keep the first index
         tail_best, tail_index = x[..., n * block:].max(-1)
         index = torch.where(tail_best > best, tail_index + n * block, index)
-        best = torch.maximum(best, tail_best)
-    return best, index
+        best, every = torch.maximum(best, tail_best), torch.maximum(every, tail_best)
+    return every, best, index
 
 
 def _flat_rows(x: Tensor, index: Tensor) -> Tensor:
@@ -252,11 +276,18 @@ def _flat_rows(x: Tensor, index: Tensor) -> Tensor:
     return (index + torch.arange(0, b * h * s, s, device=index.device).view(b, h, 1)).flatten()
 
 
-def _add_rows(x: Tensor, index: Tensor, rows: Tensor) -> Tensor:
+def _add_rows(x: Tensor, index: Tensor, rows: Tensor, *, inplace: bool = False) -> Tensor:
     """x (B, H, S, F) with rows (B, H, M, F) added at slots index (B, H, M): one index_add over the
-    flattened slots, several times faster than scatter_add on CPU."""
+    flattened slots, several times faster than scatter_add on CPU. ``inplace``: into x (contiguous)."""
     f = x.shape[-1]
-    return x.reshape(-1, f).index_add(0, _flat_rows(x, index), rows.reshape(-1, f)).view(x.shape)
+    flat, index, rows = x.view(-1, f) if inplace else x.reshape(-1, f), _flat_rows(x, index), rows.reshape(-1, f)
+    return (flat.index_add_(0, index, rows) if inplace else flat.index_add(0, index, rows)).view(x.shape)
+
+
+def _in_room(room: _Room, num: int) -> _Slots:
+    """The first ``num`` slots of a room, as views."""
+    d = room.read_keys.shape[-1]
+    return _Slots(room.sums[:, :, :num, :d], room.sums[:, :, :num, d:], room.lens[:, :, :num], room)
 
 
 class _KVMCore:
@@ -273,9 +304,8 @@ class _KVMCore:
             k = torch.cat([torch.zeros_like(k[..., : self.zero_dims]), k[..., self.zero_dims :]], dim=-1)
         return self.norm(k)
 
-    def _routing_scores(self, k_u: Tensor, normed: Tensor) -> Tensor:
-        """fp32 scores (B, Hkv, C, S) of prepared keys k_u (B, Hkv, C, d) against normed slot keys
-        (B, Hkv, S, d).
+    def _fewer_routing_dims(self) -> tuple[Tensor, Tensor] | None:
+        """fp32 (w, b) of the state-key LayerNorm over the zeroed dims, when routing can skip them.
 
         With a LayerNorm as state-key norm, the first z (zeroed) dims of every prepared key are
         a*w + b: w, b the norm's weight and bias there, a one number per token. Their share of a
@@ -283,15 +313,34 @@ class _KVMCore:
         of d (66 instead of 128 in the paper's layers): the same scores up to float rounding, for
         about half the multiply-adds."""
         z = self.zero_dims
-        k_u, normed = k_u.detach().float(), normed.detach().float()
         if not (isinstance(self.norm, nn.LayerNorm) and self.norm.weight is not None and z > 2):
-            return k_u @ normed.transpose(-1, -2)
+            return None
         w = self.norm.weight[:z].detach().float()
-        b = torch.zeros_like(w) if self.norm.bias is None else self.norm.bias[:z].detach().float()
-        a = (k_u[..., :z] - b) @ (w / (w @ w).clamp_min(torch.finfo(w.dtype).tiny))  # (B, Hkv, C): w = 0 gives a = 0
-        tokens = torch.cat([k_u[..., z:], a[..., None], torch.ones_like(a)[..., None]], -1)  # (B, Hkv, C, d - z + 2)
-        slots = torch.cat([normed[..., z:], normed[..., :z] @ torch.stack([w, b], -1)], -1)  # (B, Hkv, S, d - z + 2)
-        return tokens @ slots.transpose(-1, -2)
+        return w, torch.zeros_like(w) if self.norm.bias is None else self.norm.bias[:z].detach().float()
+
+    @torch.no_grad()
+    def token_features(self, k_u: Tensor) -> Tensor:
+        """Prepared keys (..., C, d) -> fp32 (..., C, r): their routing score against a slot is the
+        product with the slot's ``slot_features``."""
+        k_u, wb, z = k_u.detach().float(), self._fewer_routing_dims(), self.zero_dims
+        if wb is None:
+            return k_u
+        w, b = wb
+        a = (k_u[..., :z] - b) @ (w / (w @ w).clamp_min(torch.finfo(w.dtype).tiny))  # (..., C): w = 0 gives a = 0
+        return torch.cat([k_u[..., z:], a[..., None], torch.ones_like(a)[..., None]], -1)  # (..., C, d - z + 2)
+
+    @torch.no_grad()
+    def slot_features(self, normed: Tensor) -> Tensor:
+        """Normed slot keys (..., S, d) -> fp32 (..., S, r), the other side of ``token_features``."""
+        normed, wb, z = normed.detach().float(), self._fewer_routing_dims(), self.zero_dims
+        if wb is None:
+            return normed
+        return torch.cat([normed[..., z:], normed[..., :z] @ torch.stack(wb, -1)], -1)  # (..., S, d - z + 2)
+
+    def incoming(self, k: Tensor, v: Tensor, g: Tensor) -> _Incoming:
+        """A raw overflow chunk (k, v: (B, Hkv, C, d); g: (B, Hkv, C, 1)) prepared for ``absorb``."""
+        k_u = self.prepare_keys(k)
+        return _Incoming(k_u, v, torch.cat(self._gated(k_u, v, g), -1), self.token_features(k_u))
 
     def new_slots(self, k: Tensor, v: Tensor, g: Tensor) -> _Slots:
         """Slots for tokens copied straight in (the first chunk)."""
@@ -312,87 +361,93 @@ class _KVMCore:
     def with_room(self, slots: _Slots, rows: int, dtype: torch.dtype) -> _Slots:
         """A copy of the slots at the start of inference buffers for ``rows`` slots (see ``_Room``),
         so that updates write in place; ``dtype``: the dtype the attention reads values in."""
-        num = slots.keys.shape[2]
-        sums = [x.new_empty(*x.shape[:2], rows, x.shape[3]) for x in slots[:3]]
-        for buf, x in zip(sums, slots[:3]):
-            buf[:, :, :num] = x
-        read_keys, read_values = sums[0].new_empty(sums[0].shape), sums[1].new_empty(sums[1].shape, dtype=dtype)
+        (b, h, num, d), dv = slots.keys.shape, slots.values.shape[-1]
+        sums = slots.keys.new_empty(b, h, rows, d + dv, dtype=torch.promote_types(slots.keys.dtype, slots.values.dtype))
+        sums[:, :, :num, :d], sums[:, :, :num, d:] = slots.keys, slots.values
+        lens = slots.lens.new_empty(b, h, rows, 1)
+        lens[:, :, :num] = slots.lens
+        read_keys, read_values = sums.new_empty(b, h, rows, d), sums.new_empty(b, h, rows, dv, dtype=dtype)
         read_keys[:, :, :num], read_values[:, :, :num] = self._read(*slots[:3], dtype)
-        return _Slots(*(buf[:, :, :num] for buf in sums), _Room(*sums, read_keys, read_values))
+        features = self.slot_features(read_keys[:, :, :num])
+        room_features = features.new_empty(b, h, rows, features.shape[-1])
+        room_features[:, :, :num] = features
+        scores = features.new_empty(b * h * self.config.chunk_len * rows)
+        return _in_room(_Room(sums, lens, read_keys, read_values, room_features, scores), num)
 
-    def absorb(self, slots: _Slots, k: Tensor, v: Tensor, g: Tensor, ctx_len: int, available: int,
+    def absorb(self, slots: _Slots, incoming: _Incoming, ctx_len: int, available: int,
                normed_keys: Tensor | None = None) -> _Slots:
-        """Fold one overflow chunk (k, v: (B, Hkv, C, d); g: (B, Hkv, C, 1)) into the slots.
+        """Fold one overflow chunk (``incoming`` rows of its C tokens) into the slots (at least one).
         ``normed_keys``: ``state_key_norm(slots.keys)`` if the caller has it already."""
         cfg = self.config
-        k_u = self.prepare_keys(k)  # (B, Hkv, C, d) ungated, used for routing
-        k_g, v_g = self._gated(k_u, v, g)
-        num = slots.keys.shape[2]
-        n_append = min(max(target_slots(cfg, ctx_len, available, num) - num, 0), k.shape[2])
-        if normed_keys is None:
-            normed_keys = self.read_slots(slots, v.dtype)[0] if slots.room is not None else self.norm(slots.keys)
-        normed = normed_keys.detach().float()  # (B, Hkv, S, d)
-        with torch.no_grad():  # every token against every existing slot: novelty and routing share it
-            scores = self._routing_scores(k_u, normed)  # (B, Hkv, C, S)
-        new_columns = None
-        if n_append:
-            if num == 0:
-                order = torch.arange(k.shape[2], device=k.device).expand(*k.shape[:2], -1)
-                append_idx, merge_idx = order[..., -n_append:], order[..., :-n_append]
-            else:  # the most novel tokens (lowest best similarity to any slot) append, in token order
-                ranked = scores.amax(-1).argsort(dim=-1, stable=True)  # (B, Hkv, C)
-                append_idx = ranked[..., :n_append].sort(dim=-1).values
-                merge_idx = ranked[..., n_append:].sort(dim=-1).values
-            k_app, v_app = (k_g, v_g) if cfg.merge_gate_appends else (k_u, v)
-            k_app, v_app = _gather_rows(k_app, append_idx), _gather_rows(v_app, append_idx)
+        (b, h, size, d), num = incoming.keys.shape, slots.keys.shape[2]
+        n_append = min(max(target_slots(cfg, ctx_len, available, num) - num, 0), size)
+        # every token against every slot, (B, Hkv, C, S) fp32: novelty and routing share it
+        if slots.room is not None:
+            scores = torch.matmul(incoming.routing, slots.room.features[:, :, :num].transpose(-1, -2),
+                                  out=slots.room.scores[: b * h * size * num].view(b, h, size, num))
+        else:
+            features = self.slot_features(self.norm(slots.keys) if normed_keys is None else normed_keys)
+            scores = incoming.routing @ features.transpose(-1, -2)
+        with torch.no_grad():  # the best slot of each token: over all (novelty), and over non-sink slots (its winner)
+            novelty, best, target = _max_last(scores, cfg.sink_len)  # (B, Hkv, C) each
+        if n_append:  # the most novel tokens (lowest best similarity to any slot) append, in token order
+            ranked = novelty.argsort(dim=-1, stable=True)  # (B, Hkv, C)
+            append_idx = ranked[..., :n_append].sort(dim=-1).values
+            merge_idx = ranked[..., n_append:].sort(dim=-1).values
+            if cfg.merge_gate_appends:
+                appended = _gather_rows(incoming.gated, append_idx)  # (B, Hkv, A, d + dv)
+                k_app, v_app = appended[..., :d], appended[..., d:]
+            else:
+                k_app, v_app = _gather_rows(incoming.keys, append_idx), _gather_rows(incoming.values, append_idx)
             slots = self._appended(slots, k_app, v_app, self._lens_of(v_app))
-            with torch.no_grad():  # merges route against the post-append slots: scores for the new ones
-                new_columns = self._routing_scores(k_u, self.norm(k_app))  # (B, Hkv, C, n_append)
-        with torch.no_grad():  # winner-take-all over old slots (sinks excluded) then the appended ones
-            scores[..., : cfg.sink_len] = -torch.inf
-            best, target = _max_last(scores)  # (B, Hkv, C)
-            if new_columns is not None:
-                best_new, target_new = _max_last(new_columns)
+            with torch.no_grad():  # merges route against the post-append slots: the new ones win if strictly better
+                new_columns = incoming.routing @ self.slot_features(self.norm(k_app)).transpose(-1, -2)  # (B, Hkv, C, A)
+                best_new, target_new = _max_last(new_columns)[1:]
                 target = torch.where(best_new > best, target_new + num, target)  # ties keep the lower slot
+        merging = incoming.gated  # (B, Hkv, M, d + dv)
         if n_append:
             target = target.gather(2, merge_idx)  # (B, Hkv, M): only the merging tokens
-            k_g, v_g = _gather_rows(k_g, merge_idx), _gather_rows(v_g, merge_idx)
+            merging = _gather_rows(merging, merge_idx)
         counts = None if cfg.use_vlens else torch.ones_like(target, dtype=slots.lens.dtype).unsqueeze(-1)
         room = slots.room
         if room is None:
             lens = slots.lens if counts is None else _add_rows(slots.lens, target, counts)
-            return _Slots(_add_rows(slots.keys, target, k_g), _add_rows(slots.values, target, v_g), lens)
-        for buf, new in zip(room, (k_g, v_g, counts)):
-            if new is not None:
-                buf.view(-1, buf.shape[-1]).index_add_(0, _flat_rows(buf, target), new.reshape(-1, buf.shape[-1]))
+            return _Slots(_add_rows(slots.keys, target, merging[..., :d]), _add_rows(slots.values, target, merging[..., d:]),
+                          lens)
+        _add_rows(room.sums, target, merging, inplace=True)
+        if counts is not None:
+            _add_rows(room.lens, target, counts, inplace=True)
         return self._refresh(slots, torch.cat([target, torch.arange(num, num + n_append, device=target.device)
-                                               .expand(*target.shape[:2], -1)], 2))
+                                               .expand(b, h, -1)], 2))
 
     def _refresh(self, slots: _Slots, touched: Tensor) -> _Slots:
         """Recompute the room's read view where an update touched the slots (B, Hkv, M), repeats
         allowed; the whole view when that is most of it (gathering rows costs more than it saves)."""
-        room, num = slots.room, slots.keys.shape[2]
+        room, num, d = slots.room, slots.keys.shape[2], slots.keys.shape[-1]
         if 2 * touched.shape[2] >= num:
             read_keys, read_values = self._read(*slots[:3], room.read_values.dtype)
-            if num == room.keys.shape[2]:  # the view spans the whole room: keep the new tensors as they are
-                return slots._replace(room=room._replace(read_keys=read_keys, read_values=read_values))
-            room.read_keys[:, :, :num], room.read_values[:, :, :num] = read_keys, read_values
+            features = self.slot_features(read_keys)
+            if num == room.sums.shape[2]:  # the view spans the whole room: keep the new tensors as they are
+                return slots._replace(room=room._replace(read_keys=read_keys, read_values=read_values, features=features))
+            room.read_keys[:, :, :num], room.read_values[:, :, :num], room.features[:, :, :num] = (
+                read_keys, read_values, features)
             return slots
-        flat = _flat_rows(room.keys, touched)  # (B*Hkv*M,)
+        flat = _flat_rows(room.sums, touched)  # (B*Hkv*M,)
         rows = lambda buf: buf.view(-1, buf.shape[-1]).index_select(0, flat)  # noqa: E731
-        for view, new in zip((room.read_keys, room.read_values),
-                             self._read(rows(room.keys), rows(room.values), rows(room.lens), room.read_values.dtype)):
+        sums = rows(room.sums)  # (B*Hkv*M, d + dv)
+        read_keys, read_values = self._read(sums[:, :d], sums[:, d:], rows(room.lens), room.read_values.dtype)
+        for view, new in zip(room[2:], (read_keys, read_values, self.slot_features(read_keys))):
             view.view(-1, view.shape[-1]).index_copy_(0, flat, new)
         return slots
 
     def _appended(self, slots: _Slots, keys: Tensor, values: Tensor, lens: Tensor) -> _Slots:
         """The slots followed by new ones (B, Hkv, M, *); written into the room if there is one."""
-        if slots.room is None:
+        room = slots.room
+        if room is None:
             return _Slots(*(torch.cat([old, new], 2) for old, new in zip(slots[:3], (keys, values, lens))))
-        num, end = slots.keys.shape[2], slots.keys.shape[2] + keys.shape[2]
-        for buf, new in zip(slots.room, (keys, values, lens)):
-            buf[:, :, num:end] = new
-        return _Slots(*(buf[:, :, :end] for buf in slots.room[:3]), slots.room)
+        (num, d), end = slots.keys.shape[2:], slots.keys.shape[2] + keys.shape[2]
+        room.sums[:, :, num:end, :d], room.sums[:, :, num:end, d:], room.lens[:, :, num:end] = keys, values, lens
+        return _in_room(room, end)
 
     def read_slots(self, slots: _Slots, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Slots as attention keys and values per kv head, (B, Hkv, S, d) each: keys through the
@@ -404,8 +459,8 @@ class _KVMCore:
 
     def _read(self, keys: Tensor, values: Tensor, lens: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The read formula, row by row: (..., d) sums, (..., 1) lens -> read keys and values."""
-        if self.config.use_vlens:
-            values = F.normalize(values.float(), dim=-1) * lens
+        if self.config.use_vlens:  # direction times length: F.normalize(values) * lens in one pass over the values
+            values = values.float() * (lens / values.float().norm(dim=-1, keepdim=True).clamp_min(1e-12))
         else:
             values = values.float() / lens
         if self.config.bf16_state_values:
@@ -478,6 +533,7 @@ class _KVMCore:
 
 
 SMALL_TILE = 16  # tiles of at most this many queries are read by ``_attend_small_tile``
+WINDOW_CALL_BYTES = 4 << 20  # queries per window flash call in a split read (see ``_window_group``)
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # -> (output, log-sum-exp); lse has no grad
 
 
@@ -554,7 +610,8 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
         slots = _joint_region(core, q, buf_k, buf_v, buf_g, slots, n0, start, out)
 
     keep = window_begin(n1, cfg) - start
-    new_state = KVMState(slots.keys, slots.values, slots.lens, buf_k[:, :, keep:n1 - start],
+    slot_keys, slot_values = slots.keys.contiguous(), slots.values.contiguous()  # a room's are views of its sums
+    new_state = KVMState(slot_keys, slot_values, slots.lens, buf_k[:, :, keep:n1 - start],
                          buf_v[:, :, keep:n1 - start], buf_g[:, :, keep:n1 - start], n1)
     return out, new_state
 
@@ -570,10 +627,11 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
     * exact tile: one softmax over [state ; window] keys concatenated per chunk. Used with autograd
       on (training: the flash op's log-sum-exp has no gradient), off CPU, and for partial chunks
       (decode, continuations that start or stop inside a chunk).
-    * split (under no_grad / inference_mode, CPU, whole chunks): the window part of every whole chunk in one flash
-      attention call over overlapping views of the buffer, the state part per chunk against its
-      slots as they are, each with its log-sum-exp; their merge is the joint softmax,
-      o_w + sigmoid(lse_s - lse_w) * (o_s - o_w). Nothing is copied into tiles.
+    * split (under no_grad / inference_mode, CPU, whole chunks): the window part of a few whole
+      chunks at a time (``_window_group``) in one flash attention call over overlapping views of the
+      buffer, the state part per chunk against its slots as they are, each with its log-sum-exp;
+      their merge is the joint softmax, o_w + sigmoid(lse_s - lse_w) * (o_s - o_w). Nothing is
+      copied into tiles.
     """
     cfg = core.config
     chunk, nb, window = cfg.chunk_len, cfg.n_bswa_chunks, cfg.window_len
@@ -581,24 +639,26 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
     first_chunk, last_chunk = max(n0, window) // chunk, (n1 - 1) // chunk
     whole_lo, whole_hi = -(-max(n0, window) // chunk), n1 // chunk  # chunks [whole_lo, whole_hi) are all queries
     split = whole_lo < whole_hi and q.device.type == "cpu" and not torch.is_grad_enabled()
-    if split:
-        win_lo = (whole_lo + 1 - nb) * chunk - start
-        win_out, win_lse = core.attend_windows(q[:, :, whole_lo * chunk - n0:whole_hi * chunk - n0],
-                                               buf_k[:, :, win_lo:whole_hi * chunk - start],
-                                               buf_v[:, :, win_lo:whole_hi * chunk - start])
+    group = _window_group(q.shape[0] * q.shape[1] * chunk * q.shape[-1] * q.element_size()) if split else 0
     normed = None  # state_key_norm(slots.keys) while the slots are unchanged since it was computed
     for c in range(first_chunk, last_chunk + 1):
         update = boundary_update(c, cfg)
         if update is not None and c * chunk >= n0:  # this boundary's first token is new: update now
             lo = (c - nb) * chunk - start
-            slots = core.absorb(slots, buf_k[:, :, lo:lo + chunk], buf_v[:, :, lo:lo + chunk],
-                                buf_g[:, :, lo:lo + chunk], *update, normed_keys=normed)
+            incoming = core.incoming(buf_k[:, :, lo:lo + chunk], buf_v[:, :, lo:lo + chunk], buf_g[:, :, lo:lo + chunk])
+            slots = core.absorb(slots, incoming, *update, normed_keys=normed)
         normed, slot_values = core.read_slots(slots, q.dtype)
         q_lo, q_hi = max(n0, c * chunk), min(n1, (c + 1) * chunk)  # absolute query range of the chunk
         rows = slice(q_lo - n0, q_hi - n0)
         if split and whole_lo <= c < whole_hi:
+            if (c - whole_lo) % group == 0:  # the windows of the next few whole chunks, in one call
+                group_hi, win_lo = min(c + group, whole_hi), (c + 1 - nb) * chunk - start
+                win_out, win_lse = core.attend_windows(q[:, :, c * chunk - n0:group_hi * chunk - n0],
+                                                       buf_k[:, :, win_lo:group_hi * chunk - start],
+                                                       buf_v[:, :, win_lo:group_hi * chunk - start])
+                group_lo = c
             o_s, lse_s = core.attend_slots(q[:, :, rows], normed, slot_values)  # (B, Hq, C, dv), (B, Hq, C)
-            o_w, lse_w = win_out[:, :, c - whole_lo], win_lse[:, :, c - whole_lo]  # (B, Hkv, g, C, dv), (B, Hkv, g, C)
+            o_w, lse_w = win_out[:, :, c - group_lo], win_lse[:, :, c - group_lo]  # (B, Hkv, g, C, dv), (B, Hkv, g, C)
             weight = torch.sigmoid(lse_s.view_as(lse_w) - lse_w).unsqueeze(-1).to(o_w.dtype)  # share of the state
             torch.lerp(o_w, o_s.view_as(o_w), weight, out=out[:, :, rows].view_as(o_w))
         else:
@@ -609,6 +669,13 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
             out[:, :, rows] = core.attend_tile(q[:, :, rows], normed, slot_values, buf_k[:, :, win_lo:q_hi - start],
                                                buf_v[:, :, win_lo:q_hi - start], mask)
     return slots
+
+
+def _window_group(chunk_bytes: int) -> int:
+    """Whole chunks whose windows one flash call reads, given the bytes of one chunk's queries: about
+    4 MiB of queries per call, so that its buffers stay small enough for the allocator to reuse (no
+    fresh pages to fault in) and stay warm in cache until they are merged, chunk by chunk."""
+    return max(1, WINDOW_CALL_BYTES // chunk_bytes)
 
 
 def _check_state(state: KVMState, b: int, hkv: int, d: int, dv: int, n0: int, cfg: KVMConfig) -> None:

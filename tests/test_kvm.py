@@ -266,7 +266,7 @@ def test_key_and_value_mass_is_conserved(budget):
     k0, v0 = torch.randn(2, 2, C, 8), torch.randn(2, 2, C, 8)
     slots = core.new_slots(k0, v0, torch.ones(2, 2, C, 1))
     k, v, g = torch.randn(2, 2, C, 8), torch.randn(2, 2, C, 8), 1 + F.elu(torch.randn(2, 2, C, 1))
-    after = core.absorb(slots, k, v, g, ctx_len=3 * C, available=2 * C)
+    after = core.absorb(slots, core.incoming(k, v, g), ctx_len=3 * C, available=2 * C)
     assert_close(after.keys.sum(2), slots.keys.sum(2) + (core.prepare_keys(k) * g).sum(2), 1e-5, "key mass")
     assert_close(after.values.sum(2), slots.values.sum(2) + (v * g).sum(2), 1e-5, "value mass")
 
@@ -280,7 +280,7 @@ def test_appended_tokens_are_the_least_similar_and_merges_route_after_appending(
     ctx_len, available = 5 * C, 3 * C
     n_append = target_slots(cfg, ctx_len, available, C) - C
     assert 0 < n_append < C
-    after = core.absorb(slots, k, v, g, ctx_len, available)
+    after = core.absorb(slots, core.incoming(k, v, g), ctx_len, available)
     best = (core.prepare_keys(k) @ core.norm(slots.keys).transpose(-1, -2)).amax(-1)[0, 0]
     novel = best.argsort()[:n_append].sort().values
     assert torch.equal(after.keys[0, 0, C:], core.prepare_keys(k)[0, 0, novel]), "appended rows are not the most novel, in order"
@@ -301,7 +301,8 @@ def test_count_averaging_divides_each_slot_by_its_own_count():
     core = _core(cfg)
     torch.manual_seed(3)
     slots = core.new_slots(torch.randn(1, 1, C, 8), torch.randn(1, 1, C, 8), torch.ones(1, 1, C, 1))
-    after = core.absorb(slots, torch.randn(1, 1, C, 8), torch.randn(1, 1, C, 8), torch.ones(1, 1, C, 1), 3 * C, 2 * C)
+    incoming = core.incoming(torch.randn(1, 1, C, 8), torch.randn(1, 1, C, 8), torch.ones(1, 1, C, 1))
+    after = core.absorb(slots, incoming, 3 * C, 2 * C)
     counts = after.lens[0, 0, :, 0]
     assert counts.sum() == 2 * C and counts[0] == 1 and counts.max() > 1
     _, values = core.read_slots(after, torch.float32)
@@ -354,10 +355,14 @@ def test_max_last_equals_torch_max_including_ties(s):
     x = torch.randn(2, 3, 40, s).round(decimals=1)  # many ties
     x[0, 0, 0] = x[0, 0, 0].max() + 1  # a tie across blocks and with the tail
     x[0, 0, 0, [0, s // 2, s - 1]] = x[0, 0, 0].max()
-    x[..., :1] = -torch.inf
-    best, index = _max_last(x)
-    expected = x.max(-1)
-    assert torch.equal(best, expected.values) and torch.equal(index, expected.indices)
+    every = x.amax(-1)
+    for skip in (0, 1, 33, min(s, 70)):
+        masked = x.clone()
+        masked[..., :skip] = -torch.inf
+        got = _max_last(x.clone(), skip)
+        expected = masked.max(-1)
+        assert torch.equal(got[0], every), "the max over every entry"
+        assert torch.equal(got[1], expected.values) and torch.equal(got[2], expected.indices), f"skip={skip}"
 
 
 def test_routing_scores_over_fewer_dims_equal_the_plain_product():
@@ -371,4 +376,6 @@ def test_routing_scores_over_fewer_dims_equal_the_plain_product():
     k_u = core.prepare_keys(torch.randn(2, 2, C, 16))
     normed = norm(torch.randn(2, 2, 3 * C, 16))
     with torch.no_grad():
-        assert_close(core._routing_scores(k_u, normed), k_u @ normed.transpose(-1, -2), 1e-6)
+        scores = core.token_features(k_u) @ core.slot_features(normed).transpose(-1, -2)
+        assert core.token_features(k_u).shape[-1] == 16 - 6 + 2
+        assert_close(scores, k_u @ normed.transpose(-1, -2), 1e-6)

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from blocks.kvm import KVMConfig, kvm_attention, slots_after
+from blocks.kvm import WINDOW_CALL_BYTES, KVMConfig, kvm_attention, slots_after
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -54,16 +54,19 @@ def decode_seconds_per_token(step, state, tokens: int) -> float:
 
 def attention_only(q, k, v, cfg: KVMConfig) -> None:
     """The attention calls of a KVM prefill over q, k, v (1, H, T, d), without anything else: plain
-    causal attention over the first window, the masked window of every later chunk in one call, and
-    per chunk a read of as many slots as the state holds then (random slots: only the size matters)."""
+    causal attention over the first window, the masked windows of the later chunks a few chunks per
+    call (as KVM groups them), and per chunk a read of as many slots as the state holds then (random
+    slots: only their number matters)."""
     c, w = cfg.chunk_len, cfg.window_len
     t, d = q.shape[2], q.shape[3]
     F.scaled_dot_product_attention(q[:, :, :w], k[:, :, :w], v[:, :, :w], is_causal=True)
-    n = t // c - cfg.n_bswa_chunks  # chunks past the first window
-    tiles = lambda x: x[0, :, w - c:].unfold(1, w, c).transpose(-1, -2)  # noqa: E731  (H, n, W, d) views
     visible = torch.arange(w)[None, :] <= w - c + torch.arange(c)[:, None]
-    FLASH(q[0, :, w:].unflatten(1, (n, c)), tiles(k), tiles(v),
-          attn_mask=torch.zeros(c, w).masked_fill_(~visible, -torch.inf))
+    mask = torch.zeros(c, w).masked_fill_(~visible, -torch.inf)
+    group = max(1, WINDOW_CALL_BYTES // (q[0, :, :c].numel() * q.element_size()))  # chunks per call, as KVM's
+    for lo in range(cfg.n_bswa_chunks, t // c, group):  # chunks [lo, hi) past the first window
+        hi = min(lo + group, t // c)
+        tiles = lambda x: x[0, :, (lo - 1) * c:hi * c].unfold(1, w, c).transpose(-1, -2)  # noqa: E731, B023  (H, n, W, d)
+        FLASH(q[0, :, lo * c:hi * c].unflatten(1, (hi - lo, c)), tiles(k), tiles(v), attn_mask=mask)
     slots = torch.randn(2, *q.shape[:2], slots_after(t, cfg), d)
     for i in range(cfg.n_bswa_chunks, t // c):
         s = slots_after(i * c + 1, cfg)

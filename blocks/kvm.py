@@ -19,11 +19,12 @@ One code path serves training, prefill, continuing a state by any number of toke
 decode: the state update for a chunk boundary runs when the first token past it is processed, so
 "prefill P tokens, then continue" and "process everything at once" perform the same updates.
 Without autograd (no_grad / inference_mode) on CPU, whole chunks read their window and their state
-separately and merge the two partial softmaxes by log-sum-exp: the windows of all of them in one
-flash-attention call over overlapping views of the keys (no tiles are copied), the state chunk by
-chunk right after that chunk's update. With autograd, each chunk is one softmax over [state ; window].
-Without autograd the slots also live in buffers sized for the call's final slot count, so updates
-write in place and only the touched slots' read view is recomputed.
+separately and merge the two partial softmaxes by log-sum-exp: the windows of a few chunks at a
+time in one flash-attention call over overlapping views of the keys (no tiles are copied), the state
+chunk by chunk right after that chunk's update. With autograd, each chunk is one softmax over
+[state ; window]. Without autograd the slots also live in buffers sized for the call's final slot
+count (key and value sums side by side, their read view, their routing features and a score
+buffer), so updates write in place and only the touched slots' views are recomputed.
 
 Differences from the published v1 code (kvm.md §6), each deliberate:
 
@@ -46,6 +47,7 @@ zeroing the rotated dims, so its mean-centring and bias re-populate them (B5).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -169,8 +171,15 @@ def runs_update(n0: int, n1: int, config: KVMConfig) -> bool:
 
 def slots_after(n_tokens: int, config: KVMConfig) -> int:
     """Number of state slots after processing ``n_tokens`` tokens (no tensors involved)."""
-    slots = min(n_tokens, config.chunk_len)
-    for c in range(config.n_bswa_chunks + 1, -(-n_tokens // config.chunk_len)):
+    return _slots_after_chunks(-(-n_tokens // config.chunk_len), min(n_tokens, config.chunk_len), config)
+
+
+@functools.lru_cache(maxsize=4096)
+def _slots_after_chunks(n_chunks: int, first_chunk_tokens: int, config: KVMConfig) -> int:
+    """``slots_after`` depends on the tokens only through these two numbers; cached because decode
+    asks at every token and the loop runs over every chunk so far."""
+    slots = first_chunk_tokens
+    for c in range(config.n_bswa_chunks + 1, n_chunks):
         ctx_len, available = boundary_update(c, config)
         slots += min(max(target_slots(config, ctx_len, available, slots) - slots, 0), config.chunk_len)
     return slots
@@ -224,10 +233,10 @@ class _Slots(NamedTuple):
 class _Incoming(NamedTuple):
     """A chunk of tokens leaving the window, prepared for the state (rows: tokens)."""
 
-    keys: Tensor  # (B, Hkv, N, d): prepared keys (zeroed dims, state-key norm), ungated
-    values: Tensor  # (B, Hkv, N, dv)
-    gated: Tensor  # (B, Hkv, N, d + dv): what a merge adds, the (gated) key and value side by side
-    routing: Tensor  # (B, Hkv, N, r) fp32: the keys as routing scores read them (``_KVMCore.token_features``)
+    keys: Tensor  # (B, Hkv, C, d): prepared keys (zeroed dims, state-key norm), ungated
+    values: Tensor  # (B, Hkv, C, dv)
+    gated: Tensor  # (B, Hkv, C, d + dv): what a merge adds, the (gated) key and value side by side
+    routing: Tensor  # (B, Hkv, C, r) fp32: the keys as routing scores read them (``_KVMCore.token_features``)
 
 
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:

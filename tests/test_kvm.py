@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from blocks.config import ConfigError
-from blocks.kvm import KVMAttention, KVMConfig, _KVMCore, _max_last, kvm_attention, slots_after, target_slots
+from blocks.kvm import KVMAttention, KVMConfig, _KVMCore, _max_over_slots, kvm_attention, slots_after, target_slots
 from kvm_reference import reference_prefill
 from mixer_checks import (assert_close, check_batch_independent, check_continue_by_chunks,
                                 check_decode_equals_forward, check_gradients, check_state_roundtrip)
@@ -350,18 +350,18 @@ def _with_ctx(layer):
 
 
 @pytest.mark.parametrize("s", [5, 64, 100, 1000, 2884])
-def test_max_last_equals_torch_max_including_ties(s):
+def test_max_over_slots_equals_torch_max_including_ties(s):
     torch.manual_seed(s)
-    x = torch.randn(2, 3, 40, s).round(decimals=1)  # many ties
-    x[0, 0, 0] = x[0, 0, 0].max() + 1  # a tie across blocks and with the tail
-    x[0, 0, 0, [0, s // 2, s - 1]] = x[0, 0, 0].max()
-    every = x.amax(-1)
+    x = torch.randn(2, 3, s, 40).round(decimals=1)  # (B, H, slots, tokens), many ties
+    x[0, 0, :, 0] = x[0, 0, :, 0].max() + 1  # a tie across blocks and with the tail
+    x[0, 0, [0, s // 2, s - 1], 0] = x[0, 0, :, 0].max()
+    every = x.amax(-2)
     for skip in (0, 1, 33, min(s, 70)):
         masked = x.clone()
-        masked[..., :skip] = -torch.inf
-        got = _max_last(x.clone(), skip)
-        expected = masked.max(-1)
-        assert torch.equal(got[0], every), "the max over every entry"
+        masked[..., :skip, :] = -torch.inf
+        got = _max_over_slots(x.clone(), skip)
+        expected = masked.max(-2)
+        assert torch.equal(got[0], every), "the max over every slot"
         assert torch.equal(got[1], expected.values) and torch.equal(got[2], expected.indices), f"skip={skip}"
 
 

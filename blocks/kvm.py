@@ -268,8 +268,10 @@ def _max_over_slots(x: Tensor, skip: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         touched = -(-skip // block)
         block_max[..., :touched, :] = blocks[..., :touched, :, :].amax(-2)
     best_block = block_max.max(-2).indices  # (..., C)
-    index = best_block[..., None, None, :].expand(*best_block.shape[:-1], 1, block, tokens)
-    best, index = blocks.gather(-3, index).squeeze(-3).max(-2)  # inside each token's best block (..., C)
+    by_token = blocks.flatten(0, -4).permute(0, 3, 1, 2)  # (N, C, n, block) view, N the leading dims
+    rows, cols = torch.arange(by_token.shape[0], device=x.device)[:, None], torch.arange(tokens, device=x.device)
+    inside = by_token[rows, cols, best_block.reshape(-1, tokens)]  # (N, C, block): faster than gather on CPU
+    best, index = (y.view_as(best_block) for y in inside.max(-1))
     index = best_block * block + index
     if n * block < s:  # the ragged tail wins only if strictly larger: ties keep the first index
         tail_best, tail_index = x[..., n * block:, :].max(-2)

@@ -1,0 +1,98 @@
+"""KVM prefill time of two or more versions of blocks/kvm.py, interleaved in one process.
+
+On a shared machine the time of the same prefill drifts by tens of percent within minutes, so two
+runs of bench_kvm.py at different times cannot tell a 5 % change from noise. This loads each
+version (a git revision, or "work" for the working tree) as its own module and times them in
+turn, round after round, on the same inputs; it also checks that every version's output equals the
+first's.
+
+    python benchmarks/ab_kvm.py HEAD~1 work                       # fixed-256 at 32k
+    python benchmarks/ab_kvm.py 623ab1a work --budget power_law --length 8192 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import blocks.registry
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADS, HEAD_DIM, CHUNK = 6, 128, 256
+
+
+def load_version(revision: str, folder: Path):
+    """blocks/kvm.py at ``revision`` (or the working tree for "work") as a module of its own. Its
+    mixer registration is skipped: the real blocks.kvm registered that name already."""
+    path = ROOT / "blocks" / "kvm.py"
+    if revision != "work":
+        source = subprocess.run(["git", "show", f"{revision}:blocks/kvm.py"], cwd=ROOT, check=True,
+                                capture_output=True, text=True).stdout
+        path = folder / f"kvm_{len(list(folder.iterdir()))}.py"
+        path.write_text(source)
+    name = f"kvm_version_{revision.replace('~', '_').replace('^', '_')}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    register = blocks.registry.register_mixer
+    blocks.registry.register_mixer = lambda *args, **kwargs: (lambda cls: cls)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        blocks.registry.register_mixer = register
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("revisions", nargs="+", help='git revisions of blocks/kvm.py, or "work"')
+    parser.add_argument("--budget", choices=["fixed", "power_law"], default="fixed",
+                        help="fixed: 256 slots; power_law: 16 * sqrt(T) slots (bench_kvm.py's two variants)")
+    parser.add_argument("--length", type=int, default=32768)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, args.length, HEAD_DIM) for _ in range(3))
+    gate = 1 + F.elu(torch.randn(1, HEADS, args.length, 1))
+    norm, temps = torch.nn.LayerNorm(HEAD_DIM), torch.rand(HEADS) + 0.5
+    options = dict(num_heads=HEADS, chunk_len=CHUNK, rope_partial_dim=64, state_min_len=256)
+    if args.budget == "power_law":
+        options.update(budget="power_law", growth_factor=16)
+    with tempfile.TemporaryDirectory() as folder:
+        modules = {rev: load_version(rev, Path(folder)) for rev in args.revisions}
+        times = {rev: [] for rev in modules}
+        outputs = {}
+        with torch.inference_mode():
+            for round_ in range(args.rounds + 1):  # round 0 warms up and keeps the outputs
+                for rev, module in modules.items():
+                    start = time.perf_counter()
+                    out, _ = module.kvm_attention(q, k, v, gate, module.KVMConfig(**options), state_key_norm=norm,
+                                                  window_temp=temps, state_temp=temps)
+                    if round_:
+                        times[rev].append(time.perf_counter() - start)
+                    else:
+                        outputs[rev] = out
+    first = args.revisions[0]
+    print(f"# torch {torch.__version__}, {args.threads} threads, T={args.length}, {args.budget}, "
+          f"B=1 H={HEADS} d={HEAD_DIM} C={CHUNK}, {args.rounds} interleaved rounds")
+    print(f"{'version':>12} {'best s':>8} {'median s':>9} {'vs first':>9} {'max |diff|':>11}")
+    best_first = min(times[first])
+    for rev in modules:
+        ordered = sorted(times[rev])
+        diff = (outputs[rev] - outputs[first]).abs().max().item()
+        print(f"{rev:>12} {ordered[0]:>8.3f} {ordered[len(ordered) // 2]:>9.3f} {ordered[0] / best_first:>8.2f}x "
+              f"{diff:>11.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ first's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import subprocess
 import sys
@@ -24,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 import blocks.registry
+from bench_kvm import CHUNK, HEAD_DIM, HEADS, VARIANTS  # the same shapes and the same two KVM variants
 
 ROOT = Path(__file__).resolve().parent.parent
-HEADS, HEAD_DIM, CHUNK = 6, 128, 256
 
 
 def load_version(revision: str, folder: Path):
@@ -51,6 +52,14 @@ def load_version(revision: str, folder: Path):
     return module
 
 
+def variant_options(budget: str) -> dict:
+    """bench_kvm.py's variant with this budget, as the options it sets (the non-default fields), so
+    that each version's own KVMConfig builds it."""
+    config = next(cfg for cfg in VARIANTS.values() if cfg.budget == budget)
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if getattr(config, f.name) != f.default}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("revisions", nargs="+", help='git revisions of blocks/kvm.py, or "work"')
@@ -65,9 +74,7 @@ def main() -> None:
     q, k, v = (torch.randn(1, HEADS, args.length, HEAD_DIM) for _ in range(3))
     gate = 1 + F.elu(torch.randn(1, HEADS, args.length, 1))
     norm, temps = torch.nn.LayerNorm(HEAD_DIM), torch.rand(HEADS) + 0.5
-    options = dict(num_heads=HEADS, chunk_len=CHUNK, rope_partial_dim=64, state_min_len=256)
-    if args.budget == "power_law":
-        options.update(budget="power_law", growth_factor=16)
+    options = variant_options(args.budget)
     with tempfile.TemporaryDirectory() as folder:
         modules = {rev: load_version(rev, Path(folder)) for rev in args.revisions}
         times = {rev: [] for rev in modules}

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blocks.config import require, require_choice, require_positive
+from blocks.native import kvm_cpu
 from blocks.projection import ProjectedAttention, ProjectionConfig
 from blocks.registry import register_mixer
 from blocks.state import LayerState, StateError
@@ -307,6 +308,22 @@ class _KVMCore:
                  window_temp: Tensor | None, state_temp: Tensor | None, scale: float):
         self.config, self.norm, self.zero_dims = config, state_key_norm, zero_dims
         self.window_temp, self.state_temp, self.scale = window_temp, state_temp, scale
+        self.native = False  # set by ``use_native_kernels``
+
+    def use_native_kernels(self, *tensors: Tensor) -> None:
+        """Run state updates with the fused C kernels (blocks/native/kvm_cpu.c) where they apply:
+        without autograd, fp32 CPU tensors, a LayerNorm as state-key norm, no bf16 rounding of
+        state values, and the kernels built on this machine."""
+        norm = self.norm
+        self.native = (not torch.is_grad_enabled() and not self.config.bf16_state_values
+                       and type(norm) is nn.LayerNorm and norm.weight is not None
+                       and norm.weight.dtype == torch.float32
+                       and (norm.bias is None or norm.bias.dtype == torch.float32)
+                       and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+                       and kvm_cpu.library() is not None)
+
+    def _norm_args(self) -> tuple[Tensor, Tensor | None, float]:
+        return self.norm.weight.detach(), None if self.norm.bias is None else self.norm.bias.detach(), self.norm.eps
 
     def prepare_keys(self, k: Tensor) -> Tensor:
         """Keys entering the state: zero the rotated dims, then the state-key norm (which re-fills them)."""
@@ -349,6 +366,11 @@ class _KVMCore:
 
     def incoming(self, k: Tensor, v: Tensor, g: Tensor) -> _Incoming:
         """A raw overflow chunk (k, v: (B, Hkv, C, d); g: (B, Hkv, C, 1)) prepared for ``absorb``."""
+        if self.native:
+            cfg = self.config
+            k_u, gated, routing = kvm_cpu.incoming(k, v, g, *self._norm_args(), self.zero_dims, cfg.merge_gate_keys,
+                                                   cfg.merge_gate_values, self._fewer_routing_dims() is not None)
+            return _Incoming(k_u, v, gated, routing)
         k_u = self.prepare_keys(k)
         return _Incoming(k_u, v, torch.cat(self._gated(k_u, v, g), -1), self.token_features(k_u))
 
@@ -399,7 +421,7 @@ class _KVMCore:
             features = self.slot_features(self.norm(slots.keys) if normed_keys is None else normed_keys)
             scores = features @ incoming.routing.transpose(-1, -2)
         with torch.no_grad():  # the best slot of each token: over all (novelty), and over non-sink slots (its winner)
-            novelty, best, target = _max_over_slots(scores, cfg.sink_len)  # (B, Hkv, C) each
+            novelty, best, target = self._max_over_slots(scores, cfg.sink_len)  # (B, Hkv, C) each
         if n_append:  # the most novel tokens (lowest best similarity to any slot) append, in token order
             ranked = novelty.argsort(dim=-1, stable=True)  # (B, Hkv, C)
             append_idx = ranked[..., :n_append].sort(dim=-1).values
@@ -412,7 +434,7 @@ class _KVMCore:
             slots = self._appended(slots, k_app, v_app, self._lens_of(v_app))
             with torch.no_grad():  # merges route against the post-append slots: the new ones win if strictly better
                 new_rows = self.slot_features(self.norm(k_app)) @ incoming.routing.transpose(-1, -2)  # (B, Hkv, A, C)
-                best_new, target_new = _max_over_slots(new_rows)[1:]
+                best_new, target_new = self._max_over_slots(new_rows)[1:]
                 target = torch.where(best_new > best, target_new + num, target)  # ties keep the lower slot
         merging = incoming.gated  # (B, Hkv, M, d + dv)
         if n_append:
@@ -424,16 +446,32 @@ class _KVMCore:
             lens = slots.lens if counts is None else _add_rows(slots.lens, target, counts)
             return _Slots(_add_rows(slots.keys, target, merging[..., :d]), _add_rows(slots.values, target, merging[..., d:]),
                           lens)
-        _add_rows(room.sums, target, merging, inplace=True)
-        if counts is not None:
-            _add_rows(room.lens, target, counts, inplace=True)
+        if self.native:
+            kvm_cpu.merge_rows(room.sums, target.contiguous(), merging.contiguous(), None if counts is None else room.lens)
+        else:
+            _add_rows(room.sums, target, merging, inplace=True)
+            if counts is not None:
+                _add_rows(room.lens, target, counts, inplace=True)
         return self._refresh(slots, torch.cat([target, torch.arange(num, num + n_append, device=target.device)
                                                .expand(b, h, -1)], 2))
+
+    def _max_over_slots(self, scores: Tensor, skip: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        return kvm_cpu.route(scores, skip) if self.native else _max_over_slots(scores, skip)
 
     def _refresh(self, slots: _Slots, touched: Tensor) -> _Slots:
         """Recompute the room's read view where an update touched the slots (B, Hkv, M), repeats
         allowed; the whole view when that is most of it (gathering rows costs more than it saves)."""
         room, num, d = slots.room, slots.keys.shape[2], slots.keys.shape[-1]
+        if self.native:
+            if 2 * touched.shape[2] >= num:  # all slot rows (B*Hkv*num of the room's B*Hkv*R)
+                cap = room.sums.shape[2]
+                rows = room.sums.numel() // room.sums.shape[-1] if num == cap else _flat_rows(
+                    room.sums, torch.arange(num).expand(*touched.shape[:2], -1))
+            else:
+                rows = _flat_rows(room.sums, touched)
+            kvm_cpu.read_rows(room.sums, room.lens, *room[2:5], rows, *self._norm_args(), self.zero_dims,
+                              self.config.use_vlens, self._fewer_routing_dims() is not None)
+            return slots
         if 2 * touched.shape[2] >= num:
             read_keys, read_values = self._read(*slots[:3], room.read_values.dtype)
             features = self.slot_features(read_keys)
@@ -585,6 +623,7 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
     cfg = config
     chunk, window = cfg.chunk_len, cfg.window_len
     core = _KVMCore(cfg, state_key_norm, cfg.zeroed_key_dims(d), window_temp, state_temp, scale or 1.0 / math.sqrt(d))
+    core.use_native_kernels(q, k, v, gate)
 
     n0 = 0 if state is None else state.seq_len
     n1 = n0 + t

@@ -1,0 +1,71 @@
+"""Native CPU kernels: C sources in this folder, compiled on first use with the system C compiler.
+
+A kernel library is built once per source, compiler and CPU (``-march=native``) into the user's
+cache (``$XDG_CACHE_HOME/kvm-hybrid``, or ``$KVM_NATIVE_CACHE``) and loaded with ctypes: no build
+step at install time and no torch headers, so a build takes about a second. Where there is no C
+compiler, or ``KVM_NATIVE=0`` is set, ``load`` returns None and callers keep their PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared")
+
+
+def enabled() -> bool:
+    """False when the user turned native kernels off with KVM_NATIVE=0."""
+    return os.environ.get("KVM_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("KVM_NATIVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvm-hybrid")
+    return Path(root)
+
+
+def _machine_key(compiler: str) -> str:
+    """What a -march=native build depends on besides its source: the compiler and this CPU."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    try:
+        cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        cpu = os.uname().machine
+    return version + cpu
+
+
+@functools.cache
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled library of ``<name>.c`` in this folder, or None (warned once) if it cannot be built."""
+    if not enabled():
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        warnings.warn(f"no C compiler found: {name} kernels run in PyTorch (slower); install gcc to build them",
+                      stacklevel=2)
+        return None
+    source = Path(__file__).with_name(f"{name}.c")
+    try:
+        digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()
+                                + _machine_key(compiler).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"{name}-{digest}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename: atomic
+                built = Path(tmp) / target.name
+                subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"], check=True,
+                               capture_output=True, text=True, timeout=300)
+                os.replace(built, target)
+        return ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", "") or err
+        warnings.warn(f"building native {name} kernels failed, using PyTorch (slower): {detail}", stacklevel=2)
+        return None

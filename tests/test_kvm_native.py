@@ -1,0 +1,200 @@
+"""The fused C kernels of the KVM state update (blocks/native/kvm_cpu.c) against the PyTorch code
+they replace: kernel by kernel, then whole prefills and continuations with and without them."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blocks import native
+from blocks.kvm import KVMConfig, _flat_rows, _KVMCore, _max_over_slots, kvm_attention
+from blocks.native import kvm_cpu
+from mixer_checks import assert_close
+
+C = 8
+built = kvm_cpu.library() is not None
+
+
+def test_the_kernels_build_where_there_is_a_c_compiler():
+    assert built == (shutil.which("cc") is not None or shutil.which("gcc") is not None)
+
+
+needs_kernels = pytest.mark.skipif(not built, reason="no C compiler here: the PyTorch path runs instead")
+
+
+def _norm(d: int, bias: bool = True, zero_weight_at: int | None = None) -> torch.nn.LayerNorm:
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(d, bias=bias)
+    with torch.no_grad():
+        norm.weight.add_(0.5 * torch.randn(d))
+        if bias:
+            norm.bias.add_(0.5 * torch.randn(d))
+        if zero_weight_at is not None:
+            norm.weight[zero_weight_at] = 0
+    return norm
+
+
+def _core(norm, zero_dims: int, **options) -> _KVMCore:
+    core = _KVMCore(KVMConfig(num_heads=2, chunk_len=C, **options), norm, zero_dims, None, None, 1.0)
+    return core
+
+
+def _args(norm):
+    return norm.weight.detach(), None if norm.bias is None else norm.bias.detach(), norm.eps
+
+
+@needs_kernels
+@pytest.mark.parametrize("zero_dims, bias", [(6, True), (6, False), (0, True), (2, True)])
+@pytest.mark.parametrize("gate_keys, gate_values", [(True, True), (False, True), (True, False)])
+def test_incoming_equals_the_torch_preparation(zero_dims, bias, gate_keys, gate_values):
+    norm = _norm(16, bias, zero_weight_at=1)
+    core = _core(norm, zero_dims, merge_gate_keys=gate_keys, merge_gate_values=gate_values)
+    torch.manual_seed(1)
+    k = torch.randn(2, 30, 3, 16).transpose(1, 2)[:, :, 5:5 + C]  # (B, H, C, d) with the strides of a projection
+    v = torch.randn(2, 3, 40, 12)[:, :, 9:9 + C]
+    g = (1 + F.elu(torch.randn(2, 3, 40, 1)))[:, :, 9:9 + C]
+    reduced = core._fewer_routing_dims() is not None
+    assert reduced == (zero_dims > 2)
+    with torch.no_grad():
+        keys, gated, routing = kvm_cpu.incoming(k, v, g, *_args(norm), zero_dims, gate_keys, gate_values, reduced)
+        expected = core.prepare_keys(k)
+        assert_close(keys, expected, 1e-6, "prepared keys")
+        assert_close(gated, torch.cat(core._gated(expected, v, g), -1), 1e-6, "gated key | value")
+        assert_close(routing, core.token_features(expected), 1e-6, "routing features")
+
+
+@needs_kernels
+@pytest.mark.parametrize("use_vlens", [True, False])
+@pytest.mark.parametrize("zero_dims, bias", [(6, True), (6, False), (0, True)])
+def test_read_rows_equal_the_torch_read(use_vlens, zero_dims, bias):
+    norm = _norm(16, bias)
+    core = _core(norm, zero_dims, use_vlens=use_vlens)
+    reduced = core._fewer_routing_dims() is not None
+    torch.manual_seed(2)
+    sums, lens = torch.randn(2, 3, 20, 16 + 12), torch.rand(2, 3, 20, 1) + 0.5
+    with torch.no_grad():
+        read_keys, read_values = core._read(sums[..., :16], sums[..., 16:], lens, torch.float32)
+        features = core.slot_features(read_keys)
+        for rows in (2 * 3 * 20, _flat_rows(sums, torch.tensor([[[0, 5, 5, 19]] * 3] * 2))):
+            views = [torch.full_like(x, float("nan")) for x in (read_keys, read_values, features)]
+            kvm_cpu.read_rows(sums, lens, *views, rows, *_args(norm), zero_dims, use_vlens, reduced)
+            picked = torch.zeros(2 * 3 * 20, dtype=torch.bool)
+            picked[rows if isinstance(rows, torch.Tensor) else slice(None)] = True
+            for name, got, expected in zip(("keys", "values", "features"), views, (read_keys, read_values, features)):
+                got, expected = got.flatten(0, 2), expected.flatten(0, 2)
+                assert_close(got[picked], expected[picked], 1e-6, f"read {name}")
+                assert got[~picked].isnan().all(), f"rows not asked for were written ({name})"
+
+
+@needs_kernels
+@pytest.mark.parametrize("s, tokens", [(3, 40), (64, 40), (101, 256), (1000, 37)])
+def test_route_equals_torch_max_including_ties(s, tokens):
+    torch.manual_seed(s)
+    x = torch.randn(2, 3, s, tokens).round(decimals=1)  # (B, H, slots, tokens): many ties
+    x[0, 0, :, 0] = x[0, 0, :, 0].max() + 1
+    x[0, 0, [0, s // 2, s - 1], 0] = x[0, 0, :, 0].max()
+    for skip in sorted({0, 1, min(s, 33), s, s + 2}):
+        every, best, index = kvm_cpu.route(x, skip)
+        assert torch.equal(every, x.amax(-2)), f"the max over every slot, skip={skip}"
+        if skip >= s:
+            assert (best == -torch.inf).all() and (index == 0).all()
+            continue
+        expected = _max_over_slots(x.clone(), skip)
+        assert torch.equal(best, expected[1]) and torch.equal(index, expected[2]), f"skip={skip}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("with_counts", [False, True])
+def test_merge_rows_equal_index_add_with_repeats(with_counts):
+    torch.manual_seed(3)
+    sums, counts = torch.randn(2, 3, 10, 20), torch.ones(2, 3, 10, 1)
+    target, rows = torch.randint(0, 4, (2, 3, 15)), torch.randn(2, 3, 15, 20)  # many repeats
+    expected_sums = sums.reshape(-1, 20).index_add(0, _flat_rows(sums, target), rows.reshape(-1, 20)).view_as(sums)
+    expected_counts = counts.reshape(-1, 1).index_add(0, _flat_rows(counts, target), torch.ones(90, 1)).view_as(counts)
+    kvm_cpu.merge_rows(sums, target, rows, counts if with_counts else None)
+    assert torch.equal(sums, expected_sums)
+    assert torch.equal(counts, expected_counts if with_counts else torch.ones(2, 3, 10, 1))
+
+
+@needs_kernels
+def test_wrappers_refuse_what_the_kernels_cannot_read():
+    with pytest.raises(ValueError, match="float32"):
+        kvm_cpu.route(torch.randn(1, 2, 5, 8, dtype=torch.float64), 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        kvm_cpu.route(torch.randn(1, 2, 8, 5).transpose(-1, -2), 0)
+
+
+BUDGETS = {
+    "fixed": dict(budget="fixed"),
+    "power_law": dict(budget="power_law", growth_factor=4.0, state_min_len=8),
+    "saturation": dict(budget="saturation", saturation_n=24, state_min_len=1),
+}
+OPTIONS = [dict(), dict(use_vlens=False, sink_len=1), dict(sink_len=3, merge_gate_appends=True),
+           dict(merge_gate_keys=True, merge_gate_initial_state=True), dict(rope_partial_dim=0)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_with_the_kernels_equals_the_torch_path(monkeypatch, budget, options, kv_heads):
+    cfg = KVMConfig(num_heads=4, num_kv_heads=kv_heads, chunk_len=C, **{"rope_partial_dim": 4, **options},
+                    **BUDGETS[budget])
+    torch.manual_seed(5)
+    t = 11 * C + 3
+    q, k, v = torch.randn(2, 4, t, 16), torch.randn(2, kv_heads, t, 16), torch.randn(2, kv_heads, t, 16)
+    g = 1 + F.elu(torch.randn(2, kv_heads, t, 1))
+    norm, temps = _norm(16), (1 + 0.2 * torch.randn(4), 1 + 0.2 * torch.randn(4))
+
+    def run(splits):
+        outs, state, at = [], None, 0
+        for n in splits:
+            part = slice(at, at + n)
+            out, state = kvm_attention(q[:, :, part], k[:, :, part], v[:, :, part], g[:, :, part], cfg, state,
+                                       state_key_norm=norm, window_temp=temps[0], state_temp=temps[1])
+            outs.append(out)
+            at += n
+        return torch.cat(outs, 2), state
+
+    for splits in ([t], [2 * C + 3, 5 * C + 1, 4 * C - 1]):
+        with torch.inference_mode():
+            fused, fused_state = run(splits)
+            with monkeypatch.context() as m:
+                m.setattr(kvm_cpu, "library", lambda: None)
+                plain, plain_state = run(splits)
+        assert_close(fused, plain, 1e-5, f"output, splits {splits}")
+        for name, value in fused_state.state_dict().items():
+            assert_close(value, plain_state.state_dict()[name], 1e-5, f"state '{name}', splits {splits}")
+
+
+@needs_kernels
+def test_the_kernels_run_only_where_they_apply():
+    q = torch.randn(1, 2, 4 * C, 16)
+
+    def native_for(norm=None, dtype=torch.float32, **options):
+        core = _KVMCore(KVMConfig(num_heads=2, chunk_len=C, **options), norm or _norm(16), 0, None, None, 1.0)
+        core.use_native_kernels(q.to(dtype))
+        return core.native
+
+    with torch.no_grad():
+        assert native_for()
+        assert not native_for(bf16_state_values=True)
+        assert not native_for(torch.nn.RMSNorm(16))
+        assert not native_for(dtype=torch.bfloat16)
+    assert not native_for(), "with autograd on the update must stay differentiable"
+
+
+def test_kvm_native_0_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv("KVM_NATIVE", "0")
+    assert native.load.__wrapped__("kvm_cpu") is None
+
+
+def test_a_failing_build_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVM_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")
+    with pytest.warns(UserWarning, match="building native kvm_cpu kernels failed"):
+        assert native.load.__wrapped__("kvm_cpu") is None
+    assert not list(tmp_path.glob("*.so")), "a failed build left a library behind"

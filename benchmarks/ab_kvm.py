@@ -8,6 +8,10 @@ first's.
 
     python benchmarks/ab_kvm.py HEAD~1 work                       # fixed-256 at 32k
     python benchmarks/ab_kvm.py 623ab1a work --budget power_law --length 8192 --rounds 5
+    python benchmarks/ab_kvm.py work:torch work                   # without / with the C kernels
+
+A revision followed by ":torch" runs without the fused C kernels (blocks/native), as where they
+cannot be built; the kernels themselves are always the working tree's.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -30,16 +35,18 @@ from bench_kvm import CHUNK, HEAD_DIM, HEADS, VARIANTS  # the same shapes and th
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_version(revision: str, folder: Path):
-    """blocks/kvm.py at ``revision`` (or the working tree for "work") as a module of its own. Its
-    mixer registration is skipped: the real blocks.kvm registered that name already."""
+def load_version(spec_text: str, folder: Path):
+    """blocks/kvm.py at a revision (or the working tree for "work"), ":torch" appended for its
+    PyTorch path only, as a module of its own. Its mixer registration is skipped: the real
+    blocks.kvm registered that name already."""
+    revision, _, mode = spec_text.partition(":")
     path = ROOT / "blocks" / "kvm.py"
     if revision != "work":
         source = subprocess.run(["git", "show", f"{revision}:blocks/kvm.py"], cwd=ROOT, check=True,
                                 capture_output=True, text=True).stdout
         path = folder / f"kvm_{len(list(folder.iterdir()))}.py"
         path.write_text(source)
-    name = f"kvm_version_{revision.replace('~', '_').replace('^', '_')}"
+    name = f"kvm_version_{revision.replace('~', '_').replace('^', '_')}_{mode}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -49,6 +56,10 @@ def load_version(revision: str, folder: Path):
         spec.loader.exec_module(module)
     finally:
         blocks.registry.register_mixer = register
+    if mode == "torch":
+        module.kvm_cpu = types.SimpleNamespace(library=lambda: None)
+    elif mode:
+        raise SystemExit(f"ab_kvm: unknown mode {mode!r} in {spec_text!r} (use REV or REV:torch)")
     return module
 
 
@@ -62,7 +73,7 @@ def variant_options(budget: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("revisions", nargs="+", help='git revisions of blocks/kvm.py, or "work"')
+    parser.add_argument("revisions", nargs="+", help='git revisions of blocks/kvm.py, or "work"; REV:torch without the C kernels')
     parser.add_argument("--budget", choices=["fixed", "power_law"], default="fixed",
                         help="fixed: 256 slots; power_law: 16 * sqrt(T) slots (bench_kvm.py's two variants)")
     parser.add_argument("--length", type=int, default=32768)

@@ -24,7 +24,12 @@ time in one flash-attention call over overlapping views of the keys (no tiles ar
 chunk by chunk right after that chunk's update. With autograd, each chunk is one softmax over
 [state ; window]. Without autograd the slots also live in buffers sized for the call's final slot
 count (key and value sums side by side, their read view, their routing features and a score
-buffer), so updates write in place and only the touched slots' views are recomputed.
+buffer), so updates write in place and only the touched slots' views are recomputed. There, on
+CPU in fp32 with a LayerNorm as state-key norm, the state update runs in fused C kernels
+(blocks/native/kvm_cpu.c, compiled on first use; ``KVM_NATIVE=0`` turns them off): preparing the
+leaving tokens, the routing scores a block of slots at a time reduced to each token's best slot
+while in cache, and the merges with the re-read of the slots they touch. The PyTorch code stays as
+the fallback and is what the kernels are tested against.
 
 Differences from the published v1 code (kvm.md §6), each deliberate:
 
@@ -413,15 +418,20 @@ class _KVMCore:
         cfg = self.config
         (b, h, size, d), num = incoming.keys.shape, slots.keys.shape[2]
         n_append = min(max(target_slots(cfg, ctx_len, available, num) - num, 0), size)
-        # every slot against every token, (B, Hkv, S, C) fp32: novelty and routing share it
-        if slots.room is not None:
-            scores = torch.matmul(slots.room.features[:, :, :num], incoming.routing.transpose(-1, -2),
-                                  out=slots.room.scores[: b * h * num * size].view(b, h, num, size))
-        else:
-            features = self.slot_features(self.norm(slots.keys) if normed_keys is None else normed_keys)
-            scores = features @ incoming.routing.transpose(-1, -2)
-        with torch.no_grad():  # the best slot of each token: over all (novelty), and over non-sink slots (its winner)
-            novelty, best, target = self._max_over_slots(scores, cfg.sink_len)  # (B, Hkv, C) each
+        # The best slot of each token, by its score against every slot: over all (novelty), and over
+        # the non-sink slots (its winner). (B, Hkv, C) each.
+        if self.native:  # the scores a block of slots at a time, each block reduced while in cache
+            novelty, best, target = kvm_cpu.best_slots(slots.room.features[:, :, :num], incoming.routing,
+                                                       cfg.sink_len, slots.room.scores)
+        else:  # every slot against every token, (B, Hkv, S, C) fp32
+            if slots.room is not None:
+                scores = torch.matmul(slots.room.features[:, :, :num], incoming.routing.transpose(-1, -2),
+                                      out=slots.room.scores[: b * h * num * size].view(b, h, num, size))
+            else:
+                features = self.slot_features(self.norm(slots.keys) if normed_keys is None else normed_keys)
+                scores = features @ incoming.routing.transpose(-1, -2)
+            with torch.no_grad():
+                novelty, best, target = _max_over_slots(scores, cfg.sink_len)
         if n_append:  # the most novel tokens (lowest best similarity to any slot) append, in token order
             ranked = novelty.argsort(dim=-1, stable=True)  # (B, Hkv, C)
             append_idx = ranked[..., :n_append].sort(dim=-1).values
@@ -434,7 +444,7 @@ class _KVMCore:
             slots = self._appended(slots, k_app, v_app, self._lens_of(v_app))
             with torch.no_grad():  # merges route against the post-append slots: the new ones win if strictly better
                 new_rows = self.slot_features(self.norm(k_app)) @ incoming.routing.transpose(-1, -2)  # (B, Hkv, A, C)
-                best_new, target_new = self._max_over_slots(new_rows)[1:]
+                best_new, target_new = (kvm_cpu.route(new_rows, 0) if self.native else _max_over_slots(new_rows))[1:]
                 target = torch.where(best_new > best, target_new + num, target)  # ties keep the lower slot
         merging = incoming.gated  # (B, Hkv, M, d + dv)
         if n_append:
@@ -447,31 +457,20 @@ class _KVMCore:
             return _Slots(_add_rows(slots.keys, target, merging[..., :d]), _add_rows(slots.values, target, merging[..., d:]),
                           lens)
         if self.native:
-            kvm_cpu.merge_rows(room.sums, target.contiguous(), merging.contiguous(), None if counts is None else room.lens)
-        else:
-            _add_rows(room.sums, target, merging, inplace=True)
-            if counts is not None:
-                _add_rows(room.lens, target, counts, inplace=True)
+            kvm_cpu.merge_and_read(room.sums, room.lens, *room[2:5], target.contiguous(), merging.contiguous(),
+                                   counts is not None, num + n_append, num, *self._norm_args(), self.zero_dims,
+                                   cfg.use_vlens, self._fewer_routing_dims() is not None)
+            return slots
+        _add_rows(room.sums, target, merging, inplace=True)
+        if counts is not None:
+            _add_rows(room.lens, target, counts, inplace=True)
         return self._refresh(slots, torch.cat([target, torch.arange(num, num + n_append, device=target.device)
                                                .expand(b, h, -1)], 2))
-
-    def _max_over_slots(self, scores: Tensor, skip: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        return kvm_cpu.route(scores, skip) if self.native else _max_over_slots(scores, skip)
 
     def _refresh(self, slots: _Slots, touched: Tensor) -> _Slots:
         """Recompute the room's read view where an update touched the slots (B, Hkv, M), repeats
         allowed; the whole view when that is most of it (gathering rows costs more than it saves)."""
         room, num, d = slots.room, slots.keys.shape[2], slots.keys.shape[-1]
-        if self.native:
-            if 2 * touched.shape[2] >= num:  # all slot rows (B*Hkv*num of the room's B*Hkv*R)
-                cap = room.sums.shape[2]
-                rows = room.sums.numel() // room.sums.shape[-1] if num == cap else _flat_rows(
-                    room.sums, torch.arange(num).expand(*touched.shape[:2], -1))
-            else:
-                rows = _flat_rows(room.sums, touched)
-            kvm_cpu.read_rows(room.sums, room.lens, *room[2:5], rows, *self._norm_args(), self.zero_dims,
-                              self.config.use_vlens, self._fewer_routing_dims() is not None)
-            return slots
         if 2 * touched.shape[2] >= num:
             read_keys, read_values = self._read(*slots[:3], room.read_values.dtype)
             features = self.slot_features(read_keys)

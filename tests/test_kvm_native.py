@@ -69,24 +69,34 @@ def test_incoming_equals_the_torch_preparation(zero_dims, bias, gate_keys, gate_
 @needs_kernels
 @pytest.mark.parametrize("use_vlens", [True, False])
 @pytest.mark.parametrize("zero_dims, bias", [(6, True), (6, False), (0, True)])
-def test_read_rows_equal_the_torch_read(use_vlens, zero_dims, bias):
+@pytest.mark.parametrize("merges, appended", [(3, 1), (25, 2), (0, 4)])  # a few touched slots; most: all re-read
+def test_merge_and_read_equal_index_add_then_the_torch_read(use_vlens, zero_dims, bias, merges, appended):
     norm = _norm(16, bias)
     core = _core(norm, zero_dims, use_vlens=use_vlens)
     reduced = core._fewer_routing_dims() is not None
     torch.manual_seed(2)
-    sums, lens = torch.randn(2, 3, 20, 16 + 12), torch.rand(2, 3, 20, 1) + 0.5
+    cap, num = 24, 20  # room rows, slots in use (the last `appended` of them new)
+    sums, lens = torch.randn(2, 3, cap, 16 + 12), torch.rand(2, 3, cap, 1) + 0.5
+    target, rows = torch.randint(0, 4, (2, 3, merges)), torch.randn(2, 3, merges, 16 + 12)  # repeated targets
     with torch.no_grad():
-        read_keys, read_values = core._read(sums[..., :16], sums[..., 16:], lens, torch.float32)
-        features = core.slot_features(read_keys)
-        for rows in (2 * 3 * 20, _flat_rows(sums, torch.tensor([[[0, 5, 5, 19]] * 3] * 2))):
-            views = [torch.full_like(x, float("nan")) for x in (read_keys, read_values, features)]
-            kvm_cpu.read_rows(sums, lens, *views, rows, *_args(norm), zero_dims, use_vlens, reduced)
-            picked = torch.zeros(2 * 3 * 20, dtype=torch.bool)
-            picked[rows if isinstance(rows, torch.Tensor) else slice(None)] = True
-            for name, got, expected in zip(("keys", "values", "features"), views, (read_keys, read_values, features)):
-                got, expected = got.flatten(0, 2), expected.flatten(0, 2)
-                assert_close(got[picked], expected[picked], 1e-6, f"read {name}")
-                assert got[~picked].isnan().all(), f"rows not asked for were written ({name})"
+        new_sums = sums.reshape(-1, 28).index_add(0, _flat_rows(sums, target), rows.reshape(-1, 28)).view_as(sums)
+        new_lens = lens if use_vlens else lens.reshape(-1, 1).index_add(
+            0, _flat_rows(lens, target), torch.ones(2 * 3 * merges, 1)).view_as(lens)
+        read_keys, read_values = core._read(new_sums[..., :16], new_sums[..., 16:], new_lens, torch.float32)
+        expected = (read_keys, read_values, core.slot_features(read_keys))
+        views = [torch.full_like(x, float("nan")) for x in expected]
+        kvm_cpu.merge_and_read(sums, lens, *views, target, rows, not use_vlens, num, num - appended, *_args(norm),
+                               zero_dims, use_vlens, reduced)
+    assert torch.equal(sums, new_sums) and torch.equal(lens, new_lens), "merges as index_add"
+    touched = torch.zeros(2, 3, cap, dtype=torch.bool)
+    if 2 * (merges + appended) >= num:
+        touched[:, :, :num] = True
+    else:
+        touched.scatter_(2, target, True)
+        touched[:, :, num - appended:num] = True
+    for name, got, want in zip(("keys", "values", "features"), views, expected):
+        assert_close(got[touched], want[touched], 1e-6, f"read {name}")
+        assert got[~touched].isnan().all(), f"slots nobody touched were re-read ({name})"
 
 
 @needs_kernels
@@ -104,19 +114,6 @@ def test_route_equals_torch_max_including_ties(s, tokens):
             continue
         expected = _max_over_slots(x.clone(), skip)
         assert torch.equal(best, expected[1]) and torch.equal(index, expected[2]), f"skip={skip}"
-
-
-@needs_kernels
-@pytest.mark.parametrize("with_counts", [False, True])
-def test_merge_rows_equal_index_add_with_repeats(with_counts):
-    torch.manual_seed(3)
-    sums, counts = torch.randn(2, 3, 10, 20), torch.ones(2, 3, 10, 1)
-    target, rows = torch.randint(0, 4, (2, 3, 15)), torch.randn(2, 3, 15, 20)  # many repeats
-    expected_sums = sums.reshape(-1, 20).index_add(0, _flat_rows(sums, target), rows.reshape(-1, 20)).view_as(sums)
-    expected_counts = counts.reshape(-1, 1).index_add(0, _flat_rows(counts, target), torch.ones(90, 1)).view_as(counts)
-    kvm_cpu.merge_rows(sums, target, rows, counts if with_counts else None)
-    assert torch.equal(sums, expected_sums)
-    assert torch.equal(counts, expected_counts if with_counts else torch.ones(2, 3, 10, 1))
 
 
 @needs_kernels

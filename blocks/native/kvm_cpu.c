@@ -5,6 +5,8 @@
  * of an update. The results equal the PyTorch path's up to float rounding (sums here run in 8
  * lanes); tests/test_kvm_native.py checks each kernel against it.
  *
+ * Threads: OpenMP over rows or heads, in the OpenMP runtime torch already loaded (same soname), so
+ * torch.set_num_threads applies here too; calls with fewer than PARALLEL_ROWS rows stay serial.
  * Conventions: a "row" is one token or one slot; row-major float32 with unit stride inside a row.
  * LayerNorm is torch's: biased variance, y = (x - mean) / sqrt(var + eps) * w + b.
  * Routing features with fewer dims (``_KVMCore._fewer_routing_dims``): with z zeroed dims,
@@ -12,11 +14,14 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <float.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
+
+#define PARALLEL_ROWS 256
 
 static float sum_f(const float *x, int64_t n) {
     float s = 0.0f;
@@ -63,6 +68,7 @@ void kvm_incoming(int64_t n, int64_t h, int64_t c, int64_t d, int64_t dv, int64_
     int64_t r = reduced ? d - z + 2 : d;
     float ww = reduced ? dot_f(w, w, z) : 1.0f;
     float inv_ww = 1.0f / (ww > FLT_MIN ? ww : FLT_MIN);
+#pragma omp parallel for schedule(static) collapse(3) if (n * h * c >= PARALLEL_ROWS)
     for (int64_t in = 0; in < n; in++)
         for (int64_t ih = 0; ih < h; ih++)
             for (int64_t ic = 0; ic < c; ic++) {
@@ -87,65 +93,109 @@ void kvm_incoming(int64_t n, int64_t h, int64_t c, int64_t d, int64_t dv, int64_
             }
 }
 
-/* The read view of slot rows: sums (rows, d + dv) = key sum | value sum, lens (rows) ->
- * read_keys = LayerNorm(key sum; w, b) (rows, d); read_values (rows, dv) = value sum rescaled to
- * length lens (vlens) or divided by lens (count); feat (rows, r) = [rk[z:], rk[:z].w, rk[:z].b] if
- * reduced, else rk. The rows are ``index`` (m entries, repeats allowed) into every array, or, with
- * index NULL, rows 0..m-1. */
-void kvm_read_rows(int64_t m, const int64_t *index, int64_t d, int64_t dv, int64_t z,
-                   const float *sums, const float *lens, const float *w, const float *b, float eps,
-                   int use_vlens, int reduced, float *read_keys, float *read_values, float *feat) {
-    int64_t r = reduced ? d - z + 2 : d;
-    for (int64_t i = 0; i < m; i++) {
-        int64_t row = index ? index[i] : i;
-        const float *kx = sums + row * (d + dv), *vx = kx + d;
-        float *ky = read_keys + row * d, *vy = read_values + row * dv, *fy = feat + row * r;
-        layer_norm_zeroed(kx, ky, d, 0, w, b, eps);
-        float len = lens[row];
-        float factor;
-        if (use_vlens) {
-            float norm = sqrtf(dot_f(vx, vx, dv));
-            factor = len / (norm > 1e-12f ? norm : 1e-12f);
-        } else {
-            factor = 1.0f / len;
-        }
-        for (int64_t j = 0; j < dv; j++) vy[j] = vx[j] * factor;
-        if (reduced) {
-            memcpy(fy, ky + z, (size_t)(d - z) * sizeof(float));
-            fy[d - z] = dot_f(ky, w, z);
-            fy[d - z + 1] = b ? dot_f(ky, b, z) : 0.0f;
-        } else {
-            memcpy(fy, ky, (size_t)d * sizeof(float));
-        }
+/* The read view of one slot row: sums row = key sum | value sum, len -> read key = LayerNorm(key
+ * sum; w, b) (d); read value (dv) = value sum rescaled to length len (vlens) or divided by len
+ * (count); routing features (r) = [rk[z:], rk[:z].w, rk[:z].b] if reduced, else rk. */
+static void read_row(const float *sums, float len, int64_t d, int64_t dv, int64_t z, const float *w,
+                     const float *b, float eps, int use_vlens, int reduced, float *ky, float *vy, float *fy) {
+    const float *kx = sums, *vx = sums + d;
+    layer_norm_zeroed(kx, ky, d, 0, w, b, eps);
+    float factor;
+    if (use_vlens) {
+        float norm = sqrtf(dot_f(vx, vx, dv));
+        factor = len / (norm > 1e-12f ? norm : 1e-12f);
+    } else {
+        factor = 1.0f / len;
+    }
+    for (int64_t j = 0; j < dv; j++) vy[j] = vx[j] * factor;
+    if (reduced) {
+        memcpy(fy, ky + z, (size_t)(d - z) * sizeof(float));
+        fy[d - z] = dot_f(ky, w, z);
+        fy[d - z + 1] = b ? dot_f(ky, b, z) : 0.0f;
+    } else {
+        memcpy(fy, ky, (size_t)d * sizeof(float));
     }
 }
 
-/* The running best (and its first index, unless index is NULL) of tokens j0..j1-1 over slots
- * lo..hi-1, scalar. */
-static void route_scalar(const float *x, int64_t c, int64_t lo, int64_t hi, int64_t j0, int64_t j1,
+/* One boundary update's merges and the read view they change, for nh heads of a room of cap slot
+ * rows (sums (nh, cap, d + dv), lens (nh, cap); read_keys (nh, cap, d), read_values (nh, cap, dv),
+ * feat (nh, cap, r)) holding num slots, of which first_new.. were just appended: rows (nh, m, d + dv)
+ * are added at slots target (nh, m), each counted in lens if count_merges; then the read view is
+ * recomputed for every slot a merge touched and every appended one, or for all num slots when that
+ * is most of them. Slots are visited in address order (merges grouped by slot with a counting sort
+ * that keeps token order within a slot, so every sum equals torch's index_add bit for bit), and each
+ * is read right after its merges, while its row is in cache. Returns 0, or -1 if out of memory. */
+int kvm_merge_read(int64_t nh, int64_t m, int64_t cap, int64_t num, int64_t first_new, int64_t d, int64_t dv,
+                   int64_t z, const int64_t *target, const float *rows, int count_merges, float *sums,
+                   float *lens, const float *w, const float *b, float eps, int use_vlens, int reduced,
+                   float *read_keys, float *read_values, float *feat) {
+    int64_t f = d + dv, r = reduced ? d - z + 2 : d;
+    int full = 2 * (m + num - first_new) >= num;
+    int failed = 0;
+#pragma omp parallel for schedule(static) if (nh * (m + num) >= PARALLEL_ROWS)
+    for (int64_t ih = 0; ih < nh; ih++) {
+        int64_t *start = malloc((size_t)(num + 1) * sizeof(int64_t)), *order = malloc((size_t)(m + 1) * sizeof(int64_t));
+        if (!start || !order) {
+            free(start);
+            free(order);
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
+        const int64_t *tg = target + ih * m;
+        memset(start, 0, (size_t)(num + 1) * sizeof(int64_t));
+        for (int64_t i = 0; i < m; i++) start[tg[i] + 1]++;
+        for (int64_t is = 0; is < num; is++) start[is + 1] += start[is];  /* slot is's merges: order[start[is]..start[is+1]) */
+        for (int64_t i = 0; i < m; i++) order[start[tg[i]]++] = i;  /* leaves start[is] = the end of slot is's merges */
+        for (int64_t is = 0, at = 0; is < num; is++) {
+            int64_t end = start[is], slot = ih * cap + is;
+            if (!(full || end > at || is >= first_new)) continue;
+            float *y = sums + slot * f;
+            for (; at < end; at++) {
+                const float *x = rows + (ih * m + order[at]) * f;
+#pragma omp simd
+                for (int64_t j = 0; j < f; j++) y[j] += x[j];
+                if (count_merges) lens[slot] += 1.0f;
+            }
+            read_row(y, lens[slot], d, dv, z, w, b, eps, use_vlens, reduced, read_keys + slot * d, read_values + slot * dv,
+                     feat + slot * r);
+        }
+        free(start);
+        free(order);
+    }
+    return failed ? -1 : 0;
+}
+
+/* The running best (and its first index, unless index is NULL) of tokens j0..j1-1 over score
+ * rows lo..hi-1 of slots slot0 + row, scalar. */
+static void route_scalar(const float *x, int64_t c, int64_t lo, int64_t hi, int64_t j0, int64_t j1, int64_t slot0,
                          float *best, int32_t *index) {
     for (int64_t is = lo; is < hi; is++)
         for (int64_t j = j0; j < j1; j++)
             if (x[is * c + j] > best[j]) {
                 best[j] = x[is * c + j];
-                if (index) index[j] = (int32_t)is;
+                if (index) index[j] = (int32_t)(slot0 + is);
             }
 }
 
-/* Routing scores (nh, s, c), slots by tokens -> per token (nh, c): ``every``, its best score over all
- * slots; ``best`` and ``index``, the best score and first best slot among slots skip.. (best = -inf,
- * index = 0 if there are none). One pass over the scores in memory order; with AVX2, four slot rows
- * at a time update the running best of 8 tokens per register. */
-void kvm_route(int64_t nh, int64_t s, int64_t c, const float *scores, int64_t skip,
-               float *every, float *best, int64_t *index, int32_t *scratch) {
-    if (skip > s) skip = s;
+/* Routing: the best slot of each token, over the score rows of slots slot0..slot0+s-1, in blocks.
+ * scores (nh, s, c), slots by tokens; every, best (nh, c) and index (nh, c) carry the running result
+ * from block to block (init: this is the first block): ``every``, each token's best score over all
+ * slots; ``best`` and ``index``, its best score and first best slot among slots >= skip (best = -inf,
+ * index = 0 while there are none). One pass over the scores in memory order; with AVX2, four slot
+ * rows at a time update the running best of 8 tokens per register. */
+void kvm_route(int64_t nh, int64_t s, int64_t c, const float *scores, int64_t slot0, int64_t skip, int init,
+               float *every, float *best, int32_t *index) {
+    int64_t sinks = skip - slot0 < 0 ? 0 : (skip - slot0 > s ? s : skip - slot0);  /* this block's sink rows */
+#pragma omp parallel for schedule(static) if (nh * s >= PARALLEL_ROWS)
     for (int64_t ih = 0; ih < nh; ih++) {
         const float *x = scores + ih * s * c;
         float *ev = every + ih * c, *bs = best + ih * c;
-        int32_t *ix = scratch;
-        for (int64_t j = 0; j < c; j++) { ev[j] = -INFINITY; bs[j] = -INFINITY; ix[j] = 0; }
-        route_scalar(x, c, 0, skip, 0, c, ev, NULL);  /* the sinks: only their best score matters */
-        int64_t is = skip, vec = 0;
+        int32_t *ix = index + ih * c;
+        if (init)
+            for (int64_t j = 0; j < c; j++) { ev[j] = -INFINITY; bs[j] = -INFINITY; ix[j] = 0; }
+        route_scalar(x, c, 0, sinks, 0, c, 0, ev, NULL);  /* sinks: only their best score matters */
+        int64_t is = sinks, vec = 0;
 #ifdef __AVX2__
         vec = c - c % 8;
         for (; is + 4 <= s; is += 4) {
@@ -156,34 +206,17 @@ void kvm_route(int64_t nh, int64_t s, int64_t c, const float *scores, int64_t sk
                 for (int r = 0; r < 4; r++) {
                     __m256 val = _mm256_loadu_ps(row + r * c + j);
                     __m256 better = _mm256_cmp_ps(val, b, _CMP_GT_OQ);
+                    __m256i slot = _mm256_set1_epi32((int32_t)(slot0 + is + r));
                     b = _mm256_blendv_ps(b, val, better);
-                    i = _mm256_blendv_ps(i, _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)(is + r))), better);
+                    i = _mm256_blendv_ps(i, _mm256_castsi256_ps(slot), better);
                 }
                 _mm256_storeu_ps(bs + j, b);
                 _mm256_storeu_si256((__m256i *)(ix + j), _mm256_castps_si256(i));
             }
-            route_scalar(x, c, is, is + 4, vec, c, bs, ix);
+            route_scalar(x, c, is, is + 4, vec, c, slot0, bs, ix);
         }
 #endif
-        route_scalar(x, c, is, s, 0, c, bs, ix);
-        for (int64_t t = 0; t < c; t++) {
-            ev[t] = bs[t] > ev[t] ? bs[t] : ev[t];
-            index[ih * c + t] = ix[t];
-        }
+        route_scalar(x, c, is, s, 0, c, slot0, bs, ix);
+        for (int64_t j = 0; j < c; j++) ev[j] = bs[j] > ev[j] ? bs[j] : ev[j];
     }
-}
-
-/* Merges: rows (nh, m, f) added into sums (nh, cap, f) at slots target (nh, m), in order (as
- * torch's index_add); with counts (non-NULL, (nh, cap)), one more token counted per merge. */
-void kvm_merge_rows(int64_t nh, int64_t m, int64_t f, int64_t cap, const int64_t *target, const float *rows,
-                    float *sums, float *counts) {
-    for (int64_t ih = 0; ih < nh; ih++)
-        for (int64_t i = 0; i < m; i++) {
-            int64_t slot = ih * cap + target[ih * m + i];
-            float *y = sums + slot * f;
-            const float *x = rows + (ih * m + i) * f;
-#pragma omp simd
-            for (int64_t j = 0; j < f; j++) y[j] += x[j];
-            if (counts) counts[slot] += 1.0f;
-        }
 }

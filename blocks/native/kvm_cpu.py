@@ -19,9 +19,8 @@ _I, _F, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {
     "kvm_incoming": [_I] * 6 + [_P, _I, _I, _I] * 3 + [_P, _P, _F, ctypes.c_int, ctypes.c_int, ctypes.c_int]
                     + [_P] * 3,
-    "kvm_read_rows": [_I, _P, _I, _I, _I, _P, _P, _P, _P, _F, ctypes.c_int, ctypes.c_int, _P, _P, _P],
-    "kvm_route": [_I, _I, _I, _P, _I, _P, _P, _P, _P],
-    "kvm_merge_rows": [_I, _I, _I, _I, _P, _P, _P, _P],
+    "kvm_merge_read": [_I] * 8 + [_P, _P, ctypes.c_int, _P, _P, _P, _P, _F, ctypes.c_int, ctypes.c_int] + [_P] * 3,
+    "kvm_route": [_I, _I, _I, _P, _I, _I, ctypes.c_int, _P, _P, _P],
 }
 
 
@@ -30,7 +29,8 @@ def library() -> ctypes.CDLL | None:
     lib = load("kvm_cpu")
     if lib is not None:
         for name, argtypes in _SIGNATURES.items():
-            getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
+            getattr(lib, name).argtypes = argtypes
+            getattr(lib, name).restype = ctypes.c_int if name == "kvm_merge_read" else None
     return lib
 
 
@@ -63,44 +63,52 @@ def incoming(k: Tensor, v: Tensor, g: Tensor, weight: Tensor, bias: Tensor | Non
     return ku, gated, feat
 
 
-def read_rows(sums: Tensor, lens: Tensor, read_keys: Tensor, read_values: Tensor, features: Tensor,
-              rows: Tensor | int, weight: Tensor, bias: Tensor | None, eps: float, zero_dims: int,
-              use_vlens: bool, reduced: bool) -> None:
-    """Recompute the read view (read_keys, read_values, features: (B, H, R, *)) of a room's sums
-    (B, H, R, d + dv) and lens (B, H, R, 1), in place, at ``rows``: flat row indices (M,) into the
-    B*H*R rows, or an int n for the first n rows of the flattened room (all of it: B*H*R)."""
-    d, dv = read_keys.shape[-1], read_values.shape[-1]
+def merge_and_read(sums: Tensor, lens: Tensor, read_keys: Tensor, read_values: Tensor, features: Tensor,
+                   target: Tensor, rows: Tensor, count_merges: bool, num: int, first_new: int, weight: Tensor,
+                   bias: Tensor | None, eps: float, zero_dims: int, use_vlens: bool, reduced: bool) -> None:
+    """A boundary update's merges into a room, in place: rows (B, H, M, d + dv) added to sums
+    (B, H, R, d + dv) at slots target (B, H, M), counted in lens (B, H, R, 1) if ``count_merges``;
+    then the read view (read_keys, read_values, features: (B, H, R, *)) recomputed for the touched
+    slots and the appended ones [first_new, num), or for all ``num`` slots when that is most of them."""
     for name, x in (("sums", sums), ("lens", lens), ("read_keys", read_keys), ("read_values", read_values),
-                    ("features", features)):
+                    ("features", features), ("rows", rows)):
         _check(name, x, contiguous=True)
-    if isinstance(rows, Tensor):
-        _check("rows", rows, contiguous=True, dtype=torch.int64)
-        count, index = rows.numel(), rows.data_ptr()
-    else:
-        count, index = rows, None
-    library().kvm_read_rows(count, index, d, dv, zero_dims, _ptr(sums), _ptr(lens), _ptr(weight), _ptr(bias),
-                            eps, use_vlens, reduced, _ptr(read_keys), _ptr(read_values), _ptr(features))
+    _check("target", target, contiguous=True, dtype=torch.int64)
+    b, h, cap, _ = sums.shape
+    status = library().kvm_merge_read(b * h, target.shape[-1], cap, num, first_new, read_keys.shape[-1], read_values.shape[-1],
+                             zero_dims, _ptr(target), _ptr(rows), count_merges, _ptr(sums), _ptr(lens), _ptr(weight),
+                             _ptr(bias), eps, use_vlens, reduced, _ptr(read_keys), _ptr(read_values), _ptr(features))
+    if status:
+        raise MemoryError(f"kvm_cpu: no memory for the merge order of {target.shape[-1]} tokens")
+
+
+ROUTE_BLOCK = 512  # slot rows per block of routing scores (6 heads x 512 x 256 tokens: 3 MiB)
 
 
 def route(scores: Tensor, skip: int) -> tuple[Tensor, Tensor, Tensor]:
     """Routing scores (..., S, C), slots by tokens -> every, best, index (..., C), as ``_max_over_slots``."""
     _check("scores", scores, contiguous=True)
     *lead, s, c = scores.shape
-    nh = scores.numel() // max(s * c, 1)
     every, best = scores.new_empty(*lead, c), scores.new_empty(*lead, c)
-    index = torch.empty(*lead, c, dtype=torch.int64)
-    scratch = torch.empty(c, dtype=torch.int32)
-    library().kvm_route(nh, s, c, _ptr(scores), skip, _ptr(every), _ptr(best), _ptr(index), _ptr(scratch))
-    return every, best, index
+    index = torch.empty(*lead, c, dtype=torch.int32)
+    library().kvm_route(every.numel() // max(c, 1), s, c, _ptr(scores), 0, skip, True, _ptr(every), _ptr(best),
+                        _ptr(index))
+    return every, best, index.long()
 
 
-def merge_rows(sums: Tensor, target: Tensor, rows: Tensor, counts: Tensor | None) -> None:
-    """sums (B, H, R, F) += rows (B, H, M, F) at slots target (B, H, M), in place, in order; counts
-    (B, H, R, 1), if given, count one more token per merge."""
-    _check("sums", sums, contiguous=True)
-    _check("rows", rows, contiguous=True)
-    _check("target", target, contiguous=True, dtype=torch.int64)
-    if counts is not None:
-        _check("counts", counts, contiguous=True)
-    b, h, cap, f = sums.shape
-    library().kvm_merge_rows(b * h, target.shape[-1], f, cap, _ptr(target), _ptr(rows), _ptr(sums), _ptr(counts))
+def best_slots(slot_features: Tensor, token_features: Tensor, skip: int, scratch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The routing of tokens (B, H, C, r) among slots (B, H, S, r), by routing features -> every,
+    best, index (B, H, C), as ``route`` of their scores (B, H, S, C), without that matrix: the scores
+    of ``ROUTE_BLOCK`` slots at a time go into ``scratch`` (fp32, at least B*H*ROUTE_BLOCK*C) and are
+    reduced while they are still in cache."""
+    _check("scratch", scratch, contiguous=True)
+    b, h, s, _ = slot_features.shape
+    c = token_features.shape[2]
+    every, best = token_features.new_empty(b, h, c), token_features.new_empty(b, h, c)
+    index = torch.empty(b, h, c, dtype=torch.int32)
+    tokens = token_features.transpose(-1, -2)  # (B, H, r, C)
+    for lo in range(0, s, ROUTE_BLOCK):
+        rows = min(s, lo + ROUTE_BLOCK) - lo
+        block = torch.matmul(slot_features[:, :, lo:lo + rows], tokens, out=scratch[: b * h * rows * c].view(b, h, rows, c))
+        library().kvm_route(b * h, rows, c, _ptr(block), lo, skip, lo == 0, _ptr(every), _ptr(best), _ptr(index))
+    return every, best, index.long()

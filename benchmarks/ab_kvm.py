@@ -10,14 +10,16 @@ first's.
     python benchmarks/ab_kvm.py 623ab1a work --budget power_law --length 8192 --rounds 5
     python benchmarks/ab_kvm.py work:torch work                   # without / with the C kernels
 
-A revision followed by ":torch" runs without the fused C kernels (blocks/native), as where they
-cannot be built; the kernels themselves are always the working tree's.
+Each version brings its own fused C kernels (blocks/native/kvm_cpu.py and .c at that revision,
+compiled apart) where it has them; a revision followed by ":torch" runs without them, as where they
+cannot be built.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import subprocess
 import sys
@@ -29,37 +31,58 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import blocks.native
 import blocks.registry
 from bench_kvm import CHUNK, HEAD_DIM, HEADS, VARIANTS  # the same shapes and the same two KVM variants
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_version(spec_text: str, folder: Path):
-    """blocks/kvm.py at a revision (or the working tree for "work"), ":torch" appended for its
-    PyTorch path only, as a module of its own. Its mixer registration is skipped: the real
-    blocks.kvm registered that name already."""
-    revision, _, mode = spec_text.partition(":")
-    path = ROOT / "blocks" / "kvm.py"
-    if revision != "work":
-        source = subprocess.run(["git", "show", f"{revision}:blocks/kvm.py"], cwd=ROOT, check=True,
-                                capture_output=True, text=True).stdout
-        path = folder / f"kvm_{len(list(folder.iterdir()))}.py"
-        path.write_text(source)
-    name = f"kvm_version_{revision.replace('~', '_').replace('^', '_')}_{mode}"
+def file_at(revision: str, relative: str, folder: Path) -> Path | None:
+    """``relative`` (a path in the repository) at ``revision`` written into ``folder``, or the
+    working tree's file for "work"; None if the revision has no such file."""
+    if revision == "work":
+        return ROOT / relative
+    shown = subprocess.run(["git", "show", f"{revision}:{relative}"], cwd=ROOT, capture_output=True, text=True)
+    if shown.returncode:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / Path(relative).name
+    path.write_text(shown.stdout)
+    return path
+
+
+def import_file(name: str, path: Path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_version(spec_text: str, folder: Path):
+    """blocks/kvm.py at a revision (or the working tree for "work") as a module of its own, with that
+    revision's C kernels, or none with ":torch" appended. Its mixer registration is skipped: the
+    real blocks.kvm registered that name already."""
+    revision, _, mode = spec_text.partition(":")
+    if mode not in ("", "torch"):
+        raise SystemExit(f"ab_kvm: unknown mode {mode!r} in {spec_text!r} (use REV or REV:torch)")
+    tag = f"{revision.replace('~', '_').replace('^', '_')}_{mode}"
+    here = folder / tag
     register = blocks.registry.register_mixer
     blocks.registry.register_mixer = lambda *args, **kwargs: (lambda cls: cls)
     try:
-        spec.loader.exec_module(module)
+        module = import_file(f"kvm_version_{tag}", file_at(revision, "blocks/kvm.py", here))
     finally:
         blocks.registry.register_mixer = register
-    if mode == "torch":
+    wrapper = file_at(revision, "blocks/native/kvm_cpu.py", here)
+    if mode == "torch" or wrapper is None:
         module.kvm_cpu = types.SimpleNamespace(library=lambda: None)
-    elif mode:
-        raise SystemExit(f"ab_kvm: unknown mode {mode!r} in {spec_text!r} (use REV or REV:torch)")
+    elif revision != "work":  # that revision's wrappers, building that revision's C source
+        kernels = import_file(f"kvm_cpu_{tag}", wrapper)
+        file_at(revision, "blocks/native/kvm_cpu.c", here)
+        kernels.load = functools.partial(blocks.native.load, folder=here)
+        module.kvm_cpu = kernels
     return module
 
 

@@ -314,6 +314,8 @@ class _KVMCore:
         self.config, self.norm, self.zero_dims = config, state_key_norm, zero_dims
         self.window_temp, self.state_temp, self.scale = window_temp, state_temp, scale
         self.native = False  # set by ``use_native_kernels``
+        self._incoming_buffers: tuple[Tensor, Tensor, Tensor] | None = None  # native ``incoming``'s outputs
+        self._window_masks: dict = {}  # ``attend_windows``' additive masks by (groups, dtype, device)
 
     def use_native_kernels(self, *tensors: Tensor) -> None:
         """Run state updates with the fused C kernels (blocks/native/kvm_cpu.c) where they apply:
@@ -371,11 +373,12 @@ class _KVMCore:
 
     def incoming(self, k: Tensor, v: Tensor, g: Tensor) -> _Incoming:
         """A raw overflow chunk (k, v: (B, Hkv, C, d); g: (B, Hkv, C, 1)) prepared for ``absorb``."""
-        if self.native:
+        if self.native:  # into the same buffers every chunk: they are consumed by the update that follows
             cfg = self.config
-            k_u, gated, routing = kvm_cpu.incoming(k, v, g, *self._norm_args(), self.zero_dims, cfg.merge_gate_keys,
-                                                   cfg.merge_gate_values, self._fewer_routing_dims() is not None)
-            return _Incoming(k_u, v, gated, routing)
+            self._incoming_buffers = kvm_cpu.incoming(
+                k, v, g, *self._norm_args(), self.zero_dims, cfg.merge_gate_keys, cfg.merge_gate_values,
+                self._fewer_routing_dims() is not None, out=self._incoming_buffers)
+            return _Incoming(self._incoming_buffers[0], v, *self._incoming_buffers[1:])
         k_u = self.prepare_keys(k)
         return _Incoming(k_u, v, torch.cat(self._gated(k_u, v, g), -1), self.token_features(k_u))
 
@@ -572,10 +575,13 @@ class _KVMCore:
         # A batch entry is (row, kv head) and a "head" is a chunk; a kv head's g query heads are extra query rows.
         q = q.transpose(2, 3).reshape(b * hkv, n, groups * chunk, d)  # (B*Hkv, n, g*C, d)
         tiles = lambda x: x.flatten(0, 1).unfold(1, window, chunk).transpose(-1, -2)  # noqa: E731  (B*Hkv, n, W, d)
-        visible = (torch.arange(window, device=q.device)[None, :]
-                   <= window - chunk + torch.arange(chunk, device=q.device)[:, None])  # (C, W)
-        mask = torch.zeros(chunk, window, dtype=q.dtype, device=q.device).masked_fill_(~visible, -torch.inf)
-        out, lse = _flash_cpu(q, tiles(keys), tiles(values), attn_mask=mask.repeat(groups, 1), scale=self.scale)
+        key = (groups, q.dtype, q.device)
+        if key not in self._window_masks:  # (g*C, W), the same for every call
+            visible = (torch.arange(window, device=q.device)[None, :]
+                       <= window - chunk + torch.arange(chunk, device=q.device)[:, None])  # (C, W)
+            mask = torch.zeros(chunk, window, dtype=q.dtype, device=q.device).masked_fill_(~visible, -torch.inf)
+            self._window_masks[key] = mask.repeat(groups, 1)
+        out, lse = _flash_cpu(q, tiles(keys), tiles(values), attn_mask=self._window_masks[key], scale=self.scale)
         return out.view(b, hkv, n, groups, chunk, -1), lse.view(b, hkv, n, groups, chunk)
 
 
@@ -707,8 +713,11 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
                 group_lo = c
             o_s, lse_s = core.attend_slots(q[:, :, rows], normed, slot_values)  # (B, Hq, C, dv), (B, Hq, C)
             o_w, lse_w = win_out[:, :, c - group_lo], win_lse[:, :, c - group_lo]  # (B, Hkv, g, C, dv), (B, Hkv, g, C)
-            weight = torch.sigmoid(lse_s.view_as(lse_w) - lse_w).unsqueeze(-1).to(o_w.dtype)  # share of the state
-            torch.lerp(o_w, o_s.view_as(o_w), weight, out=out[:, :, rows].view_as(o_w))
+            if core.native:
+                kvm_cpu.join(o_w, lse_w, o_s.view_as(o_w), lse_s.view_as(lse_w), out[:, :, rows].view_as(o_w))
+            else:
+                weight = torch.sigmoid(lse_s.view_as(lse_w) - lse_w).unsqueeze(-1).to(o_w.dtype)  # share of the state
+                torch.lerp(o_w, o_s.view_as(o_w), weight, out=out[:, :, rows].view_as(o_w))
         else:
             win_lo = (c + 1 - nb) * chunk - start  # buffer index of the chunk's window start
             # (q_hi - q_lo, keys): the query at chunk offset i sees window keys j <= (Nb - 1)*C + i

@@ -117,6 +117,23 @@ def test_route_equals_torch_max_including_ties(s, tokens):
 
 
 @needs_kernels
+@pytest.mark.parametrize("block", [1, 7, 64, 4096])
+def test_blocked_routing_equals_routing_the_whole_score_matrix(monkeypatch, block):
+    monkeypatch.setattr(kvm_cpu, "ROUTE_BLOCK", block)
+    torch.manual_seed(7)
+    room = torch.randint(-3, 4, (2, 3, 120, 10)).float()  # integer features: exact scores, many ties
+    slots, tokens = room[:, :, :100], torch.randint(-3, 4, (2, 3, 37, 10)).float()  # slots: a room's first rows
+    scores = (slots @ tokens.transpose(-1, -2)).contiguous()  # (B, H, S, C)
+    scratch = torch.empty(2 * 3 * 100 * 37)
+    for skip in (0, 1, 9, 100):
+        every, best, index = kvm_cpu.best_slots(slots, tokens, skip, scratch)
+        expected = _max_over_slots(scores.clone(), skip)
+        assert torch.equal(every, scores.amax(-2)), f"skip={skip}"
+        if skip < 100:
+            assert torch.equal(best, expected[1]) and torch.equal(index, expected[2]), f"skip={skip}"
+
+
+@needs_kernels
 def test_wrappers_refuse_what_the_kernels_cannot_read():
     with pytest.raises(ValueError, match="float32"):
         kvm_cpu.route(torch.randn(1, 2, 5, 8, dtype=torch.float64), 0)

@@ -43,8 +43,9 @@ def _machine_key(compiler: str) -> str:
 
 
 @functools.cache
-def load(name: str) -> ctypes.CDLL | None:
-    """The compiled library of ``<name>.c`` in this folder, or None (warned once) if it cannot be built."""
+def load(name: str, folder: Path | None = None) -> ctypes.CDLL | None:
+    """The compiled library of ``<name>.c`` in this folder (or ``folder``), or None (warned once) if
+    it cannot be built."""
     if not enabled():
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -52,7 +53,7 @@ def load(name: str) -> ctypes.CDLL | None:
         warnings.warn(f"no C compiler found: {name} kernels run in PyTorch (slower); install gcc to build them",
                       stacklevel=2)
         return None
-    source = Path(__file__).with_name(f"{name}.c")
+    source = (folder or Path(__file__).parent) / f"{name}.c"
     try:
         digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()
                                 + _machine_key(compiler).encode()).hexdigest()[:16]

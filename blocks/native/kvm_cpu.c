@@ -220,3 +220,25 @@ void kvm_route(int64_t nh, int64_t s, int64_t c, const float *scores, int64_t sl
         for (int64_t j = 0; j < c; j++) ev[j] = bs[j] > ev[j] ? bs[j] : ev[j];
     }
 }
+
+/* The joint softmax of a window read and a state read, from their normalised outputs and
+ * log-sum-exps: out = o_w + sigmoid(lse_s - lse_w) * (o_s - o_w), for rows (b, h, g, c) of dv
+ * values; each tensor is given with its strides (in floats) over b, h, g and c. */
+void kvm_join(int64_t nb, int64_t nh, int64_t ng, int64_t nc, int64_t dv,
+              const float *o_w, const int64_t *ow_s, const float *lse_w, const int64_t *lw_s,
+              const float *o_s, const int64_t *os_s, const float *lse_s, const int64_t *ls_s,
+              float *out, const int64_t *out_s) {
+#define AT(t, s) ((t) + ib * (s)[0] + ih * (s)[1] + ig * (s)[2] + ic * (s)[3])
+#pragma omp parallel for schedule(static) collapse(4) if (nb * nh * ng * nc >= PARALLEL_ROWS)
+    for (int64_t ib = 0; ib < nb; ib++)
+        for (int64_t ih = 0; ih < nh; ih++)
+            for (int64_t ig = 0; ig < ng; ig++)
+                for (int64_t ic = 0; ic < nc; ic++) {
+                    const float *xw = AT(o_w, ow_s), *xs = AT(o_s, os_s);
+                    float *y = AT(out, out_s);
+                    float share = 1.0f / (1.0f + expf(*AT(lse_w, lw_s) - *AT(lse_s, ls_s)));  /* the state's share */
+#pragma omp simd
+                    for (int64_t j = 0; j < dv; j++) y[j] = xw[j] + share * (xs[j] - xw[j]);
+                }
+#undef AT
+}

@@ -21,6 +21,7 @@ _SIGNATURES = {
                     + [_P] * 3,
     "kvm_merge_read": [_I] * 8 + [_P, _P, ctypes.c_int, _P, _P, _P, _P, _F, ctypes.c_int, ctypes.c_int] + [_P] * 3,
     "kvm_route": [_I, _I, _I, _P, _I, _I, ctypes.c_int, _P, _P, _P],
+    "kvm_join": [_I] * 5 + [_P] * 10,
 }
 
 
@@ -46,9 +47,12 @@ def _check(name: str, x: Tensor, *, contiguous: bool = False, dtype: torch.dtype
 
 
 def incoming(k: Tensor, v: Tensor, g: Tensor, weight: Tensor, bias: Tensor | None, eps: float, zero_dims: int,
-             gate_keys: bool, gate_values: bool, reduced: bool) -> tuple[Tensor, Tensor, Tensor]:
+             gate_keys: bool, gate_values: bool, reduced: bool,
+             out: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Raw chunk k (B, H, C, d), v (B, H, C, dv), g (B, H, C, 1) -> prepared keys (B, H, C, d), gated
-    key | value (B, H, C, d + dv) and routing features (B, H, C, r), as ``_KVMCore.incoming``."""
+    key | value (B, H, C, d + dv) and routing features (B, H, C, r), as ``_KVMCore.incoming``;
+    into ``out`` if given (buffers of the same shapes, reused from chunk to chunk: fresh memory costs
+    a page fault per 4 KiB on first touch)."""
     (b, h, c, d), dv = k.shape, v.shape[-1]
     for name, x in (("k", k), ("v", v), ("g", g)):
         _check(name, x)
@@ -56,7 +60,14 @@ def incoming(k: Tensor, v: Tensor, g: Tensor, weight: Tensor, bias: Tensor | Non
         if x is not None:
             _check(name, x, contiguous=True)
     r = d - zero_dims + 2 if reduced else d
-    ku, gated, feat = k.new_empty(b, h, c, d), k.new_empty(b, h, c, d + dv), k.new_empty(b, h, c, r)
+    shapes = ((b, h, c, d), (b, h, c, d + dv), (b, h, c, r))
+    if out is None:
+        out = tuple(k.new_empty(shape) for shape in shapes)
+    for x, shape in zip(out, shapes):
+        _check("out", x, contiguous=True)
+        if x.shape != shape:
+            raise ValueError(f"kvm_cpu: incoming out buffer {tuple(x.shape)}, expected {shape}")
+    ku, gated, feat = out
     library().kvm_incoming(b, h, c, d, dv, zero_dims, _ptr(k), *k.stride()[:3], _ptr(v), *v.stride()[:3],
                            _ptr(g), *g.stride()[:3], _ptr(weight), _ptr(bias), eps, gate_keys, gate_values,
                            reduced, _ptr(ku), _ptr(gated), _ptr(feat))
@@ -112,3 +123,22 @@ def best_slots(slot_features: Tensor, token_features: Tensor, skip: int, scratch
         block = torch.matmul(slot_features[:, :, lo:lo + rows], tokens, out=scratch[: b * h * rows * c].view(b, h, rows, c))
         library().kvm_route(b * h, rows, c, _ptr(block), lo, skip, lo == 0, _ptr(every), _ptr(best), _ptr(index))
     return every, best, index.long()
+
+
+def _strides(x: Tensor) -> ctypes.Array:
+    """x's strides over its first four dims, as a C array."""
+    return (_I * 4)(*x.stride()[:4])
+
+
+def join(o_w: Tensor, lse_w: Tensor, o_s: Tensor, lse_s: Tensor, out: Tensor) -> None:
+    """The joint softmax of a window read and a state read, into out: o_w, o_s, out (B, Hkv, g, C, dv)
+    outputs with their log-sum-exps lse_w, lse_s (B, Hkv, g, C), any strides but unit ones in dv."""
+    for name, x in (("o_w", o_w), ("o_s", o_s), ("out", out)):
+        _check(name, x)
+        if x.shape != o_w.shape:
+            raise ValueError(f"kvm_cpu: {name} {tuple(x.shape)} differs from o_w {tuple(o_w.shape)}")
+    for name, x in (("lse_w", lse_w), ("lse_s", lse_s)):
+        if x.dtype != torch.float32 or x.shape != o_w.shape[:4]:
+            raise ValueError(f"kvm_cpu: {name} must be float32 {tuple(o_w.shape[:4])}, got {x.dtype} {tuple(x.shape)}")
+    library().kvm_join(*o_w.shape, _ptr(o_w), _strides(o_w), _ptr(lse_w), _strides(lse_w), _ptr(o_s), _strides(o_s),
+                       _ptr(lse_s), _strides(lse_s), _ptr(out), _strides(out))

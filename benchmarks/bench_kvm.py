@@ -10,6 +10,7 @@ kernel allows on this machine.
 
     python benchmarks/bench_kvm.py                      # T = 2k, 8k, 16k, 32k
     python benchmarks/bench_kvm.py --lengths 2048 8192 --repeats 5
+    KVM_NATIVE=0 python benchmarks/bench_kvm.py        # the state update in PyTorch, without the C kernels
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from blocks.kvm import WINDOW_CALL_BYTES, KVMConfig, kvm_attention, slots_after
+from blocks.native import kvm_cpu
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -85,7 +87,8 @@ def main() -> None:
     norm = torch.nn.LayerNorm(HEAD_DIM)
     temps = torch.ones(HEADS)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, B=1 H={HEADS} d={HEAD_DIM} "
-          f"C={CHUNK} W={2 * CHUNK}, fp32, best of {args.repeats}")
+          f"C={CHUNK} W={2 * CHUNK}, fp32, best of {args.repeats}, "
+          f"KVM state update in {'C kernels' if kvm_cpu.library() else 'PyTorch (KVM_NATIVE=0 or no compiler)'}")
     print(f"{'T':>6} {'variant':>15} {'prefill s':>10} {'spread':>7} {'vs SDPA':>8} {'attn only':>9} {'bound':>6} "
           f"{'decode ms/tok':>13} {'slots':>6} {'state MiB':>9} {'% of KV':>7}")
     with torch.inference_mode():

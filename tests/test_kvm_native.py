@@ -134,6 +134,26 @@ def test_blocked_routing_equals_routing_the_whole_score_matrix(monkeypatch, bloc
 
 
 @needs_kernels
+def test_join_of_two_partial_softmaxes_is_the_joint_softmax():
+    torch.manual_seed(8)
+    b, hkv, g, c, dv = 2, 3, 2, 8, 16
+    logits_w, logits_s = torch.randn(b, hkv, g, c, 5), torch.randn(b, hkv, g, c, 7)  # window / state keys per query
+    values_w, values_s = torch.randn(b, hkv, g, 5, dv), torch.randn(b, hkv, g, 7, dv)
+    joint = torch.cat([logits_w, logits_s], -1).softmax(-1) @ torch.cat([values_w, values_s], -2)
+    # laid out as the flash calls return them: a group's window outputs, lse stored rows-last
+    o_w = torch.zeros(b, hkv, 4, g, c, dv)
+    o_w[:, :, 1] = logits_w.softmax(-1) @ values_w
+    lse_w = torch.zeros(b * hkv, g * c, 4).permute(0, 2, 1).view(b, hkv, 4, g, c)
+    lse_w[:, :, 1] = logits_w.logsumexp(-1)
+    o_s = (logits_s.softmax(-1) @ values_s).reshape(b, hkv * g, c, dv).view(b, hkv, g, c, dv)
+    lse_s = logits_s.logsumexp(-1).reshape(b, hkv * g, c).transpose(1, 2).contiguous().transpose(1, 2)
+    out = torch.full((b, hkv * g, 3 * c, dv), float("nan"))
+    kvm_cpu.join(o_w[:, :, 1], lse_w[:, :, 1], o_s, lse_s.view(b, hkv, g, c), out[:, :, c:2 * c].view(b, hkv, g, c, dv))
+    assert_close(out[:, :, c:2 * c].reshape(b, hkv, g, c, dv), joint, 1e-6)
+    assert out[:, :, :c].isnan().all() and out[:, :, 2 * c:].isnan().all(), "rows outside the view were written"
+
+
+@needs_kernels
 def test_wrappers_refuse_what_the_kernels_cannot_read():
     with pytest.raises(ValueError, match="float32"):
         kvm_cpu.route(torch.randn(1, 2, 5, 8, dtype=torch.float64), 0)

@@ -18,7 +18,10 @@ import tempfile
 import warnings
 from pathlib import Path
 
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared")
+# OpenMP threads where the compiler has OpenMP (the kernels then share torch's runtime: same
+# soname, already loaded); else serial kernels, still vectorised.
+THREADING = (("-fopenmp",), ("-fopenmp-simd",))
 
 
 def enabled() -> bool:
@@ -54,19 +57,27 @@ def load(name: str, folder: Path | None = None) -> ctypes.CDLL | None:
                       stacklevel=2)
         return None
     source = (folder or Path(__file__).parent) / f"{name}.c"
-    try:
-        digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()
-                                + _machine_key(compiler).encode()).hexdigest()[:16]
-        target = _cache_dir() / f"{name}-{digest}.so"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename: atomic
-                built = Path(tmp) / target.name
-                subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"], check=True,
-                               capture_output=True, text=True, timeout=300)
-                os.replace(built, target)
-        return ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as err:
-        detail = getattr(err, "stderr", "") or err
-        warnings.warn(f"building native {name} kernels failed, using PyTorch (slower): {detail}", stacklevel=2)
-        return None
+    failure: Exception | None = None
+    for threading in THREADING:
+        try:
+            return ctypes.CDLL(str(_build(compiler, source, (*FLAGS, *threading))))
+        except (OSError, subprocess.SubprocessError) as err:
+            failure = failure or err
+    detail = getattr(failure, "stderr", "") or failure
+    warnings.warn(f"building native {name} kernels failed, using PyTorch (slower): {detail}", stacklevel=2)
+    return None
+
+
+def _build(compiler: str, source: Path, flags: tuple[str, ...]) -> Path:
+    """The cached library of ``source`` built with ``flags``, building it first if needed."""
+    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()
+                            + _machine_key(compiler).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{source.stem}-{digest}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename: atomic
+            built = Path(tmp) / target.name
+            subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"], check=True,
+                           capture_output=True, text=True, timeout=300)
+            os.replace(built, target)
+    return target

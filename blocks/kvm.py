@@ -423,7 +423,8 @@ class _KVMCore:
         n_append = min(max(target_slots(cfg, ctx_len, available, num) - num, 0), size)
         # The best slot of each token, by its score against every slot: over all (novelty), and over
         # the non-sink slots (its winner). (B, Hkv, C) each.
-        if self.native:  # the scores a block of slots at a time, each block reduced while in cache
+        native = self.native and slots.room is not None  # the kernels update a room in place
+        if native:  # the scores a block of slots at a time, each block reduced while in cache
             novelty, best, target = kvm_cpu.best_slots(slots.room.features[:, :, :num], incoming.routing,
                                                        cfg.sink_len, slots.room.scores)
         else:  # every slot against every token, (B, Hkv, S, C) fp32
@@ -447,7 +448,7 @@ class _KVMCore:
             slots = self._appended(slots, k_app, v_app, self._lens_of(v_app))
             with torch.no_grad():  # merges route against the post-append slots: the new ones win if strictly better
                 new_rows = self.slot_features(self.norm(k_app)) @ incoming.routing.transpose(-1, -2)  # (B, Hkv, A, C)
-                best_new, target_new = (kvm_cpu.route(new_rows, 0) if self.native else _max_over_slots(new_rows))[1:]
+                best_new, target_new = (kvm_cpu.route(new_rows, 0) if native else _max_over_slots(new_rows))[1:]
                 target = torch.where(best_new > best, target_new + num, target)  # ties keep the lower slot
         merging = incoming.gated  # (B, Hkv, M, d + dv)
         if n_append:
@@ -459,7 +460,7 @@ class _KVMCore:
             lens = slots.lens if counts is None else _add_rows(slots.lens, target, counts)
             return _Slots(_add_rows(slots.keys, target, merging[..., :d]), _add_rows(slots.values, target, merging[..., d:]),
                           lens)
-        if self.native:
+        if native:
             kvm_cpu.merge_and_read(room.sums, room.lens, *room[2:5], target.contiguous(), merging.contiguous(),
                                    counts is not None, num + n_append, num, *self._norm_args(), self.zero_dims,
                                    cfg.use_vlens, self._fewer_routing_dims() is not None)

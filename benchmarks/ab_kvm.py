@@ -3,8 +3,11 @@
 On a shared machine the time of the same prefill drifts by tens of percent within minutes, so two
 runs of bench_kvm.py at different times cannot tell a 5 % change from noise. This loads each
 version (a git revision, or "work" for the working tree) as its own module and times them in
-turn, round after round, on the same inputs; it also checks that every version's output equals the
-first's.
+turn, round after round, on the same inputs; it also compares every version's output with the
+first's: "equal to" is the position where they first differ by more than 1e-3 ("all": nowhere).
+Routing is discrete, so float rounding that differs between versions (a kernel that sums in
+another order) can rank two near-tied tokens or slots the other way; from that chunk on the states,
+and the outputs, go apart, both equally valid evaluations of the algorithm.
 
     python benchmarks/ab_kvm.py HEAD~1 work                       # fixed-256 at 32k
     python benchmarks/ab_kvm.py 623ab1a work --budget power_law --length 8192 --rounds 5
@@ -126,13 +129,14 @@ def main() -> None:
     first = args.revisions[0]
     print(f"# torch {torch.__version__}, {args.threads} threads, T={args.length}, {args.budget}, "
           f"B=1 H={HEADS} d={HEAD_DIM} C={CHUNK}, {args.rounds} interleaved rounds")
-    print(f"{'version':>12} {'best s':>8} {'median s':>9} {'vs first':>9} {'max |diff|':>11}")
+    print(f"{'version':>12} {'best s':>8} {'median s':>9} {'vs first':>9} {'max |diff|':>11} {'equal to':>8}")
     best_first = min(times[first])
     for rev in modules:
         ordered = sorted(times[rev])
-        diff = (outputs[rev] - outputs[first]).abs().max().item()
+        diff = (outputs[rev] - outputs[first]).abs().amax(dim=(0, 1, 3))  # (T,) per position
+        apart = (diff > 1e-3).nonzero()
         print(f"{rev:>12} {ordered[0]:>8.3f} {ordered[len(ordered) // 2]:>9.3f} {ordered[0] / best_first:>8.2f}x "
-              f"{diff:>11.2e}")
+              f"{diff.max().item():>11.2e} {'all' if not len(apart) else int(apart[0]):>8}")
 
 
 if __name__ == "__main__":

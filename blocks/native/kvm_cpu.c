@@ -3,7 +3,9 @@
  * Each kernel does in one pass over rows what the PyTorch path does in several small ops, each of
  * which reads and writes its whole tensor: on a CPU those passes, not the arithmetic, are the cost
  * of an update. The results equal the PyTorch path's up to float rounding (sums here run in 8
- * lanes); tests/test_kvm_native.py checks each kernel against it.
+ * lanes); tests/test_kvm_native.py checks each kernel against it. Routing is discrete: where two
+ * slots' scores, or two tokens' novelties, tie to within that rounding, it may go the other way
+ * than on the PyTorch path (as between two BLAS builds), and the states part from there on.
  *
  * Threads: OpenMP over rows or heads, in the OpenMP runtime torch already loaded (same soname), so
  * torch.set_num_threads applies here too; calls with fewer than PARALLEL_ROWS rows stay serial.

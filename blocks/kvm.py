@@ -25,11 +25,12 @@ chunk by chunk right after that chunk's update. With autograd, each chunk is one
 [state ; window]. Without autograd the slots also live in buffers sized for the call's final slot
 count (key and value sums side by side, their read view, their routing features and a score
 buffer), so updates write in place and only the touched slots' views are recomputed. There, on
-CPU in fp32 with a LayerNorm as state-key norm, the state update runs in fused C kernels
-(blocks/native/kvm_cpu.c, compiled on first use; ``KVM_NATIVE=0`` turns them off): preparing the
-leaving tokens, the routing scores a block of slots at a time reduced to each token's best slot
-while in cache, and the merges with the re-read of the slots they touch. The PyTorch code stays as
-the fallback and is what the kernels are tested against.
+CPU in fp32 with a LayerNorm as state-key norm, fused C kernels take over (blocks/native/kvm_cpu.c,
+compiled on first use; ``KVM_NATIVE=0`` turns them off): the state update (preparing the leaving
+tokens, the routing scores a block of slots at a time reduced to each token's best slot while in
+cache, the merges with the re-read of the slots they touch) and the read of each whole chunk, one
+online softmax over its slots and its window that skips the window's masked keys. The PyTorch code
+stays as the fallback and is what the kernels are tested against.
 
 Differences from the published v1 code (kvm.md §6), each deliberate:
 
@@ -677,11 +678,13 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
     queries against the state as it now is and against their window. Returns the final slots.
 
     buf_* hold raw tokens [start, n0 + T); q holds the queries [n0, n0 + T); their outputs go to the
-    same rows of ``out`` (B, Hq, T, dv). Two reads, equal up to float rounding:
+    same rows of ``out`` (B, Hq, T, dv). Three reads, equal up to float rounding:
 
     * exact tile: one softmax over [state ; window] keys concatenated per chunk. Used with autograd
       on (training: the flash op's log-sum-exp has no gradient), off CPU, and for partial chunks
       (decode, continuations that start or stop inside a chunk).
+    * fused (the C kernels, see the module docstring): a whole chunk's slots and window in one
+      online softmax, in one call, straight into ``out``.
     * split (under no_grad / inference_mode, CPU, whole chunks): the window part of a few whole
       chunks at a time (``_window_group``) in one flash attention call over overlapping views of the
       buffer, the state part per chunk against its slots as they are, each with its log-sum-exp;
@@ -695,6 +698,10 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
     whole_lo, whole_hi = -(-max(n0, window) // chunk), n1 // chunk  # chunks [whole_lo, whole_hi) are all queries
     split = whole_lo < whole_hi and q.device.type == "cpu" and not torch.is_grad_enabled()
     group = _window_group(q.shape[0] * q.shape[1] * chunk * q.shape[-1] * q.element_size()) if split else 0
+    fused = split and core.native and kvm_cpu.fused_read()
+    if fused:  # each query head's logit scales, fp32: (Hq,) for the state and (Hq,) for the window
+        scales = tuple((core.scale * (torch.ones(q.shape[1]) if t is None else t.detach().float())).contiguous()
+                       for t in (core.state_temp, core.window_temp))
     normed = None  # state_key_norm(slots.keys) while the slots are unchanged since it was computed
     for c in range(first_chunk, last_chunk + 1):
         update = boundary_update(c, cfg)
@@ -705,7 +712,11 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
         normed, slot_values = core.read_slots(slots, q.dtype)
         q_lo, q_hi = max(n0, c * chunk), min(n1, (c + 1) * chunk)  # absolute query range of the chunk
         rows = slice(q_lo - n0, q_hi - n0)
-        if split and whole_lo <= c < whole_hi:
+        if fused and whole_lo <= c < whole_hi:  # one C kernel: slots and window in one softmax, into out
+            win_lo = (c + 1 - nb) * chunk - start
+            kvm_cpu.attend_chunk(q[:, :, rows], normed, slot_values, buf_k[:, :, win_lo:win_lo + window],
+                                 buf_v[:, :, win_lo:win_lo + window], *scales, out[:, :, rows])
+        elif split and whole_lo <= c < whole_hi:
             if (c - whole_lo) % group == 0:  # the windows of the next few whole chunks, in one call
                 group_hi, win_lo = min(c + group, whole_hi), (c + 1 - nb) * chunk - start
                 win_out, win_lse = core.attend_windows(q[:, :, c * chunk - n0:group_hi * chunk - n0],

@@ -153,6 +153,29 @@ def test_join_of_two_partial_softmaxes_is_the_joint_softmax():
     assert out[:, :, :c].isnan().all() and out[:, :, 2 * c:].isnan().all(), "rows outside the view were written"
 
 
+@pytest.mark.skipif(not kvm_cpu.fused_read(), reason="no C compiler, or torch exports no BLAS sgemm here")
+@pytest.mark.parametrize("c, n_slots, window_chunks, groups", [(8, 5, 2, 1), (100, 300, 2, 2), (70, 1, 3, 3)])
+def test_chunk_read_is_one_softmax_over_slots_and_window(c, n_slots, window_chunks, groups):
+    torch.manual_seed(9)
+    b, hkv, d, dv = 2, 2, 16, 12
+    hq, w = hkv * groups, window_chunks * c
+    q = torch.randn(b, c, hq, d).transpose(1, 2)  # strided, as projected queries
+    slot_keys, slot_values = torch.randn(b, hkv, n_slots + 4, d)[:, :, :n_slots], torch.randn(b, hkv, n_slots, dv)
+    window_keys, window_values = torch.randn(b, hkv, w + 9, d)[:, :, 9:], torch.randn(b, hkv, w, dv)
+    state_scale, window_scale = torch.rand(hq) + 0.2, torch.rand(hq) + 0.2
+    out = torch.full((b, hq, 3 * c, dv), float("nan"))
+    kvm_cpu.attend_chunk(q, slot_keys, slot_values, window_keys, window_values, state_scale, window_scale,
+                         out[:, :, c:2 * c])
+    rep = lambda x: x.repeat_interleave(groups, 1)  # noqa: E731
+    visible = torch.arange(w)[None, :] <= w - c + torch.arange(c)[:, None]
+    logits = torch.cat([(q @ rep(slot_keys).transpose(-1, -2)) * state_scale.view(1, -1, 1, 1),
+                        ((q @ rep(window_keys).transpose(-1, -2)) * window_scale.view(1, -1, 1, 1))
+                        .masked_fill(~visible, -torch.inf)], -1)
+    expected = logits.softmax(-1) @ torch.cat([rep(slot_values), rep(window_values)], 2)
+    assert_close(out[:, :, c:2 * c], expected, 1e-5)
+    assert out[:, :, :c].isnan().all() and out[:, :, 2 * c:].isnan().all(), "rows outside the chunk were written"
+
+
 @needs_kernels
 def test_wrappers_refuse_what_the_kernels_cannot_read():
     with pytest.raises(ValueError, match="float32"):
@@ -174,7 +197,10 @@ OPTIONS = [dict(), dict(use_vlens=False, sink_len=1), dict(sink_len=3, merge_gat
 @pytest.mark.parametrize("budget", BUDGETS)
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_attention_with_the_kernels_equals_the_torch_path(monkeypatch, budget, options, kv_heads):
+@pytest.mark.parametrize("fused_read", [True, False])  # whole chunks read in C, or by flash calls + a C join
+def test_attention_with_the_kernels_equals_the_torch_path(monkeypatch, budget, options, kv_heads, fused_read):
+    if not fused_read:
+        monkeypatch.setattr(kvm_cpu, "fused_read", lambda: False)
     cfg = KVMConfig(num_heads=4, num_kv_heads=kv_heads, chunk_len=C, **{"rope_partial_dim": 4, **options},
                     **BUDGETS[budget])
     torch.manual_seed(5)

@@ -244,3 +244,163 @@ void kvm_join(int64_t nb, int64_t nh, int64_t ng, int64_t nc, int64_t dv,
                 }
 #undef AT
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * The read of one whole chunk: its queries against the state's slots and their block sliding
+ * window, one softmax over both (online, as flash attention), written straight into the output.
+ * Against PyTorch's flash kernel on the split path it skips the masked keys of the window's
+ * diagonal block (per 64 query rows), scales the two parts' logits by their own temperatures
+ * (no scaled copy of the queries) and needs no merge of two partial softmaxes. Matrix products
+ * are BLAS sgemm calls (torch's own MKL, its pointer passed in), inside one OpenMP task per
+ * 64 query rows of one head, where MKL runs single-threaded.
+ */
+
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
+
+#ifndef QUERY_BLOCK
+#define QUERY_BLOCK 64
+#endif
+#ifndef KEY_BLOCK
+#define KEY_BLOCK 256
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* exp of 8 floats x <= 0 (a softmax's shifted logits), within 2 ulp; 0 below -87 (and for -inf). */
+static inline __m256 exp_nonpositive(__m256 x) {
+    __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* x - n ln2, in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);  /* e^r on [-ln2/2, ln2/2] (Cephes expf) */
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
+}
+#endif
+
+/* Row i of x (n logits) -> exp(x - mx) in place, with mx = max(m, max x); returns the sum. */
+static float shifted_exp_row(float *x, int64_t n, float mx) {
+    int64_t j = 0;
+    float sum = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 mv = _mm256_set1_ps(mx), acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+        __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j), mv));
+        _mm256_storeu_ps(x + j, p);
+        acc = _mm256_add_ps(acc, p);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    for (int t = 0; t < 8; t++) sum += lanes[t];
+#endif
+    for (; j < n; j++) {
+        x[j] = expf(x[j] - mx);
+        sum += x[j];
+    }
+    return sum;
+}
+
+static float row_max(const float *x, int64_t n, float m) {
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
+    return m;
+}
+
+/* One softmax part: n keys and values (rows ldk / ldv floats apart), the logits' scale, and the
+ * visibility: all keys (last < 0), or key j to query row i iff j <= last + i. */
+typedef struct {
+    const float *k, *v;
+    int64_t ldk, ldv, n, last;
+    float scale;
+} Part;
+
+/* rows (<= QUERY_BLOCK) queries q (ldq apart), rows row0.. of their chunk, against the parts ->
+ * out (ldo apart). Scratch: s (QUERY_BLOCK x KEY_BLOCK), acc (QUERY_BLOCK x dv). */
+static void attend_rows(sgemm_fn sgemm, const float *q, int64_t ldq, int64_t rows, int64_t row0, int64_t d,
+                        int64_t dv, const Part *parts, int n_parts, float *out, int64_t ldo, float *s, float *acc) {
+    float m[QUERY_BLOCK], l[QUERY_BLOCK];
+    for (int64_t i = 0; i < rows; i++) { m[i] = -INFINITY; l[i] = 0.0f; }
+    memset(acc, 0, sizeof(float) * (size_t)(rows * dv));
+    const float one = 1.0f, zero = 0.0f;
+    const int di = (int)d, ri = (int)rows, dvi = (int)dv, ldqi = (int)ldq;
+    for (int ip = 0; ip < n_parts; ip++) {
+        const Part *pt = &parts[ip];
+        int64_t n = pt->n;
+        if (pt->last >= 0 && pt->last + row0 + rows < n) n = pt->last + row0 + rows;  /* keys no row sees */
+        const int ldk = (int)pt->ldk, ldv = (int)pt->ldv;
+        for (int64_t k0 = 0; k0 < n; k0 += KEY_BLOCK) {
+            int64_t kb = n - k0 < KEY_BLOCK ? n - k0 : KEY_BLOCK;
+            const int kbi = (int)kb;
+            /* s (rows x kb, row-major) = scale q k^T; column-major: s^T = (k^T)^T-major product */
+            sgemm("T", "N", &kbi, &ri, &di, &pt->scale, pt->k + k0 * pt->ldk, &ldk, q, &ldqi, &zero, s, &kbi);
+            for (int64_t i = 0; i < rows; i++) {
+                float *si = s + i * kb;
+                if (pt->last >= 0)
+                    for (int64_t j = pt->last + row0 + i - k0 + 1 < 0 ? 0 : pt->last + row0 + i - k0 + 1; j < kb; j++)
+                        si[j] = -INFINITY;
+                float mx = row_max(si, kb, m[i]);
+                float carry = m[i] == -INFINITY ? 0.0f : expf(m[i] - mx);  /* rescales what came before */
+                l[i] = l[i] * carry + shifted_exp_row(si, kb, mx);
+                m[i] = mx;
+                if (carry != 1.0f)
+                    for (int64_t c = 0; c < dv; c++) acc[i * dv + c] *= carry;
+            }
+            /* acc (rows x dv) += p (rows x kb) v (kb x dv); column-major: acc^T += v^T p^T */
+            sgemm("N", "N", &dvi, &ri, &kbi, &one, pt->v + k0 * pt->ldv, &ldv, s, &kbi, &one, acc, &dvi);
+        }
+    }
+    for (int64_t i = 0; i < rows; i++) {
+        float inv = 1.0f / l[i];
+        for (int64_t c = 0; c < dv; c++) out[i * ldo + c] = acc[i * dv + c] * inv;
+    }
+}
+
+/* Whole chunks of c queries of nb x hq heads: q (rows q + b*q_s[0] + h*q_s[1] + i*q_s[2]) against
+ * the slots of their kv head h / groups (sk, sv; n_slots rows) and its window (wk, wv; w_len rows:
+ * query row i sees window keys j <= w_len - c + i), logits scaled by state_scale[h] and
+ * window_scale[h] -> out (rows as q's). Each tensor comes with its strides over (b, h, row), in
+ * floats. Returns 0, or -1 if out of memory. */
+int kvm_attend_chunks(void *sgemm_ptr, int64_t nb, int64_t hq, int64_t groups, int64_t c, int64_t d, int64_t dv,
+                      const float *q, const int64_t *q_s, const float *sk, const int64_t *sk_s, const float *sv,
+                      const int64_t *sv_s, int64_t n_slots, const float *wk, const int64_t *wk_s, const float *wv,
+                      const int64_t *wv_s, int64_t w_len, const float *state_scale, const float *window_scale,
+                      float *out, const int64_t *out_s) {
+    sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
+    int64_t blocks = (c + QUERY_BLOCK - 1) / QUERY_BLOCK;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *s = malloc(sizeof(float) * QUERY_BLOCK * KEY_BLOCK), *acc = malloc(sizeof(float) * QUERY_BLOCK * (size_t)dv);
+        if (!s || !acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic) collapse(3)
+        for (int64_t ib = 0; ib < nb; ib++)
+            for (int64_t ih = 0; ih < hq; ih++)
+                for (int64_t iq = 0; iq < blocks; iq++) {
+                    if (!s || !acc) continue;
+                    int64_t hk = ih / groups, row0 = iq * QUERY_BLOCK;
+                    int64_t rows = c - row0 < QUERY_BLOCK ? c - row0 : QUERY_BLOCK;
+                    Part parts[2] = {
+                        {sk + ib * sk_s[0] + hk * sk_s[1], sv + ib * sv_s[0] + hk * sv_s[1], sk_s[2], sv_s[2], n_slots, -1,
+                         state_scale[ih]},
+                        {wk + ib * wk_s[0] + hk * wk_s[1], wv + ib * wv_s[0] + hk * wv_s[1], wk_s[2], wv_s[2], w_len,
+                         w_len - c, window_scale[ih]},
+                    };
+                    attend_rows(sgemm, q + ib * q_s[0] + ih * q_s[1] + row0 * q_s[2], q_s[2], rows, row0, d, dv, parts, 2,
+                                out + ib * out_s[0] + ih * out_s[1] + row0 * out_s[2], out_s[2], s, acc);
+                }
+        free(s);
+        free(acc);
+    }
+    return failed ? -1 : 0;
+}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -22,6 +23,7 @@ _SIGNATURES = {
     "kvm_merge_read": [_I] * 8 + [_P, _P, ctypes.c_int, _P, _P, _P, _P, _F, ctypes.c_int, ctypes.c_int] + [_P] * 3,
     "kvm_route": [_I, _I, _I, _P, _I, _I, ctypes.c_int, _P, _P, _P],
     "kvm_join": [_I] * 5 + [_P] * 10,
+    "kvm_attend_chunks": [_P] + [_I] * 6 + [_P] * 6 + [_I] + [_P] * 4 + [_I] + [_P] * 4,
 }
 
 
@@ -31,8 +33,24 @@ def library() -> ctypes.CDLL | None:
     if lib is not None:
         for name, argtypes in _SIGNATURES.items():
             getattr(lib, name).argtypes = argtypes
-            getattr(lib, name).restype = ctypes.c_int if name == "kvm_merge_read" else None
+            getattr(lib, name).restype = ctypes.c_int if name in ("kvm_merge_read", "kvm_attend_chunks") else None
     return lib
+
+
+@functools.cache
+def _sgemm() -> int | None:
+    """The address of torch's own BLAS sgemm_ (the MKL inside libtorch_cpu), or None where torch
+    exports none (builds without MKL): the fused chunk read needs it."""
+    try:
+        return ctypes.cast(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).sgemm_,
+                           ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+def fused_read() -> bool:
+    """Whether ``attend_chunk`` can run here: the kernels are built and torch has a BLAS to call."""
+    return library() is not None and _sgemm() is not None
 
 
 def _ptr(x: Tensor | None) -> int | None:
@@ -142,3 +160,29 @@ def join(o_w: Tensor, lse_w: Tensor, o_s: Tensor, lse_s: Tensor, out: Tensor) ->
             raise ValueError(f"kvm_cpu: {name} must be float32 {tuple(o_w.shape[:4])}, got {x.dtype} {tuple(x.shape)}")
     library().kvm_join(*o_w.shape, _ptr(o_w), _strides(o_w), _ptr(lse_w), _strides(lse_w), _ptr(o_s), _strides(o_s),
                        _ptr(lse_s), _strides(lse_s), _ptr(out), _strides(out))
+
+
+def attend_chunk(q: Tensor, slot_keys: Tensor, slot_values: Tensor, window_keys: Tensor, window_values: Tensor,
+                 state_scale: Tensor, window_scale: Tensor, out: Tensor) -> None:
+    """The exact read of one whole chunk, into out: queries q (B, Hq, C, d) against the slots
+    (B, Hkv, S, d | dv) and their window (B, Hkv, W, d | dv; the query at chunk row i sees window
+    keys j <= W - C + i), one softmax per query, logits times state_scale / window_scale (Hq,) fp32
+    -> out (B, Hq, C, dv). Any strides with unit ones in the last dim."""
+    (b, hq, c, d), hkv, dv = q.shape, slot_keys.shape[1], slot_values.shape[-1]
+    for name, x in (("q", q), ("slot_keys", slot_keys), ("slot_values", slot_values), ("window_keys", window_keys),
+                    ("window_values", window_values), ("out", out)):
+        _check(name, x)
+    for name, x in (("state_scale", state_scale), ("window_scale", window_scale)):
+        _check(name, x, contiguous=True)
+        if x.shape != (hq,):
+            raise ValueError(f"kvm_cpu: {name} must have one scale per query head ({hq}), got {tuple(x.shape)}")
+    if hq % hkv or out.shape != (b, hq, c, dv) or window_keys.shape[2] < c:
+        raise ValueError(f"kvm_cpu: attend_chunk shapes do not fit: q {tuple(q.shape)}, slots {tuple(slot_keys.shape)}, "
+                         f"window {tuple(window_keys.shape)}, out {tuple(out.shape)}")
+    rows = lambda x: (_I * 3)(*x.stride()[:3])  # noqa: E731  strides over (batch, head, row)
+    status = library().kvm_attend_chunks(
+        _sgemm(), b, hq, hq // hkv, c, d, dv, _ptr(q), rows(q), _ptr(slot_keys), rows(slot_keys), _ptr(slot_values),
+        rows(slot_values), slot_keys.shape[2], _ptr(window_keys), rows(window_keys), _ptr(window_values),
+        rows(window_values), window_keys.shape[2], _ptr(state_scale), _ptr(window_scale), _ptr(out), rows(out))
+    if status:
+        raise MemoryError("kvm_cpu: no memory for the chunk read's scratch")

@@ -264,6 +264,9 @@ typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, c
 #ifndef KEY_BLOCK
 #define KEY_BLOCK 256
 #endif
+#ifndef TASK_ROWS
+#define TASK_ROWS 128
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 /* exp of 8 floats x <= 0 (a softmax's shifted logits), within 2 ulp; 0 below -87 (and for -inf). */
@@ -322,39 +325,51 @@ typedef struct {
     float scale;
 } Part;
 
-/* rows (<= QUERY_BLOCK) queries q (ldq apart), rows row0.. of their chunk, against the parts ->
- * out (ldo apart). Scratch: s (QUERY_BLOCK x KEY_BLOCK), acc (QUERY_BLOCK x dv). */
+/* Rows row0..row0+rows-1 of a chunk's queries q (ldq apart) against one part, folded into their
+ * running softmax: max m, sum l and unnormalised output acc (rows x dv). s: scratch for
+ * rows x KEY_BLOCK logits. */
+static void attend_part(sgemm_fn sgemm, const float *q, int64_t ldq, int64_t rows, int64_t row0, int64_t d,
+                        int64_t dv, const Part *pt, float *s, float *acc, float *m, float *l) {
+    const float one = 1.0f, zero = 0.0f;
+    const int di = (int)d, ri = (int)rows, dvi = (int)dv, ldqi = (int)ldq, ldk = (int)pt->ldk, ldv = (int)pt->ldv;
+    int64_t n = pt->n;
+    if (pt->last >= 0 && pt->last + row0 + rows < n) n = pt->last + row0 + rows;  /* keys no row sees */
+    for (int64_t k0 = 0; k0 < n; k0 += KEY_BLOCK) {
+        int64_t kb = n - k0 < KEY_BLOCK ? n - k0 : KEY_BLOCK;
+        const int kbi = (int)kb;
+        /* s (rows x kb, row-major) = scale q k^T, i.e. column-major s^T = scale k q^T */
+        sgemm("T", "N", &kbi, &ri, &di, &pt->scale, pt->k + k0 * pt->ldk, &ldk, q, &ldqi, &zero, s, &kbi);
+        for (int64_t i = 0; i < rows; i++) {
+            float *si = s + i * kb;
+            if (pt->last >= 0)
+                for (int64_t j = pt->last + row0 + i - k0 + 1 < 0 ? 0 : pt->last + row0 + i - k0 + 1; j < kb; j++)
+                    si[j] = -INFINITY;
+            float mx = row_max(si, kb, m[i]);
+            float carry = m[i] == -INFINITY ? 0.0f : expf(m[i] - mx);  /* rescales what came before */
+            l[i] = l[i] * carry + shifted_exp_row(si, kb, mx);
+            m[i] = mx;
+            if (carry != 1.0f)
+                for (int64_t c = 0; c < dv; c++) acc[i * dv + c] *= carry;
+        }
+        /* acc (rows x dv) += p (rows x kb) v (kb x dv), i.e. column-major acc^T += v^T p^T */
+        sgemm("N", "N", &dvi, &ri, &kbi, &one, pt->v + k0 * pt->ldv, &ldv, s, &kbi, &one, acc, &dvi);
+    }
+}
+
+/* rows (<= TASK_ROWS) queries q (ldq apart), rows row0.. of their chunk, against the parts -> out
+ * (ldo apart): all rows at once against a part every row sees whole, QUERY_BLOCK rows at a time
+ * against a masked one (so that each block stops at its own last visible key). Scratch: s
+ * (TASK_ROWS x KEY_BLOCK), acc (TASK_ROWS x dv). */
 static void attend_rows(sgemm_fn sgemm, const float *q, int64_t ldq, int64_t rows, int64_t row0, int64_t d,
                         int64_t dv, const Part *parts, int n_parts, float *out, int64_t ldo, float *s, float *acc) {
-    float m[QUERY_BLOCK], l[QUERY_BLOCK];
+    float m[TASK_ROWS], l[TASK_ROWS];
     for (int64_t i = 0; i < rows; i++) { m[i] = -INFINITY; l[i] = 0.0f; }
     memset(acc, 0, sizeof(float) * (size_t)(rows * dv));
-    const float one = 1.0f, zero = 0.0f;
-    const int di = (int)d, ri = (int)rows, dvi = (int)dv, ldqi = (int)ldq;
     for (int ip = 0; ip < n_parts; ip++) {
-        const Part *pt = &parts[ip];
-        int64_t n = pt->n;
-        if (pt->last >= 0 && pt->last + row0 + rows < n) n = pt->last + row0 + rows;  /* keys no row sees */
-        const int ldk = (int)pt->ldk, ldv = (int)pt->ldv;
-        for (int64_t k0 = 0; k0 < n; k0 += KEY_BLOCK) {
-            int64_t kb = n - k0 < KEY_BLOCK ? n - k0 : KEY_BLOCK;
-            const int kbi = (int)kb;
-            /* s (rows x kb, row-major) = scale q k^T; column-major: s^T = (k^T)^T-major product */
-            sgemm("T", "N", &kbi, &ri, &di, &pt->scale, pt->k + k0 * pt->ldk, &ldk, q, &ldqi, &zero, s, &kbi);
-            for (int64_t i = 0; i < rows; i++) {
-                float *si = s + i * kb;
-                if (pt->last >= 0)
-                    for (int64_t j = pt->last + row0 + i - k0 + 1 < 0 ? 0 : pt->last + row0 + i - k0 + 1; j < kb; j++)
-                        si[j] = -INFINITY;
-                float mx = row_max(si, kb, m[i]);
-                float carry = m[i] == -INFINITY ? 0.0f : expf(m[i] - mx);  /* rescales what came before */
-                l[i] = l[i] * carry + shifted_exp_row(si, kb, mx);
-                m[i] = mx;
-                if (carry != 1.0f)
-                    for (int64_t c = 0; c < dv; c++) acc[i * dv + c] *= carry;
-            }
-            /* acc (rows x dv) += p (rows x kb) v (kb x dv); column-major: acc^T += v^T p^T */
-            sgemm("N", "N", &dvi, &ri, &kbi, &one, pt->v + k0 * pt->ldv, &ldv, s, &kbi, &one, acc, &dvi);
+        int64_t step = parts[ip].last >= 0 ? QUERY_BLOCK : rows;
+        for (int64_t i0 = 0; i0 < rows; i0 += step) {
+            int64_t sub = rows - i0 < step ? rows - i0 : step;
+            attend_part(sgemm, q + i0 * ldq, ldq, sub, row0 + i0, d, dv, &parts[ip], s, acc + i0 * dv, m + i0, l + i0);
         }
     }
     for (int64_t i = 0; i < rows; i++) {
@@ -374,11 +389,11 @@ int kvm_attend_chunks(void *sgemm_ptr, int64_t nb, int64_t hq, int64_t groups, i
                       const int64_t *wv_s, int64_t w_len, const float *state_scale, const float *window_scale,
                       float *out, const int64_t *out_s) {
     sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
-    int64_t blocks = (c + QUERY_BLOCK - 1) / QUERY_BLOCK;
+    int64_t blocks = (c + TASK_ROWS - 1) / TASK_ROWS;
     int failed = 0;
 #pragma omp parallel
     {
-        float *s = malloc(sizeof(float) * QUERY_BLOCK * KEY_BLOCK), *acc = malloc(sizeof(float) * QUERY_BLOCK * (size_t)dv);
+        float *s = malloc(sizeof(float) * TASK_ROWS * KEY_BLOCK), *acc = malloc(sizeof(float) * TASK_ROWS * (size_t)dv);
         if (!s || !acc) {
 #pragma omp atomic write
             failed = 1;
@@ -388,8 +403,8 @@ int kvm_attend_chunks(void *sgemm_ptr, int64_t nb, int64_t hq, int64_t groups, i
             for (int64_t ih = 0; ih < hq; ih++)
                 for (int64_t iq = 0; iq < blocks; iq++) {
                     if (!s || !acc) continue;
-                    int64_t hk = ih / groups, row0 = iq * QUERY_BLOCK;
-                    int64_t rows = c - row0 < QUERY_BLOCK ? c - row0 : QUERY_BLOCK;
+                    int64_t hk = ih / groups, row0 = iq * TASK_ROWS;
+                    int64_t rows = c - row0 < TASK_ROWS ? c - row0 : TASK_ROWS;
                     Part parts[2] = {
                         {sk + ib * sk_s[0] + hk * sk_s[1], sv + ib * sv_s[0] + hk * sv_s[1], sk_s[2], sv_s[2], n_slots, -1,
                          state_scale[ih]},

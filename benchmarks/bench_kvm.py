@@ -2,7 +2,9 @@
 
 Operator level (after the q/k/v projections, as the paper's kernel benchmarks): batch 1, 6 heads,
 head_dim 128, chunk 256, window 2 chunks, fp32. Every figure is measured in this run; ratios are
-against full causal ``F.scaled_dot_product_attention`` measured alongside. "flash calls" is the time
+against full causal ``F.scaled_dot_product_attention`` measured alongside: at each length the
+prefills of SDPA and of each KVM variant (and its flash calls) run in turn, round after round, and
+each reports its fastest round. "flash calls" is the time
 of the attention calls KVM's PyTorch read makes (the windows of a few chunks per call, then each
 chunk's read of its slots at that chunk's slot count), run alone with the kernel SDPA uses: what
 KVM would cost on that kernel if routing, merging and every other state update were free, so
@@ -18,6 +20,7 @@ the C kernels on, a prefill can beat the cap.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -36,16 +39,20 @@ VARIANTS = {
 }
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """Fastest of ``repeats`` wall-clock runs after one warm-up, and the spread (slowest - fastest).
-    The fastest, as timeit reports: the machine is shared, and other load only ever adds time."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed_in_turn(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """For each named function, the fastest of ``repeats`` wall-clock runs after one warm-up, and
+    the spread (slowest - fastest). The fastest, as timeit reports: the machine is shared, and other
+    load only ever adds time. The functions run in turn, round after round, so that a slow phase of
+    the machine (they last minutes here) hits baseline and KVM alike instead of whichever ran then."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times), max(times) - min(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (min(ts), max(ts) - min(ts)) for name, ts in times.items()}
 
 
 def decode_seconds_per_token(step, state, tokens: int) -> float:
@@ -103,7 +110,13 @@ def main() -> None:
         for t in args.lengths:
             q, k, v = (torch.randn(1, HEADS, t, HEAD_DIM) for _ in range(3))
             gate = 1 + F.elu(torch.randn(1, HEADS, t, 1))
-            sdpa, spread = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), args.repeats)
+            prefills = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+            for name, cfg in VARIANTS.items():
+                prefills[name] = functools.partial(kvm_attention, q, k, v, gate, cfg, state_key_norm=norm,
+                                                   window_temp=temps, state_temp=temps)
+                prefills[f"{name} flash"] = functools.partial(flash_calls, q, k, v, cfg)
+            prefill = timed_in_turn(prefills, args.repeats)
+            sdpa, spread = prefill["sdpa"]
             kv_bytes = 2 * t * HEADS * HEAD_DIM * 4
             q1, k1, v1 = q[:, :, :1], k[:, :, :1], v[:, :, :1]
             cache_k = torch.cat([k, torch.zeros(1, HEADS, CHUNK, HEAD_DIM)], 2)  # a preallocated KV cache
@@ -119,11 +132,8 @@ def main() -> None:
                   f"{sdpa_decode * 1e3:>13.3f} "
                   f"{t:>6} {kv_bytes / 2**20:>9.1f} {100.0:>7.1f}")
             for name, cfg in VARIANTS.items():
-                run = lambda: kvm_attention(q, k, v, gate, cfg, state_key_norm=norm,  # noqa: E731
-                                            window_temp=temps, state_temp=temps)
-                seconds, spread = timed(run, args.repeats)
-                flash = timed(lambda: flash_calls(q, k, v, cfg), args.repeats)[0]  # noqa: B023
-                _, state = run()
+                (seconds, spread), flash = prefill[name], prefill[f"{name} flash"][0]
+                _, state = prefills[name]()
                 g1 = gate[:, :, :1]
 
                 def kvm_step(s):

@@ -319,9 +319,9 @@ class _KVMCore:
         self._window_masks: dict = {}  # ``attend_windows``' additive masks by (groups, dtype, device)
 
     def use_native_kernels(self, *tensors: Tensor) -> None:
-        """Run state updates with the fused C kernels (blocks/native/kvm_cpu.c) where they apply:
-        without autograd, fp32 CPU tensors, a LayerNorm as state-key norm, no bf16 rounding of
-        state values, and the kernels built on this machine."""
+        """Run state updates and whole-chunk reads with the fused C kernels (blocks/native/kvm_cpu.c)
+        where they apply: without autograd, fp32 CPU tensors, a LayerNorm as state-key norm, no
+        bf16 rounding of state values, and the kernels built on this machine."""
         norm = self.norm
         self.native = (not torch.is_grad_enabled() and not self.config.bf16_state_values
                        and type(norm) is nn.LayerNorm and norm.weight is not None

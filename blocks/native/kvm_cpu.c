@@ -1,8 +1,9 @@
-/* Fused CPU kernels for the KVM state update (blocks/kvm.py), fp32.
+/* Fused CPU kernels for KVM (blocks/kvm.py), fp32: the state update at a chunk boundary, and the
+ * read of a whole chunk (at the end of this file).
  *
- * Each kernel does in one pass over rows what the PyTorch path does in several small ops, each of
- * which reads and writes its whole tensor: on a CPU those passes, not the arithmetic, are the cost
- * of an update. The results equal the PyTorch path's up to float rounding (sums here run in 8
+ * Each update kernel does in one pass over rows what the PyTorch path does in several small ops,
+ * each of which reads and writes its whole tensor: on a CPU those passes, not the arithmetic, are
+ * the cost of an update. The results equal the PyTorch path's up to float rounding (sums here run in 8
  * lanes); tests/test_kvm_native.py checks each kernel against it. Routing is discrete: where two
  * slots' scores, or two tokens' novelties, tie to within that rounding, it may go the other way
  * than on the PyTorch path (as between two BLAS builds), and the states part from there on.

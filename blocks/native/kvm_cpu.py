@@ -1,4 +1,5 @@
-"""Tensor-level wrappers of the fused KVM state-update kernels in ``kvm_cpu.c`` (fp32, CPU).
+"""Tensor-level wrappers of the fused KVM kernels in ``kvm_cpu.c`` (fp32, CPU): the state update
+and the whole-chunk read.
 
 ``library()`` is None where the kernels cannot be built (see ``blocks.native``); blocks/kvm.py then
 keeps its PyTorch path. The wrappers check what the C code assumes (dtype, device, unit stride in

@@ -247,6 +247,17 @@ def test_the_kernels_run_only_where_they_apply():
     assert not native_for(), "with autograd on the update must stay differentiable"
 
 
+@needs_kernels
+def test_a_fresh_cache_builds_the_library_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVM_NATIVE_CACHE", str(tmp_path))
+    assert native.load.__wrapped__("kvm_cpu") is not None
+    built = list(tmp_path.glob("kvm_cpu-*.so"))
+    assert len(built) == 1, "one library per source, flags and machine"
+    stamp = built[0].stat().st_mtime_ns
+    assert native.load.__wrapped__("kvm_cpu") is not None
+    assert built[0].stat().st_mtime_ns == stamp, "a cached build was rebuilt"
+
+
 def test_kvm_native_0_turns_the_kernels_off(monkeypatch):
     monkeypatch.setenv("KVM_NATIVE", "0")
     assert native.load.__wrapped__("kvm_cpu") is None

@@ -256,8 +256,10 @@ void kvm_join(int64_t nb, int64_t nh, int64_t ng, int64_t nc, int64_t dv,
  * 64 query rows of one head, where MKL runs single-threaded.
  */
 
-typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
-                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
+/* Fortran BLAS sgemm_. Its integers are read through pointers to 64-bit slots: an LP64 BLAS reads
+ * their low half (the value, on a little-endian CPU), an ILP64 one the whole, so either works. */
+typedef void (*sgemm_fn)(const char *, const char *, const void *, const void *, const void *, const float *,
+                         const float *, const void *, const float *, const void *, const float *, float *, const void *);
 
 #ifndef QUERY_BLOCK
 #define QUERY_BLOCK 64
@@ -332,14 +334,13 @@ typedef struct {
 static void attend_part(sgemm_fn sgemm, const float *q, int64_t ldq, int64_t rows, int64_t row0, int64_t d,
                         int64_t dv, const Part *pt, float *s, float *acc, float *m, float *l) {
     const float one = 1.0f, zero = 0.0f;
-    const int di = (int)d, ri = (int)rows, dvi = (int)dv, ldqi = (int)ldq, ldk = (int)pt->ldk, ldv = (int)pt->ldv;
+    const int64_t ldk = pt->ldk, ldv = pt->ldv;
     int64_t n = pt->n;
     if (pt->last >= 0 && pt->last + row0 + rows < n) n = pt->last + row0 + rows;  /* keys no row sees */
     for (int64_t k0 = 0; k0 < n; k0 += KEY_BLOCK) {
         int64_t kb = n - k0 < KEY_BLOCK ? n - k0 : KEY_BLOCK;
-        const int kbi = (int)kb;
         /* s (rows x kb, row-major) = scale q k^T, i.e. column-major s^T = scale k q^T */
-        sgemm("T", "N", &kbi, &ri, &di, &pt->scale, pt->k + k0 * pt->ldk, &ldk, q, &ldqi, &zero, s, &kbi);
+        sgemm("T", "N", &kb, &rows, &d, &pt->scale, pt->k + k0 * ldk, &ldk, q, &ldq, &zero, s, &kb);
         for (int64_t i = 0; i < rows; i++) {
             float *si = s + i * kb;
             if (pt->last >= 0)
@@ -353,7 +354,7 @@ static void attend_part(sgemm_fn sgemm, const float *q, int64_t ldq, int64_t row
                 for (int64_t c = 0; c < dv; c++) acc[i * dv + c] *= carry;
         }
         /* acc (rows x dv) += p (rows x kb) v (kb x dv), i.e. column-major acc^T += v^T p^T */
-        sgemm("N", "N", &dvi, &ri, &kbi, &one, pt->v + k0 * pt->ldv, &ldv, s, &kbi, &one, acc, &dvi);
+        sgemm("N", "N", &dv, &rows, &kb, &one, pt->v + k0 * ldv, &ldv, s, &kb, &one, acc, &dv);
     }
 }
 

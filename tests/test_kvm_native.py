@@ -1,5 +1,6 @@
-"""The fused C kernels of the KVM state update (blocks/native/kvm_cpu.c) against the PyTorch code
-they replace: kernel by kernel, then whole prefills and continuations with and without them."""
+"""The fused C kernels of KVM (blocks/native/kvm_cpu.c: the state update and the whole-chunk read)
+against the PyTorch code they replace: kernel by kernel, then whole prefills and continuations
+with and without them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from blocks import native
 from blocks.kvm import KVMConfig, _flat_rows, _KVMCore, _max_over_slots, kvm_attention
 from blocks.native import kvm_cpu
 from mixer_checks import assert_close
+from test_kvm import BUDGETS  # the tiny budgets of the KVM block's own tests
 
 C = 8
 built = kvm_cpu.library() is not None
@@ -38,8 +40,7 @@ def _norm(d: int, bias: bool = True, zero_weight_at: int | None = None) -> torch
 
 
 def _core(norm, zero_dims: int, **options) -> _KVMCore:
-    core = _KVMCore(KVMConfig(num_heads=2, chunk_len=C, **options), norm, zero_dims, None, None, 1.0)
-    return core
+    return _KVMCore(KVMConfig(num_heads=2, chunk_len=C, **options), norm, zero_dims, None, None, 1.0)
 
 
 def _args(norm):
@@ -184,11 +185,6 @@ def test_wrappers_refuse_what_the_kernels_cannot_read():
         kvm_cpu.route(torch.randn(1, 2, 8, 5).transpose(-1, -2), 0)
 
 
-BUDGETS = {
-    "fixed": dict(budget="fixed"),
-    "power_law": dict(budget="power_law", growth_factor=4.0, state_min_len=8),
-    "saturation": dict(budget="saturation", saturation_n=24, state_min_len=1),
-}
 OPTIONS = [dict(), dict(use_vlens=False, sink_len=1), dict(sink_len=3, merge_gate_appends=True),
            dict(merge_gate_keys=True, merge_gate_initial_state=True), dict(rope_partial_dim=0)]
 

@@ -144,9 +144,9 @@ def best_slots(slot_features: Tensor, token_features: Tensor, skip: int, scratch
     return every, best, index.long()
 
 
-def _strides(x: Tensor) -> ctypes.Array:
-    """x's strides over its first four dims, as a C array."""
-    return (_I * 4)(*x.stride()[:4])
+def _strides(x: Tensor, dims: int) -> ctypes.Array:
+    """x's strides over its first ``dims`` dims, as a C array."""
+    return (_I * dims)(*x.stride()[:dims])
 
 
 def join(o_w: Tensor, lse_w: Tensor, o_s: Tensor, lse_s: Tensor, out: Tensor) -> None:
@@ -159,8 +159,8 @@ def join(o_w: Tensor, lse_w: Tensor, o_s: Tensor, lse_s: Tensor, out: Tensor) ->
     for name, x in (("lse_w", lse_w), ("lse_s", lse_s)):
         if x.dtype != torch.float32 or x.shape != o_w.shape[:4]:
             raise ValueError(f"kvm_cpu: {name} must be float32 {tuple(o_w.shape[:4])}, got {x.dtype} {tuple(x.shape)}")
-    library().kvm_join(*o_w.shape, _ptr(o_w), _strides(o_w), _ptr(lse_w), _strides(lse_w), _ptr(o_s), _strides(o_s),
-                       _ptr(lse_s), _strides(lse_s), _ptr(out), _strides(out))
+    library().kvm_join(*o_w.shape, _ptr(o_w), _strides(o_w, 4), _ptr(lse_w), _strides(lse_w, 4), _ptr(o_s),
+                       _strides(o_s, 4), _ptr(lse_s), _strides(lse_s, 4), _ptr(out), _strides(out, 4))
 
 
 def attend_chunk(q: Tensor, slot_keys: Tensor, slot_values: Tensor, window_keys: Tensor, window_values: Tensor,
@@ -180,7 +180,7 @@ def attend_chunk(q: Tensor, slot_keys: Tensor, slot_values: Tensor, window_keys:
     if hq % hkv or out.shape != (b, hq, c, dv) or window_keys.shape[2] < c:
         raise ValueError(f"kvm_cpu: attend_chunk shapes do not fit: q {tuple(q.shape)}, slots {tuple(slot_keys.shape)}, "
                          f"window {tuple(window_keys.shape)}, out {tuple(out.shape)}")
-    rows = lambda x: (_I * 3)(*x.stride()[:3])  # noqa: E731  strides over (batch, head, row)
+    rows = functools.partial(_strides, dims=3)  # strides over (batch, head, row)
     status = library().kvm_attend_chunks(
         _sgemm(), b, hq, hq // hkv, c, d, dv, _ptr(q), rows(q), _ptr(slot_keys), rows(slot_keys), _ptr(slot_values),
         rows(slot_values), slot_keys.shape[2], _ptr(window_keys), rows(window_keys), _ptr(window_values),

@@ -330,7 +330,9 @@ class _KVMCore:
                        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
                        and kvm_cpu.library() is not None)
 
+    @functools.cached_property
     def _norm_args(self) -> tuple[Tensor, Tensor | None, float]:
+        """The state-key LayerNorm's weight, bias and eps, as the kernels take them (once per call)."""
         return self.norm.weight.detach(), None if self.norm.bias is None else self.norm.bias.detach(), self.norm.eps
 
     def prepare_keys(self, k: Tensor) -> Tensor:
@@ -339,6 +341,7 @@ class _KVMCore:
             k = torch.cat([torch.zeros_like(k[..., : self.zero_dims]), k[..., self.zero_dims :]], dim=-1)
         return self.norm(k)
 
+    @functools.cached_property
     def _fewer_routing_dims(self) -> tuple[Tensor, Tensor] | None:
         """fp32 (w, b) of the state-key LayerNorm over the zeroed dims, when routing can skip them.
 
@@ -357,7 +360,7 @@ class _KVMCore:
     def token_features(self, k_u: Tensor) -> Tensor:
         """Prepared keys (..., C, d) -> fp32 (..., C, r): their routing score against a slot is the
         product with the slot's ``slot_features``."""
-        k_u, wb, z = k_u.detach().float(), self._fewer_routing_dims(), self.zero_dims
+        k_u, wb, z = k_u.detach().float(), self._fewer_routing_dims, self.zero_dims
         if wb is None:
             return k_u
         w, b = wb
@@ -367,7 +370,7 @@ class _KVMCore:
     @torch.no_grad()
     def slot_features(self, normed: Tensor) -> Tensor:
         """Normed slot keys (..., S, d) -> fp32 (..., S, r), the other side of ``token_features``."""
-        normed, wb, z = normed.detach().float(), self._fewer_routing_dims(), self.zero_dims
+        normed, wb, z = normed.detach().float(), self._fewer_routing_dims, self.zero_dims
         if wb is None:
             return normed
         return torch.cat([normed[..., z:], normed[..., :z] @ torch.stack(wb, -1)], -1)  # (..., S, d - z + 2)
@@ -377,8 +380,8 @@ class _KVMCore:
         if self.native:  # into the same buffers every chunk: they are consumed by the update that follows
             cfg = self.config
             self._incoming_buffers = kvm_cpu.incoming(
-                k, v, g, *self._norm_args(), self.zero_dims, cfg.merge_gate_keys, cfg.merge_gate_values,
-                self._fewer_routing_dims() is not None, out=self._incoming_buffers)
+                k, v, g, *self._norm_args, self.zero_dims, cfg.merge_gate_keys, cfg.merge_gate_values,
+                self._fewer_routing_dims is not None, out=self._incoming_buffers)
             return _Incoming(self._incoming_buffers[0], v, *self._incoming_buffers[1:])
         k_u = self.prepare_keys(k)
         return _Incoming(k_u, v, torch.cat(self._gated(k_u, v, g), -1), self.token_features(k_u))
@@ -463,8 +466,8 @@ class _KVMCore:
                           lens)
         if native:
             kvm_cpu.merge_and_read(room.sums, room.lens, *room[2:5], target.contiguous(), merging.contiguous(),
-                                   counts is not None, num + n_append, num, *self._norm_args(), self.zero_dims,
-                                   cfg.use_vlens, self._fewer_routing_dims() is not None)
+                                   counts is not None, num + n_append, num, *self._norm_args, self.zero_dims,
+                                   cfg.use_vlens, self._fewer_routing_dims is not None)
             return slots
         _add_rows(room.sums, target, merging, inplace=True)
         if counts is not None:

@@ -86,7 +86,13 @@ void kvm_incoming(int64_t n, int64_t h, int64_t c, int64_t d, int64_t dv, int64_
                 for (int64_t i = 0; i < dv; i++) gy[d + i] = vx[i] * vg;
                 if (reduced) {
                     float a = 0.0f;
-                    for (int64_t i = 0; i < z; i++) a += (ky[i] - (b ? b[i] : 0.0f)) * (w[i] * inv_ww);
+                    if (b) {
+#pragma omp simd reduction(+ : a)
+                        for (int64_t i = 0; i < z; i++) a += (ky[i] - b[i]) * w[i];
+                    } else {
+                        a = dot_f(ky, w, z);
+                    }
+                    a *= inv_ww;
                     memcpy(fy, ky + z, (size_t)(d - z) * sizeof(float));
                     fy[d - z] = a;
                     fy[d - z + 1] = 1.0f;
@@ -124,8 +130,7 @@ static void read_row(const float *sums, float len, int64_t d, int64_t dv, int64_
  * rows (sums (nh, cap, d + dv), lens (nh, cap); read_keys (nh, cap, d), read_values (nh, cap, dv),
  * feat (nh, cap, r)) holding num slots, of which first_new.. were just appended: rows (nh, m, d + dv)
  * are added at slots target (nh, m), each counted in lens if count_merges; then the read view is
- * recomputed for every slot a merge touched and every appended one, or for all num slots when that
- * is most of them. Slots are visited in address order (merges grouped by slot with a counting sort
+ * recomputed for every slot a merge touched and every appended one (no other changed). Slots are visited in address order (merges grouped by slot with a counting sort
  * that keeps token order within a slot, so every sum equals torch's index_add bit for bit), and each
  * is read right after its merges, while its row is in cache. Returns 0, or -1 if out of memory. */
 int kvm_merge_read(int64_t nh, int64_t m, int64_t cap, int64_t num, int64_t first_new, int64_t d, int64_t dv,
@@ -133,7 +138,6 @@ int kvm_merge_read(int64_t nh, int64_t m, int64_t cap, int64_t num, int64_t firs
                    float *lens, const float *w, const float *b, float eps, int use_vlens, int reduced,
                    float *read_keys, float *read_values, float *feat) {
     int64_t f = d + dv, r = reduced ? d - z + 2 : d;
-    int full = 2 * (m + num - first_new) >= num;
     int failed = 0;
 #pragma omp parallel for schedule(static) if (nh * (m + num) >= PARALLEL_ROWS)
     for (int64_t ih = 0; ih < nh; ih++) {
@@ -152,7 +156,7 @@ int kvm_merge_read(int64_t nh, int64_t m, int64_t cap, int64_t num, int64_t firs
         for (int64_t i = 0; i < m; i++) order[start[tg[i]]++] = i;  /* leaves start[is] = the end of slot is's merges */
         for (int64_t is = 0, at = 0; is < num; is++) {
             int64_t end = start[is], slot = ih * cap + is;
-            if (!(full || end > at || is >= first_new)) continue;
+            if (end == at && is < first_new) continue;  /* no merges, not new: its view stands */
             float *y = sums + slot * f;
             for (; at < end; at++) {
                 const float *x = rows + (ih * m + order[at]) * f;
@@ -181,46 +185,60 @@ static void route_scalar(const float *x, int64_t c, int64_t lo, int64_t hi, int6
             }
 }
 
+/* The running best of tokens 0..nt-1 (score columns, ldx floats apart between slot rows) over score
+ * rows 0..s-1 of slots slot0.., updating every, best and index (nt each) as ``kvm_route`` says.
+ * One pass over the scores in memory order; with AVX2, four slot rows at a time update the running
+ * best of 8 tokens per register. */
+static void route_rows(const float *x, int64_t ldx, int64_t s, int64_t nt, int64_t slot0, int64_t skip,
+                       float *ev, float *bs, int32_t *ix) {
+    int64_t sinks = skip - slot0 < 0 ? 0 : (skip - slot0 > s ? s : skip - slot0);  /* this block's sink rows */
+    route_scalar(x, ldx, 0, sinks, 0, nt, 0, ev, NULL);  /* sinks: only their best score matters */
+    int64_t is = sinks;
+#ifdef __AVX2__
+    int64_t vec = nt - nt % 8;
+    for (; is + 4 <= s; is += 4) {
+        const float *row = x + is * ldx;
+        for (int64_t j = 0; j < vec; j += 8) {
+            __m256 b = _mm256_loadu_ps(bs + j);
+            __m256 i = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)(ix + j)));
+            for (int r = 0; r < 4; r++) {
+                __m256 val = _mm256_loadu_ps(row + r * ldx + j);
+                __m256 better = _mm256_cmp_ps(val, b, _CMP_GT_OQ);
+                __m256i slot = _mm256_set1_epi32((int32_t)(slot0 + is + r));
+                b = _mm256_blendv_ps(b, val, better);
+                i = _mm256_blendv_ps(i, _mm256_castsi256_ps(slot), better);
+            }
+            _mm256_storeu_ps(bs + j, b);
+            _mm256_storeu_si256((__m256i *)(ix + j), _mm256_castps_si256(i));
+        }
+        route_scalar(x, ldx, is, is + 4, vec, nt, slot0, bs, ix);
+    }
+#endif
+    route_scalar(x, ldx, is, s, 0, nt, slot0, bs, ix);
+}
+
+static void route_init(int64_t nt, float *ev, float *bs, int32_t *ix) {
+    for (int64_t j = 0; j < nt; j++) { ev[j] = -INFINITY; bs[j] = -INFINITY; ix[j] = 0; }
+}
+
+static void route_finish(int64_t nt, float *ev, const float *bs) {
+    for (int64_t j = 0; j < nt; j++) ev[j] = bs[j] > ev[j] ? bs[j] : ev[j];
+}
+
 /* Routing: the best slot of each token, over the score rows of slots slot0..slot0+s-1, in blocks.
  * scores (nh, s, c), slots by tokens; every, best (nh, c) and index (nh, c) carry the running result
  * from block to block (init: this is the first block): ``every``, each token's best score over all
  * slots; ``best`` and ``index``, its best score and first best slot among slots >= skip (best = -inf,
- * index = 0 while there are none). One pass over the scores in memory order; with AVX2, four slot
- * rows at a time update the running best of 8 tokens per register. */
+ * index = 0 while there are none). */
 void kvm_route(int64_t nh, int64_t s, int64_t c, const float *scores, int64_t slot0, int64_t skip, int init,
                float *every, float *best, int32_t *index) {
-    int64_t sinks = skip - slot0 < 0 ? 0 : (skip - slot0 > s ? s : skip - slot0);  /* this block's sink rows */
 #pragma omp parallel for schedule(static) if (nh * s >= PARALLEL_ROWS)
     for (int64_t ih = 0; ih < nh; ih++) {
-        const float *x = scores + ih * s * c;
         float *ev = every + ih * c, *bs = best + ih * c;
         int32_t *ix = index + ih * c;
-        if (init)
-            for (int64_t j = 0; j < c; j++) { ev[j] = -INFINITY; bs[j] = -INFINITY; ix[j] = 0; }
-        route_scalar(x, c, 0, sinks, 0, c, 0, ev, NULL);  /* sinks: only their best score matters */
-        int64_t is = sinks, vec = 0;
-#ifdef __AVX2__
-        vec = c - c % 8;
-        for (; is + 4 <= s; is += 4) {
-            const float *row = x + is * c;
-            for (int64_t j = 0; j < vec; j += 8) {
-                __m256 b = _mm256_loadu_ps(bs + j);
-                __m256 i = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)(ix + j)));
-                for (int r = 0; r < 4; r++) {
-                    __m256 val = _mm256_loadu_ps(row + r * c + j);
-                    __m256 better = _mm256_cmp_ps(val, b, _CMP_GT_OQ);
-                    __m256i slot = _mm256_set1_epi32((int32_t)(slot0 + is + r));
-                    b = _mm256_blendv_ps(b, val, better);
-                    i = _mm256_blendv_ps(i, _mm256_castsi256_ps(slot), better);
-                }
-                _mm256_storeu_ps(bs + j, b);
-                _mm256_storeu_si256((__m256i *)(ix + j), _mm256_castps_si256(i));
-            }
-            route_scalar(x, c, is, is + 4, vec, c, slot0, bs, ix);
-        }
-#endif
-        route_scalar(x, c, is, s, 0, c, slot0, bs, ix);
-        for (int64_t j = 0; j < c; j++) ev[j] = bs[j] > ev[j] ? bs[j] : ev[j];
+        if (init) route_init(c, ev, bs, ix);
+        route_rows(scores + ih * s * c, c, s, c, slot0, skip, ev, bs, ix);
+        route_finish(c, ev, bs);
     }
 }
 
@@ -249,11 +267,13 @@ void kvm_join(int64_t nb, int64_t nh, int64_t ng, int64_t nc, int64_t dv,
 /* ---------------------------------------------------------------------------------------------
  * The read of one whole chunk: its queries against the state's slots and their block sliding
  * window, one softmax over both (online, as flash attention), written straight into the output.
- * Against PyTorch's flash kernel on the split path it skips the masked keys of the window's
- * diagonal block (per 64 query rows), scales the two parts' logits by their own temperatures
- * (no scaled copy of the queries) and needs no merge of two partial softmaxes. Matrix products
- * are BLAS sgemm calls (torch's own MKL, its pointer passed in), inside one OpenMP task per
- * 64 query rows of one head, where MKL runs single-threaded.
+ * Three parts, one softmax: the slots, the window keys every query sees (all rows of a task at
+ * once: the larger products run faster), and the chunk's own keys, seen causally (QUERY_BLOCK rows
+ * at a time, each block stopping at its last visible key: PyTorch's flash kernel on the split path
+ * computes that masked half). The parts' logits are scaled by their own temperatures (no scaled
+ * copy of the queries) and no merge of two partial softmaxes is needed. Matrix products are BLAS
+ * sgemm calls (torch's own MKL, its pointer passed in), inside one OpenMP task per TASK_ROWS query
+ * rows of one head, where MKL runs single-threaded.
  */
 
 /* Fortran BLAS sgemm_. Its integers are read through pointers to 64-bit slots: an LP64 BLAS reads
@@ -407,17 +427,72 @@ int kvm_attend_chunks(void *sgemm_ptr, int64_t nb, int64_t hq, int64_t groups, i
                     if (!s || !acc) continue;
                     int64_t hk = ih / groups, row0 = iq * TASK_ROWS;
                     int64_t rows = c - row0 < TASK_ROWS ? c - row0 : TASK_ROWS;
-                    Part parts[2] = {
+                    const float *wkh = wk + ib * wk_s[0] + hk * wk_s[1], *wvh = wv + ib * wv_s[0] + hk * wv_s[1];
+                    int64_t seen = w_len - c;  /* window keys every row sees; then c keys seen causally */
+                    Part parts[3] = {
                         {sk + ib * sk_s[0] + hk * sk_s[1], sv + ib * sv_s[0] + hk * sv_s[1], sk_s[2], sv_s[2], n_slots, -1,
                          state_scale[ih]},
-                        {wk + ib * wk_s[0] + hk * wk_s[1], wv + ib * wv_s[0] + hk * wv_s[1], wk_s[2], wv_s[2], w_len,
-                         w_len - c, window_scale[ih]},
+                        {wkh, wvh, wk_s[2], wv_s[2], seen, -1, window_scale[ih]},
+                        {wkh + seen * wk_s[2], wvh + seen * wv_s[2], wk_s[2], wv_s[2], c, 0, window_scale[ih]},
                     };
-                    attend_rows(sgemm, q + ib * q_s[0] + ih * q_s[1] + row0 * q_s[2], q_s[2], rows, row0, d, dv, parts, 2,
+                    attend_rows(sgemm, q + ib * q_s[0] + ih * q_s[1] + row0 * q_s[2], q_s[2], rows, row0, d, dv, parts, 3,
                                 out + ib * out_s[0] + ih * out_s[1] + row0 * out_s[2], out_s[2], s, acc);
                 }
         free(s);
         free(acc);
+    }
+    return failed ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Routing from features: the routing scores of a block of ROUTE_ROWS slots against TOKEN_BLOCK
+ * tokens at a time (one sgemm into per-thread scratch, which stays in cache) reduced at once to
+ * each token's running best. Tokens route independently, so the tasks are (head, token block)
+ * pairs and need no reduction across threads; the S x C score matrix never exists.
+ */
+#ifndef ROUTE_ROWS
+#define ROUTE_ROWS 128
+#endif
+#ifndef TOKEN_BLOCK
+#define TOKEN_BLOCK 128
+#endif
+
+/* Tokens' routing features tf (nh heads, tf_s[0] floats apart; c rows, tf_s[1] apart; r floats)
+ * against slots' sf (likewise, s rows) -> every, best, index (nh, c), as ``kvm_route`` of the
+ * score matrix sf tf^T with init. Returns 0, or -1 if out of memory. */
+int kvm_best_slots(void *sgemm_ptr, int64_t nh, int64_t s, int64_t c, int64_t r, const float *sf,
+                   const int64_t *sf_s, const float *tf, const int64_t *tf_s, int64_t skip, float *every,
+                   float *best, int32_t *index) {
+    sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
+    const float one = 1.0f, zero = 0.0f;
+    int64_t token_blocks = (c + TOKEN_BLOCK - 1) / TOKEN_BLOCK;
+    int failed = 0;
+#pragma omp parallel if (nh * s * c >= PARALLEL_ROWS * TOKEN_BLOCK)
+    {
+        float *scores = malloc(sizeof(float) * ROUTE_ROWS * TOKEN_BLOCK);
+        if (!scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic) collapse(2)
+        for (int64_t ih = 0; ih < nh; ih++)
+            for (int64_t it = 0; it < token_blocks; it++) {
+                if (!scores) continue;
+                int64_t j0 = it * TOKEN_BLOCK, nt = c - j0 < TOKEN_BLOCK ? c - j0 : TOKEN_BLOCK;
+                const float *tokens = tf + ih * tf_s[0] + j0 * tf_s[1], *slots = sf + ih * sf_s[0];
+                float *ev = every + ih * c + j0, *bs = best + ih * c + j0;
+                int32_t *ix = index + ih * c + j0;
+                route_init(nt, ev, bs, ix);
+                for (int64_t lo = 0; lo < s; lo += ROUTE_ROWS) {
+                    int64_t rows = s - lo < ROUTE_ROWS ? s - lo : ROUTE_ROWS;
+                    /* scores (rows x nt, row-major) = slots tokens^T, i.e. column-major scores^T = tokens slots^T */
+                    sgemm("T", "N", &(int64_t){nt}, &(int64_t){rows}, &(int64_t){r}, &one, tokens, &tf_s[1],
+                          slots + lo * sf_s[1], &sf_s[1], &zero, scores, &(int64_t){nt});
+                    route_rows(scores, nt, rows, nt, lo, skip, ev, bs, ix);
+                }
+                route_finish(nt, ev, bs);
+            }
+        free(scores);
     }
     return failed ? -1 : 0;
 }

@@ -25,7 +25,9 @@ _SIGNATURES = {
     "kvm_route": [_I, _I, _I, _P, _I, _I, ctypes.c_int, _P, _P, _P],
     "kvm_join": [_I] * 5 + [_P] * 10,
     "kvm_attend_chunks": [_P] + [_I] * 6 + [_P] * 6 + [_I] + [_P] * 4 + [_I] + [_P] * 4,
+    "kvm_best_slots": [_P] + [_I] * 4 + [_P] * 4 + [_I] + [_P] * 3,
 }
+_RETURNS_STATUS = ("kvm_merge_read", "kvm_attend_chunks", "kvm_best_slots")  # 0, or -1 when out of memory
 
 
 @functools.cache
@@ -34,7 +36,7 @@ def library() -> ctypes.CDLL | None:
     if lib is not None:
         for name, argtypes in _SIGNATURES.items():
             getattr(lib, name).argtypes = argtypes
-            getattr(lib, name).restype = ctypes.c_int if name in ("kvm_merge_read", "kvm_attend_chunks") else None
+            getattr(lib, name).restype = ctypes.c_int if name in _RETURNS_STATUS else None
     return lib
 
 
@@ -99,7 +101,7 @@ def merge_and_read(sums: Tensor, lens: Tensor, read_keys: Tensor, read_values: T
     """A boundary update's merges into a room, in place: rows (B, H, M, d + dv) added to sums
     (B, H, R, d + dv) at slots target (B, H, M), counted in lens (B, H, R, 1) if ``count_merges``;
     then the read view (read_keys, read_values, features: (B, H, R, *)) recomputed for the touched
-    slots and the appended ones [first_new, num), or for all ``num`` slots when that is most of them."""
+    slots and the appended ones [first_new, num), and only for them."""
     for name, x in (("sums", sums), ("lens", lens), ("read_keys", read_keys), ("read_values", read_values),
                     ("features", features), ("rows", rows)):
         _check(name, x, contiguous=True)
@@ -128,14 +130,23 @@ def route(scores: Tensor, skip: int) -> tuple[Tensor, Tensor, Tensor]:
 
 def best_slots(slot_features: Tensor, token_features: Tensor, skip: int, scratch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The routing of tokens (B, H, C, r) among slots (B, H, S, r), by routing features -> every,
-    best, index (B, H, C), as ``route`` of their scores (B, H, S, C), without that matrix: the scores
-    of ``ROUTE_BLOCK`` slots at a time go into ``scratch`` (fp32, at least B*H*ROUTE_BLOCK*C) and are
-    reduced while they are still in cache."""
-    _check("scratch", scratch, contiguous=True)
-    b, h, s, _ = slot_features.shape
+    best, index (B, H, C), as ``route`` of their scores (B, H, S, C), without that matrix: the C
+    kernel scores a block of slots against a block of tokens at a time with torch's sgemm and
+    reduces it while it is in cache. Where torch has no sgemm, torch.matmul scores ``ROUTE_BLOCK``
+    slots at a time into ``scratch`` (fp32, at least B*H*ROUTE_BLOCK*C) for ``kvm_route``."""
+    b, h, s, r = slot_features.shape
     c = token_features.shape[2]
     every, best = token_features.new_empty(b, h, c), token_features.new_empty(b, h, c)
     index = torch.empty(b, h, c, dtype=torch.int32)
+    if _sgemm() is not None:
+        for name, x in (("slot_features", slot_features), ("token_features", token_features)):
+            _check(name, x)
+        slots, tokens = slot_features.flatten(0, 1), token_features.flatten(0, 1)  # (B*H, S | C, r), views of a room
+        if library().kvm_best_slots(_sgemm(), b * h, s, c, r, _ptr(slots), _strides(slots, 2), _ptr(tokens),
+                                    _strides(tokens, 2), skip, _ptr(every), _ptr(best), _ptr(index)):
+            raise MemoryError("kvm_cpu: no memory for the routing scores' scratch")
+        return every, best, index.long()
+    _check("scratch", scratch, contiguous=True)
     tokens = token_features.transpose(-1, -2)  # (B, H, r, C)
     for lo in range(0, s, ROUTE_BLOCK):
         rows = min(s, lo + ROUTE_BLOCK) - lo

@@ -87,7 +87,7 @@ def flash_calls(q, k, v, cfg: KVMConfig) -> None:
 def _native_status() -> str:
     if kvm_cpu.library() is None:
         return "off (KVM_NATIVE=0 or no C compiler): PyTorch throughout"
-    return "state update and chunk read" if kvm_cpu.fused_read() else "state update (no BLAS for the chunk read)"
+    return "state update and chunk read" if kvm_cpu.blas_kernels() else "state update (no BLAS for the chunk read)"
 
 
 def main() -> None:

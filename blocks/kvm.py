@@ -418,6 +418,22 @@ class _KVMCore:
         scores = features.new_empty(b * h * self.config.chunk_len * rows)
         return _in_room(_Room(sums, lens, read_keys, read_values, room_features, scores), num)
 
+    def update(self, slots: _Slots, k: Tensor, v: Tensor, g: Tensor, ctx_len: int, available: int,
+               normed_keys: Tensor | None = None) -> _Slots:
+        """One boundary update: the raw chunk leaving the window (k, v: (B, Hkv, C, d | dv); g:
+        (B, Hkv, C, 1)) folded into the slots. Where every token merges into a room, one C kernel
+        does it all (``kvm_cpu.absorb``); otherwise ``incoming`` then ``absorb``.
+        ``normed_keys``: ``state_key_norm(slots.keys)`` if the caller has it already."""
+        num = slots.keys.shape[2]
+        if (self.native and slots.room is not None and kvm_cpu.blas_kernels()
+                and target_slots(self.config, ctx_len, available, num) <= num):
+            cfg, room = self.config, slots.room
+            kvm_cpu.absorb(k, v, g, *self._norm_args, self.zero_dims, cfg.merge_gate_keys, cfg.merge_gate_values,
+                           self._fewer_routing_dims is not None, cfg.sink_len, not cfg.use_vlens, cfg.use_vlens,
+                           room.sums, room.lens, room.read_keys, room.read_values, room.features, num)
+            return slots
+        return self.absorb(slots, self.incoming(k, v, g), ctx_len, available, normed_keys)
+
     def absorb(self, slots: _Slots, incoming: _Incoming, ctx_len: int, available: int,
                normed_keys: Tensor | None = None) -> _Slots:
         """Fold one overflow chunk, prepared by ``incoming``, into the slots (there is at least one).
@@ -701,7 +717,7 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
     whole_lo, whole_hi = -(-max(n0, window) // chunk), n1 // chunk  # chunks [whole_lo, whole_hi) are all queries
     split = whole_lo < whole_hi and q.device.type == "cpu" and not torch.is_grad_enabled()
     group = _window_group(q.shape[0] * q.shape[1] * chunk * q.shape[-1] * q.element_size()) if split else 0
-    fused = split and core.native and kvm_cpu.fused_read()
+    fused = split and core.native and kvm_cpu.blas_kernels()
     if fused:  # each query head's logit scales, fp32: (Hq,) for the state and (Hq,) for the window
         scales = tuple((core.scale * (torch.ones(q.shape[1]) if t is None else t.detach().float())).contiguous()
                        for t in (core.state_temp, core.window_temp))
@@ -710,8 +726,8 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
         update = boundary_update(c, cfg)
         if update is not None and c * chunk >= n0:  # this boundary's first token is new: update now
             lo = (c - nb) * chunk - start
-            incoming = core.incoming(buf_k[:, :, lo:lo + chunk], buf_v[:, :, lo:lo + chunk], buf_g[:, :, lo:lo + chunk])
-            slots = core.absorb(slots, incoming, *update, normed_keys=normed)
+            slots = core.update(slots, buf_k[:, :, lo:lo + chunk], buf_v[:, :, lo:lo + chunk], buf_g[:, :, lo:lo + chunk],
+                                *update, normed_keys=normed)
         normed, slot_values = core.read_slots(slots, q.dtype)
         q_lo, q_hi = max(n0, c * chunk), min(n1, (c + 1) * chunk)  # absolute query range of the chunk
         rows = slice(q_lo - n0, q_hi - n0)

@@ -118,10 +118,10 @@ def test_route_equals_torch_max_including_ties(s, tokens):
 @pytest.mark.parametrize("slots, tokens", [(100, 37), (300, 200)])  # within and across the C kernel's blocks
 @pytest.mark.parametrize("block", [None, 1, 7, 64, 4096])  # None: scored in C with sgemm; else torch.matmul blocks
 def test_blocked_routing_equals_routing_the_whole_score_matrix(monkeypatch, slots, tokens, block):
-    if block is None and not kvm_cpu.fused_read():
+    if block is None and not kvm_cpu.blas_kernels():
         pytest.skip("torch exports no BLAS sgemm here")
     if block is not None:
-        monkeypatch.setattr(kvm_cpu, "_sgemm", lambda: None)
+        monkeypatch.setattr(kvm_cpu, "blas_kernels", lambda: False)
         monkeypatch.setattr(kvm_cpu, "ROUTE_BLOCK", block)
     torch.manual_seed(7)
     room = torch.randint(-3, 4, (2, 3, slots + 20, 10)).float()  # integer features: exact scores, many ties
@@ -134,6 +134,33 @@ def test_blocked_routing_equals_routing_the_whole_score_matrix(monkeypatch, slot
         assert torch.equal(every, scores.amax(-2)), f"skip={skip}"
         if skip < slots:
             assert torch.equal(best, expected[1]) and torch.equal(index, expected[2]), f"skip={skip}"
+
+
+@pytest.mark.skipif(not kvm_cpu.blas_kernels(), reason="no C compiler, or torch exports no BLAS sgemm here")
+@pytest.mark.parametrize("zero_dims, bias", [(6, True), (0, False)])  # routing on fewer dims, or on all
+@pytest.mark.parametrize("use_vlens, gate_keys", [(True, True), (False, False)])
+@pytest.mark.parametrize("slots, sinks", [(5, 0), (300, 2)])  # within one block of routing scores, and across
+def test_whole_update_equals_its_three_kernels_in_turn(zero_dims, bias, use_vlens, gate_keys, slots, sinks):
+    norm = _norm(16, bias)
+    reduced = _core(norm, zero_dims)._fewer_routing_dims is not None
+    torch.manual_seed(3)
+    k = torch.randn(2, 30, 3, 16).transpose(1, 2)[:, :, 5:5 + 40]  # (B, H, 40 tokens, d), a projection's strides
+    v, g = torch.randn(2, 3, 50, 12)[:, :, 4:44], torch.rand(2, 3, 40, 1) + 0.5
+    cap, r = slots + 4, 16 - zero_dims + 2 if reduced else 16
+    sums, lens = torch.randn(2, 3, cap, 16 + 12), torch.rand(2, 3, cap, 1) + 0.5
+    views = (torch.randn(2, 3, cap, 16), torch.randn(2, 3, cap, 12), torch.randn(2, 3, cap, r))  # read keys, values, features
+    room = [sums, lens, *views]
+    expected = [x.clone() for x in room]
+    with torch.no_grad():
+        _, gated, routing = kvm_cpu.incoming(k, v, g, *_args(norm), zero_dims, gate_keys, True, reduced)
+        target = kvm_cpu.best_slots(expected[4][:, :, :slots], routing, sinks, torch.empty(0))[2]
+        kvm_cpu.merge_and_read(*expected, target, gated, not use_vlens, slots, slots, *_args(norm), zero_dims,
+                               use_vlens, reduced)
+        kvm_cpu.absorb(k, v, g, *_args(norm), zero_dims, gate_keys, True, reduced, sinks, not use_vlens, use_vlens,
+                       *room, slots)
+    assert (target >= sinks).all() and target.unique().numel() > 1, "a real routing, sinks left alone"
+    for name, got, want in zip(("sums", "lens", "read keys", "read values", "features"), room, expected):
+        assert_close(got, want, 1e-6, name)
 
 
 @needs_kernels
@@ -156,7 +183,7 @@ def test_join_of_two_partial_softmaxes_is_the_joint_softmax():
     assert out[:, :, :c].isnan().all() and out[:, :, 2 * c:].isnan().all(), "rows outside the view were written"
 
 
-@pytest.mark.skipif(not kvm_cpu.fused_read(), reason="no C compiler, or torch exports no BLAS sgemm here")
+@pytest.mark.skipif(not kvm_cpu.blas_kernels(), reason="no C compiler, or torch exports no BLAS sgemm here")
 @pytest.mark.parametrize("c, n_slots, window_chunks, groups", [(8, 5, 2, 1), (100, 300, 2, 2), (70, 1, 3, 3)])
 def test_chunk_read_is_one_softmax_over_slots_and_window(c, n_slots, window_chunks, groups):
     torch.manual_seed(9)
@@ -195,10 +222,10 @@ OPTIONS = [dict(), dict(use_vlens=False, sink_len=1), dict(sink_len=3, merge_gat
 @pytest.mark.parametrize("budget", BUDGETS)
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("kv_heads", [4, 2])
-@pytest.mark.parametrize("fused_read", [True, False])  # whole chunks read in C, or by flash calls + a C join
-def test_attention_with_the_kernels_equals_the_torch_path(monkeypatch, budget, options, kv_heads, fused_read):
-    if not fused_read:
-        monkeypatch.setattr(kvm_cpu, "fused_read", lambda: False)
+@pytest.mark.parametrize("blas", [True, False])  # chunks read and updated with sgemm in C, or flash calls + a C join
+def test_attention_with_the_kernels_equals_the_torch_path(monkeypatch, budget, options, kv_heads, blas):
+    if not blas:
+        monkeypatch.setattr(kvm_cpu, "blas_kernels", lambda: False)
     cfg = KVMConfig(num_heads=4, num_kv_heads=kv_heads, chunk_len=C, **{"rope_partial_dim": 4, **options},
                     **BUDGETS[budget])
     torch.manual_seed(5)

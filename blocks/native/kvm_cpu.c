@@ -57,11 +57,43 @@ static void layer_norm_zeroed(const float *x, float *y, int64_t d, int64_t z, co
     for (int64_t i = z; i < d; i++) y[i] = (x[i] - mean) * rstd * w[i] + (b ? b[i] : 0.0f);
 }
 
+/* One token leaving the window, prepared for the state: its key kx (d) with the first z dims zeroed,
+ * then LayerNorm(w, b) -> ky (d); what a merge adds -> gy (d + dv), the key (times the gate if
+ * gate_keys) and the value vx (times the gate if gate_values); routing features -> fy (r):
+ * [ky[z:], a, 1] with a = (ky[:z] - b[:z]).w[:z] * inv_ww (inv_ww = 1 / |w[:z]|^2) if reduced,
+ * else ky. ky may be gy itself. */
+static void prepare_token(const float *kx, const float *vx, float gate, int64_t d, int64_t dv, int64_t z,
+                          const float *w, const float *b, float eps, int gate_keys, int gate_values, int reduced,
+                          float inv_ww, float *ky, float *gy, float *fy) {
+    layer_norm_zeroed(kx, ky, d, z, w, b, eps);
+    if (reduced) {
+        float a = 0.0f;
+        if (b) {
+#pragma omp simd reduction(+ : a)
+            for (int64_t i = 0; i < z; i++) a += (ky[i] - b[i]) * w[i];
+        } else {
+            a = dot_f(ky, w, z);
+        }
+        memcpy(fy, ky + z, (size_t)(d - z) * sizeof(float));
+        fy[d - z] = a * inv_ww;
+        fy[d - z + 1] = 1.0f;
+    } else {
+        memcpy(fy, ky, (size_t)d * sizeof(float));
+    }
+    float kg = gate_keys ? gate : 1.0f, vg = gate_values ? gate : 1.0f;
+    for (int64_t i = 0; i < d; i++) gy[i] = ky[i] * kg;
+    for (int64_t i = 0; i < dv; i++) gy[d + i] = vx[i] * vg;
+}
+
+/* 1 / |w[:z]|^2 for ``prepare_token`` (w = 0 gives a = 0). */
+static float inverse_sq_norm(const float *w, int64_t z) {
+    float ww = dot_f(w, w, z);
+    return 1.0f / (ww > FLT_MIN ? ww : FLT_MIN);
+}
+
 /* Tokens leaving the window, (N, H, C) rows addressed by strides (in floats) of k, v and g
- * (g: one gate per token), prepared for the state: keys with the first z dims zeroed, then
- * LayerNorm(w, b) -> ku (N*H*C, d); what a merge adds -> gated (N*H*C, d + dv), the key (times the
- * gate if gate_keys) and the value (times the gate if gate_values); routing features -> feat
- * (N*H*C, r): [ku[z:], a, 1] with a = (ku[:z] - b[:z]).w[:z] / |w[:z]|^2 if reduced, else ku. */
+ * (g: one gate per token), each through ``prepare_token`` -> ku (N*H*C, d), gated (N*H*C, d + dv)
+ * and feat (N*H*C, r). */
 void kvm_incoming(int64_t n, int64_t h, int64_t c, int64_t d, int64_t dv, int64_t z,
                   const float *k, int64_t k_sn, int64_t k_sh, int64_t k_sc,
                   const float *v, int64_t v_sn, int64_t v_sh, int64_t v_sc,
@@ -69,36 +101,15 @@ void kvm_incoming(int64_t n, int64_t h, int64_t c, int64_t d, int64_t dv, int64_
                   const float *w, const float *b, float eps, int gate_keys, int gate_values, int reduced,
                   float *ku, float *gated, float *feat) {
     int64_t r = reduced ? d - z + 2 : d;
-    float ww = reduced ? dot_f(w, w, z) : 1.0f;
-    float inv_ww = 1.0f / (ww > FLT_MIN ? ww : FLT_MIN);
+    float inv_ww = reduced ? inverse_sq_norm(w, z) : 1.0f;
 #pragma omp parallel for schedule(static) collapse(3) if (n * h * c >= PARALLEL_ROWS)
     for (int64_t in = 0; in < n; in++)
         for (int64_t ih = 0; ih < h; ih++)
             for (int64_t ic = 0; ic < c; ic++) {
                 int64_t row = (in * h + ih) * c + ic;
-                const float *kx = k + in * k_sn + ih * k_sh + ic * k_sc;
-                const float *vx = v + in * v_sn + ih * v_sh + ic * v_sc;
-                float gate = g[in * g_sn + ih * g_sh + ic * g_sc];
-                float *ky = ku + row * d, *gy = gated + row * (d + dv), *fy = feat + row * r;
-                layer_norm_zeroed(kx, ky, d, z, w, b, eps);
-                float kg = gate_keys ? gate : 1.0f, vg = gate_values ? gate : 1.0f;
-                for (int64_t i = 0; i < d; i++) gy[i] = ky[i] * kg;
-                for (int64_t i = 0; i < dv; i++) gy[d + i] = vx[i] * vg;
-                if (reduced) {
-                    float a = 0.0f;
-                    if (b) {
-#pragma omp simd reduction(+ : a)
-                        for (int64_t i = 0; i < z; i++) a += (ky[i] - b[i]) * w[i];
-                    } else {
-                        a = dot_f(ky, w, z);
-                    }
-                    a *= inv_ww;
-                    memcpy(fy, ky + z, (size_t)(d - z) * sizeof(float));
-                    fy[d - z] = a;
-                    fy[d - z + 1] = 1.0f;
-                } else {
-                    memcpy(fy, ky, (size_t)d * sizeof(float));
-                }
+                prepare_token(k + in * k_sn + ih * k_sh + ic * k_sc, v + in * v_sn + ih * v_sh + ic * v_sc,
+                              g[in * g_sn + ih * g_sh + ic * g_sc], d, dv, z, w, b, eps, gate_keys, gate_values, reduced,
+                              inv_ww, ku + row * d, gated + row * (d + dv), feat + row * r);
             }
 }
 
@@ -126,13 +137,41 @@ static void read_row(const float *sums, float len, int64_t d, int64_t dv, int64_
     }
 }
 
-/* One boundary update's merges and the read view they change, for nh heads of a room of cap slot
- * rows (sums (nh, cap, d + dv), lens (nh, cap); read_keys (nh, cap, d), read_values (nh, cap, dv),
- * feat (nh, cap, r)) holding num slots, of which first_new.. were just appended: rows (nh, m, d + dv)
- * are added at slots target (nh, m), each counted in lens if count_merges; then the read view is
- * recomputed for every slot a merge touched and every appended one (no other changed). Slots are visited in address order (merges grouped by slot with a counting sort
- * that keeps token order within a slot, so every sum equals torch's index_add bit for bit), and each
- * is read right after its merges, while its row is in cache. Returns 0, or -1 if out of memory. */
+/* The merges of one head and the read view they change: rows (m, d + dv) added to slot rows
+ * target (m) of sums (cap, d + dv), each counted in lens if count_merges; then the read view
+ * (read_keys (cap, d), read_values (cap, dv), feat (cap, r)) recomputed for every slot a merge
+ * touched and every appended one, first_new..num-1 (no other changed). Slots are visited in
+ * address order (merges grouped by slot with a counting sort that keeps token order within a slot,
+ * so every sum equals torch's index_add bit for bit), and each is read right after its merges,
+ * while its row is in cache. start (num + 1) and order (m): scratch. */
+static void merge_read_head(int64_t m, int64_t num, int64_t first_new, int64_t d, int64_t dv, int64_t z,
+                            const int64_t *target, const float *rows, int count_merges, float *sums, float *lens,
+                            const float *w, const float *b, float eps, int use_vlens, int reduced, float *read_keys,
+                            float *read_values, float *feat, int64_t *start, int64_t *order) {
+    int64_t f = d + dv, r = reduced ? d - z + 2 : d;
+    memset(start, 0, (size_t)(num + 1) * sizeof(int64_t));
+    for (int64_t i = 0; i < m; i++) start[target[i] + 1]++;
+    for (int64_t is = 0; is < num; is++) start[is + 1] += start[is];  /* slot is's merges: order[start[is]..start[is+1]) */
+    for (int64_t i = 0; i < m; i++) order[start[target[i]]++] = i;  /* leaves start[is] = the end of slot is's merges */
+    for (int64_t is = 0, at = 0; is < num; is++) {
+        int64_t end = start[is];
+        if (end == at && is < first_new) continue;  /* no merges, not new: its view stands */
+        float *y = sums + is * f;
+        for (; at < end; at++) {
+            const float *x = rows + order[at] * f;
+#pragma omp simd
+            for (int64_t j = 0; j < f; j++) y[j] += x[j];
+            if (count_merges) lens[is] += 1.0f;
+        }
+        read_row(y, lens[is], d, dv, z, w, b, eps, use_vlens, reduced, read_keys + is * d, read_values + is * dv,
+                 feat + is * r);
+    }
+}
+
+/* One boundary update's merges (``merge_read_head``) for nh heads of a room of cap slot rows
+ * (sums (nh, cap, d + dv), lens (nh, cap); read_keys (nh, cap, d), read_values (nh, cap, dv),
+ * feat (nh, cap, r)) holding num slots, of which first_new.. were just appended: rows
+ * (nh, m, d + dv) at slots target (nh, m). Returns 0, or -1 if out of memory. */
 int kvm_merge_read(int64_t nh, int64_t m, int64_t cap, int64_t num, int64_t first_new, int64_t d, int64_t dv,
                    int64_t z, const int64_t *target, const float *rows, int count_merges, float *sums,
                    float *lens, const float *w, const float *b, float eps, int use_vlens, int reduced,
@@ -142,30 +181,13 @@ int kvm_merge_read(int64_t nh, int64_t m, int64_t cap, int64_t num, int64_t firs
 #pragma omp parallel for schedule(static) if (nh * (m + num) >= PARALLEL_ROWS)
     for (int64_t ih = 0; ih < nh; ih++) {
         int64_t *start = malloc((size_t)(num + 1) * sizeof(int64_t)), *order = malloc((size_t)(m + 1) * sizeof(int64_t));
-        if (!start || !order) {
-            free(start);
-            free(order);
+        if (start && order)
+            merge_read_head(m, num, first_new, d, dv, z, target + ih * m, rows + ih * m * f, count_merges,
+                            sums + ih * cap * f, lens + ih * cap, w, b, eps, use_vlens, reduced, read_keys + ih * cap * d,
+                            read_values + ih * cap * dv, feat + ih * cap * r, start, order);
+        else {
 #pragma omp atomic write
             failed = 1;
-            continue;
-        }
-        const int64_t *tg = target + ih * m;
-        memset(start, 0, (size_t)(num + 1) * sizeof(int64_t));
-        for (int64_t i = 0; i < m; i++) start[tg[i] + 1]++;
-        for (int64_t is = 0; is < num; is++) start[is + 1] += start[is];  /* slot is's merges: order[start[is]..start[is+1]) */
-        for (int64_t i = 0; i < m; i++) order[start[tg[i]]++] = i;  /* leaves start[is] = the end of slot is's merges */
-        for (int64_t is = 0, at = 0; is < num; is++) {
-            int64_t end = start[is], slot = ih * cap + is;
-            if (end == at && is < first_new) continue;  /* no merges, not new: its view stands */
-            float *y = sums + slot * f;
-            for (; at < end; at++) {
-                const float *x = rows + (ih * m + order[at]) * f;
-#pragma omp simd
-                for (int64_t j = 0; j < f; j++) y[j] += x[j];
-                if (count_merges) lens[slot] += 1.0f;
-            }
-            read_row(y, lens[slot], d, dv, z, w, b, eps, use_vlens, reduced, read_keys + slot * d, read_values + slot * dv,
-                     feat + slot * r);
         }
         free(start);
         free(order);
@@ -493,6 +515,72 @@ int kvm_best_slots(void *sgemm_ptr, int64_t nh, int64_t s, int64_t c, int64_t r,
                 route_finish(nt, ev, bs);
             }
         free(scores);
+    }
+    return failed ? -1 : 0;
+}
+
+/* A whole boundary update where every token merges (no appends), one task per head, in cache
+ * from start to end: the chunk's tokens, (N, H, C) rows of k, v, g by strides as in
+ * ``kvm_incoming``, prepared (``prepare_token``) into per-thread rows; their routing among the
+ * room's num slots (the best slot >= skip, scored ROUTE_ROWS slots at a time as in
+ * ``kvm_best_slots``); then ``merge_read_head`` into the room (sums (N*H, cap, d + dv), lens,
+ * read_keys, read_values, feat as in ``kvm_merge_read``). Equal to those three kernels in turn,
+ * without their (N, H, C, *) intermediates in memory. Returns 0, or -1 if out of memory. */
+int kvm_absorb(void *sgemm_ptr, int64_t n, int64_t h, int64_t c, int64_t d, int64_t dv, int64_t z,
+               const float *k, const int64_t *k_s, const float *v, const int64_t *v_s, const float *g,
+               const int64_t *g_s, const float *w, const float *b, float eps, int gate_keys, int gate_values,
+               int reduced, int64_t skip, int count_merges, int use_vlens, int64_t cap, int64_t num, float *sums,
+               float *lens, float *read_keys, float *read_values, float *feat) {
+    sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
+    const float one = 1.0f, zero = 0.0f;
+    int64_t f = d + dv, r = reduced ? d - z + 2 : d;
+    float inv_ww = reduced ? inverse_sq_norm(w, z) : 1.0f;
+    int failed = 0;
+#pragma omp parallel if (n * h * c >= PARALLEL_ROWS)
+    {
+        /* per thread: the prepared rows, their features, a block of scores, the routing, merge order */
+        float *gated = malloc(sizeof(float) * (size_t)(c * f)), *tokens = malloc(sizeof(float) * (size_t)(c * r));
+        float *scores = malloc(sizeof(float) * (size_t)(ROUTE_ROWS * c)), *ev = malloc(sizeof(float) * (size_t)(2 * c));
+        int32_t *ix = malloc(sizeof(int32_t) * (size_t)c);
+        int64_t *target = malloc(sizeof(int64_t) * (size_t)c), *start = malloc(sizeof(int64_t) * (size_t)(num + 1));
+        int64_t *order = malloc(sizeof(int64_t) * (size_t)c);
+        int ready = gated && tokens && scores && ev && ix && target && start && order;
+        if (!ready) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic) collapse(2)
+        for (int64_t in = 0; in < n; in++)
+            for (int64_t ih = 0; ih < h; ih++) {
+                if (!ready) continue;
+                int64_t head = in * h + ih;
+                const float *kh = k + in * k_s[0] + ih * k_s[1], *vh = v + in * v_s[0] + ih * v_s[1];
+                const float *gh = g + in * g_s[0] + ih * g_s[1], *slots = feat + head * cap * r;
+                for (int64_t ic = 0; ic < c; ic++)
+                    prepare_token(kh + ic * k_s[2], vh + ic * v_s[2], gh[ic * g_s[2]], d, dv, z, w, b, eps, gate_keys,
+                                  gate_values, reduced, inv_ww, gated + ic * f, gated + ic * f, tokens + ic * r);
+                float *bs = ev + c;
+                route_init(c, ev, bs, ix);
+                for (int64_t lo = 0; lo < num; lo += ROUTE_ROWS) {
+                    int64_t rows = num - lo < ROUTE_ROWS ? num - lo : ROUTE_ROWS;
+                    /* scores (rows x c, row-major) = slots tokens^T, as in kvm_best_slots */
+                    sgemm("T", "N", &(int64_t){c}, &(int64_t){rows}, &(int64_t){r}, &one, tokens, &(int64_t){r},
+                          slots + lo * r, &(int64_t){r}, &zero, scores, &(int64_t){c});
+                    route_rows(scores, c, rows, c, lo, skip, ev, bs, ix);
+                }
+                for (int64_t ic = 0; ic < c; ic++) target[ic] = ix[ic];
+                merge_read_head(c, num, num, d, dv, z, target, gated, count_merges, sums + head * cap * f,
+                                lens + head * cap, w, b, eps, use_vlens, reduced, read_keys + head * cap * d,
+                                read_values + head * cap * dv, feat + head * cap * r, start, order);
+            }
+        free(gated);
+        free(tokens);
+        free(scores);
+        free(ev);
+        free(ix);
+        free(target);
+        free(start);
+        free(order);
     }
     return failed ? -1 : 0;
 }

@@ -26,8 +26,10 @@ _SIGNATURES = {
     "kvm_join": [_I] * 5 + [_P] * 10,
     "kvm_attend_chunks": [_P] + [_I] * 6 + [_P] * 6 + [_I] + [_P] * 4 + [_I] + [_P] * 4,
     "kvm_best_slots": [_P] + [_I] * 4 + [_P] * 4 + [_I] + [_P] * 3,
+    "kvm_absorb": [_P] + [_I] * 6 + [_P] * 8 + [_F] + [ctypes.c_int] * 3 + [_I] + [ctypes.c_int] * 2 + [_I] * 2
+                  + [_P] * 5,
 }
-_RETURNS_STATUS = ("kvm_merge_read", "kvm_attend_chunks", "kvm_best_slots")  # 0, or -1 when out of memory
+_RETURNS_STATUS = ("kvm_merge_read", "kvm_attend_chunks", "kvm_best_slots", "kvm_absorb")  # 0, or -1 when out of memory
 
 
 @functools.cache
@@ -51,8 +53,11 @@ def _sgemm() -> int | None:
         return None
 
 
-def fused_read() -> bool:
-    """Whether ``attend_chunk`` can run here: the kernels are built and torch has a BLAS to call."""
+def blas_kernels() -> bool:
+    """Whether the kernels that call torch's sgemm can run here (the library is built and torch has
+    a BLAS): the chunk read ``attend_chunk``, the routing products of ``best_slots`` and the whole
+    update ``absorb``. Without them blocks/kvm.py reads chunks by flash calls and ``join``, and
+    updates with ``incoming``, ``best_slots`` (scored by torch.matmul) and ``merge_and_read``."""
     return library() is not None and _sgemm() is not None
 
 
@@ -114,6 +119,30 @@ def merge_and_read(sums: Tensor, lens: Tensor, read_keys: Tensor, read_values: T
         raise MemoryError(f"kvm_cpu: no memory for the merge order of {target.shape[-1]} tokens")
 
 
+def absorb(k: Tensor, v: Tensor, g: Tensor, weight: Tensor, bias: Tensor | None, eps: float, zero_dims: int,
+           gate_keys: bool, gate_values: bool, reduced: bool, skip: int, count_merges: bool, use_vlens: bool,
+           sums: Tensor, lens: Tensor, read_keys: Tensor, read_values: Tensor, features: Tensor, num: int) -> None:
+    """A whole boundary update in which every token merges, in place: the raw chunk k (B, H, C, d),
+    v (B, H, C, dv), g (B, H, C, 1) prepared as ``incoming``, routed to its best slot >= ``skip``
+    among the room's first ``num`` (``best_slots``), merged and re-read (``merge_and_read``). One
+    call, each head's chunk kept in cache from start to end. Needs ``blas_kernels()``."""
+    (b, h, c, d), dv = k.shape, v.shape[-1]
+    for name, x in (("k", k), ("v", v), ("g", g)):
+        _check(name, x)
+    for name, x in (("weight", weight), ("bias", bias)):
+        if x is not None:
+            _check(name, x, contiguous=True)
+    for name, x in (("sums", sums), ("lens", lens), ("read_keys", read_keys), ("read_values", read_values),
+                    ("features", features)):
+        _check(name, x, contiguous=True)
+    rows = functools.partial(_strides, dims=3)  # strides over (batch, head, token)
+    if library().kvm_absorb(_sgemm(), b, h, c, d, dv, zero_dims, _ptr(k), rows(k), _ptr(v), rows(v), _ptr(g), rows(g),
+                            _ptr(weight), _ptr(bias), eps, gate_keys, gate_values, reduced, skip, count_merges,
+                            use_vlens, sums.shape[2], num, _ptr(sums), _ptr(lens), _ptr(read_keys), _ptr(read_values),
+                            _ptr(features)):
+        raise MemoryError(f"kvm_cpu: no memory for the update scratch of {c} tokens")
+
+
 ROUTE_BLOCK = 512  # slot rows per block of routing scores (6 heads x 512 x 256 tokens: 3 MiB)
 
 
@@ -138,7 +167,7 @@ def best_slots(slot_features: Tensor, token_features: Tensor, skip: int, scratch
     c = token_features.shape[2]
     every, best = token_features.new_empty(b, h, c), token_features.new_empty(b, h, c)
     index = torch.empty(b, h, c, dtype=torch.int32)
-    if _sgemm() is not None:
+    if blas_kernels():
         for name, x in (("slot_features", slot_features), ("token_features", token_features)):
             _check(name, x)
         slots, tokens = slot_features.flatten(0, 1), token_features.flatten(0, 1)  # (B*H, S | C, r), views of a room

@@ -421,18 +421,21 @@ class _KVMCore:
     def update(self, slots: _Slots, k: Tensor, v: Tensor, g: Tensor, ctx_len: int, available: int,
                normed_keys: Tensor | None = None) -> _Slots:
         """One boundary update: the raw chunk leaving the window (k, v: (B, Hkv, C, d | dv); g:
-        (B, Hkv, C, 1)) folded into the slots. Where every token merges into a room, one C kernel
-        does it all (``kvm_cpu.absorb``); otherwise ``incoming`` then ``absorb``.
+        (B, Hkv, C, 1)) folded into the slots. On a room with the BLAS kernels one C call does it
+        all (``kvm_cpu.absorb``); otherwise ``incoming`` then ``absorb``.
         ``normed_keys``: ``state_key_norm(slots.keys)`` if the caller has it already."""
-        num = slots.keys.shape[2]
-        if (self.native and slots.room is not None and kvm_cpu.blas_kernels()
-                and target_slots(self.config, ctx_len, available, num) <= num):
-            cfg, room = self.config, slots.room
-            kvm_cpu.absorb(k, v, g, *self._norm_args, self.zero_dims, cfg.merge_gate_keys, cfg.merge_gate_values,
-                           self._fewer_routing_dims is not None, cfg.sink_len, not cfg.use_vlens, cfg.use_vlens,
-                           room.sums, room.lens, room.read_keys, room.read_values, room.features, num)
-            return slots
-        return self.absorb(slots, self.incoming(k, v, g), ctx_len, available, normed_keys)
+        if not (self.native and slots.room is not None and kvm_cpu.blas_kernels()):
+            return self.absorb(slots, self.incoming(k, v, g), ctx_len, available, normed_keys)
+        cfg, room, num = self.config, slots.room, slots.keys.shape[2]
+        n_append = self._appending(ctx_len, available, num, k.shape[2])
+        kvm_cpu.absorb(k, v, g, *self._norm_args, self.zero_dims, cfg.merge_gate_keys, cfg.merge_gate_values,
+                       self._fewer_routing_dims is not None, cfg.sink_len, n_append, cfg.merge_gate_appends,
+                       cfg.use_vlens, room.sums, room.lens, room.read_keys, room.read_values, room.features, num)
+        return _in_room(room, num + n_append)
+
+    def _appending(self, ctx_len: int, available: int, num: int, size: int) -> int:
+        """How many of ``size`` tokens leaving the window become new slots: what the budget allows."""
+        return min(max(target_slots(self.config, ctx_len, available, num) - num, 0), size)
 
     def absorb(self, slots: _Slots, incoming: _Incoming, ctx_len: int, available: int,
                normed_keys: Tensor | None = None) -> _Slots:
@@ -440,7 +443,7 @@ class _KVMCore:
         ``normed_keys``: ``state_key_norm(slots.keys)`` if the caller has it already."""
         cfg = self.config
         (b, h, size, d), num = incoming.keys.shape, slots.keys.shape[2]
-        n_append = min(max(target_slots(cfg, ctx_len, available, num) - num, 0), size)
+        n_append = self._appending(ctx_len, available, num, size)
         # The best slot of each token, by its score against every slot: over all (novelty), and over
         # the non-sink slots (its winner). (B, Hkv, C) each.
         native = self.native and slots.room is not None  # the kernels update a room in place

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from blocks import native
-from blocks.kvm import KVMConfig, _flat_rows, _KVMCore, _max_over_slots, kvm_attention
+from blocks.kvm import KVMConfig, _flat_rows, _KVMCore, _max_over_slots, _Slots, kvm_attention
 from blocks.native import kvm_cpu
 from mixer_checks import assert_close
 from test_kvm import BUDGETS  # the tiny budgets of the KVM block's own tests
@@ -138,29 +138,30 @@ def test_blocked_routing_equals_routing_the_whole_score_matrix(monkeypatch, slot
 
 @pytest.mark.skipif(not kvm_cpu.blas_kernels(), reason="no C compiler, or torch exports no BLAS sgemm here")
 @pytest.mark.parametrize("zero_dims, bias", [(6, True), (0, False)])  # routing on fewer dims, or on all
-@pytest.mark.parametrize("use_vlens, gate_keys", [(True, True), (False, False)])
-@pytest.mark.parametrize("slots, sinks", [(5, 0), (300, 2)])  # within one block of routing scores, and across
-def test_whole_update_equals_its_three_kernels_in_turn(zero_dims, bias, use_vlens, gate_keys, slots, sinks):
+@pytest.mark.parametrize("options", [{}, {"use_vlens": False, "merge_gate_keys": False, "merge_gate_appends": False},
+                                     {"sink_len": 2, "merge_gate_values": False}])
+@pytest.mark.parametrize("slots, appends", [(5, 0), (5, 3), (300, 0), (300, 17), (40, 40)])  # 300: blocks of scores
+def test_whole_update_in_one_kernel_equals_the_torch_update(zero_dims, bias, options, slots, appends):
     norm = _norm(16, bias)
-    reduced = _core(norm, zero_dims)._fewer_routing_dims is not None
+    core = _KVMCore(KVMConfig(num_heads=3, chunk_len=40, state_min_len=slots + appends, **options), norm, zero_dims,
+                    None, None, 1.0)
     torch.manual_seed(3)
-    k = torch.randn(2, 30, 3, 16).transpose(1, 2)[:, :, 5:5 + 40]  # (B, H, 40 tokens, d), a projection's strides
+    k = torch.randn(2, 50, 3, 16).transpose(1, 2)[:, :, 5:45]  # (B, H, 40 tokens, d), a projection's strides
     v, g = torch.randn(2, 3, 50, 12)[:, :, 4:44], torch.rand(2, 3, 40, 1) + 0.5
-    cap, r = slots + 4, 16 - zero_dims + 2 if reduced else 16
-    sums, lens = torch.randn(2, 3, cap, 16 + 12), torch.rand(2, 3, cap, 1) + 0.5
-    views = (torch.randn(2, 3, cap, 16), torch.randn(2, 3, cap, 12), torch.randn(2, 3, cap, r))  # read keys, values, features
-    room = [sums, lens, *views]
-    expected = [x.clone() for x in room]
+    start = _Slots(torch.randn(2, 3, slots, 16), torch.randn(2, 3, slots, 12), torch.rand(2, 3, slots, 1) + 0.5)
+    rows, n = slots + appends + 4, slots + appends  # a room with spare rows; slots after the update
     with torch.no_grad():
-        _, gated, routing = kvm_cpu.incoming(k, v, g, *_args(norm), zero_dims, gate_keys, True, reduced)
-        target = kvm_cpu.best_slots(expected[4][:, :, :slots], routing, sinks, torch.empty(0))[2]
-        kvm_cpu.merge_and_read(*expected, target, gated, not use_vlens, slots, slots, *_args(norm), zero_dims,
-                               use_vlens, reduced)
-        kvm_cpu.absorb(k, v, g, *_args(norm), zero_dims, gate_keys, True, reduced, sinks, not use_vlens, use_vlens,
-                       *room, slots)
-    assert (target >= sinks).all() and target.unique().numel() > 1, "a real routing, sinks left alone"
-    for name, got, want in zip(("sums", "lens", "read keys", "read values", "features"), room, expected):
-        assert_close(got, want, 1e-6, name)
+        core.use_native_kernels(k, v, g)
+        assert core.native
+        got = core.update(core.with_room(start, rows, torch.float32), k, v, g, 10_000, 10_000)
+        core.native = False
+        want = core.absorb(core.with_room(start, rows, torch.float32), core.incoming(k, v, g), 10_000, 10_000)
+    assert got.keys.shape[2] == want.keys.shape[2] == n
+    for name, x, y in zip(("sums", "lens", "read keys", "read values", "features"), got.room, want.room):
+        assert_close(x[:, :, :n], y[:, :, :n], 1e-5, name)
+    if options.get("sink_len"):
+        assert torch.equal(got.room.sums[:, :, :2], core.with_room(start, rows, torch.float32).room.sums[:, :, :2]), \
+            "sink slots never change"
 
 
 @needs_kernels

@@ -137,15 +137,16 @@ static void read_row(const float *sums, float len, int64_t d, int64_t dv, int64_
     }
 }
 
-/* The merges of one head and the read view they change: rows (m, d + dv) added to slot rows
- * target (m) of sums (cap, d + dv), each counted in lens if count_merges; then the read view
+/* The merges of one head and the read view they change: rows (m, d + dv; merge i adds row
+ * row_of[i], or row i if row_of is NULL) added to slot rows target (m) of sums (cap, d + dv), each counted in lens if count_merges; then the read view
  * (read_keys (cap, d), read_values (cap, dv), feat (cap, r)) recomputed for every slot a merge
  * touched and every appended one, first_new..num-1 (no other changed). Slots are visited in
  * address order (merges grouped by slot with a counting sort that keeps token order within a slot,
  * so every sum equals torch's index_add bit for bit), and each is read right after its merges,
  * while its row is in cache. start (num + 1) and order (m): scratch. */
 static void merge_read_head(int64_t m, int64_t num, int64_t first_new, int64_t d, int64_t dv, int64_t z,
-                            const int64_t *target, const float *rows, int count_merges, float *sums, float *lens,
+                            const int64_t *target, const float *rows, const int64_t *row_of, int count_merges,
+                            float *sums, float *lens,
                             const float *w, const float *b, float eps, int use_vlens, int reduced, float *read_keys,
                             float *read_values, float *feat, int64_t *start, int64_t *order) {
     int64_t f = d + dv, r = reduced ? d - z + 2 : d;
@@ -158,7 +159,7 @@ static void merge_read_head(int64_t m, int64_t num, int64_t first_new, int64_t d
         if (end == at && is < first_new) continue;  /* no merges, not new: its view stands */
         float *y = sums + is * f;
         for (; at < end; at++) {
-            const float *x = rows + order[at] * f;
+            const float *x = rows + (row_of ? row_of[order[at]] : order[at]) * f;
 #pragma omp simd
             for (int64_t j = 0; j < f; j++) y[j] += x[j];
             if (count_merges) lens[is] += 1.0f;
@@ -182,7 +183,7 @@ int kvm_merge_read(int64_t nh, int64_t m, int64_t cap, int64_t num, int64_t firs
     for (int64_t ih = 0; ih < nh; ih++) {
         int64_t *start = malloc((size_t)(num + 1) * sizeof(int64_t)), *order = malloc((size_t)(m + 1) * sizeof(int64_t));
         if (start && order)
-            merge_read_head(m, num, first_new, d, dv, z, target + ih * m, rows + ih * m * f, count_merges,
+            merge_read_head(m, num, first_new, d, dv, z, target + ih * m, rows + ih * m * f, NULL, count_merges,
                             sums + ih * cap * f, lens + ih * cap, w, b, eps, use_vlens, reduced, read_keys + ih * cap * d,
                             read_values + ih * cap * dv, feat + ih * cap * r, start, order);
         else {
@@ -519,32 +520,140 @@ int kvm_best_slots(void *sgemm_ptr, int64_t nh, int64_t s, int64_t c, int64_t r,
     return failed ? -1 : 0;
 }
 
-/* A whole boundary update where every token merges (no appends), one task per head, in cache
- * from start to end: the chunk's tokens, (N, H, C) rows of k, v, g by strides as in
- * ``kvm_incoming``, prepared (``prepare_token``) into per-thread rows; their routing among the
- * room's num slots (the best slot >= skip, scored ROUTE_ROWS slots at a time as in
- * ``kvm_best_slots``); then ``merge_read_head`` into the room (sums (N*H, cap, d + dv), lens,
- * read_keys, read_values, feat as in ``kvm_merge_read``). Equal to those three kernels in turn,
- * without their (N, H, C, *) intermediates in memory. Returns 0, or -1 if out of memory. */
+/* Token order by (novelty, index): a stable ascending argsort, as torch's. */
+typedef struct {
+    float novelty;
+    int64_t token;
+} Ranked;
+
+static int by_novelty(const void *a, const void *b) {
+    const Ranked *x = a, *y = b;
+    if (x->novelty != y->novelty) return x->novelty < y->novelty ? -1 : 1;
+    return (x->token > y->token) - (x->token < y->token);
+}
+
+/* Per-thread scratch of ``kvm_absorb`` for a chunk of c tokens and up to `total` slots after it. */
+typedef struct {
+    float *ku, *gated, *tokens, *scores, *every, *best, *every_new, *best_new;
+    int32_t *index, *index_new;
+    int64_t *target, *row_of, *start, *order;
+    char *appends;
+    Ranked *ranked;
+} AbsorbScratch;
+
+static int absorb_scratch(AbsorbScratch *a, int64_t c, int64_t d, int64_t f, int64_t r, int64_t total) {
+    a->ku = malloc(sizeof(float) * (size_t)(c * d));
+    a->gated = malloc(sizeof(float) * (size_t)(c * f));
+    a->tokens = malloc(sizeof(float) * (size_t)(c * r));
+    a->scores = malloc(sizeof(float) * (size_t)(ROUTE_ROWS * c));
+    a->every = malloc(sizeof(float) * (size_t)(4 * c));
+    a->index = malloc(sizeof(int32_t) * (size_t)(2 * c));
+    a->target = malloc(sizeof(int64_t) * (size_t)(3 * c));
+    a->start = malloc(sizeof(int64_t) * (size_t)(total + 1));
+    a->appends = malloc((size_t)c);
+    a->ranked = malloc(sizeof(Ranked) * (size_t)c);
+    if (!(a->ku && a->gated && a->tokens && a->scores && a->every && a->index && a->target && a->start && a->appends
+          && a->ranked))
+        return 0;
+    a->best = a->every + c, a->every_new = a->every + 2 * c, a->best_new = a->every + 3 * c;
+    a->index_new = a->index + c;
+    a->row_of = a->target + c, a->order = a->target + 2 * c;
+    return 1;
+}
+
+static void absorb_scratch_free(AbsorbScratch *a) {
+    free(a->ku);
+    free(a->gated);
+    free(a->tokens);
+    free(a->scores);
+    free(a->every);
+    free(a->index);
+    free(a->target);
+    free(a->start);
+    free(a->appends);
+    free(a->ranked);
+}
+
+/* The routing of c tokens (features tokens, c x r) among n slots (features slots, n x r), as
+ * ``kvm_route`` of their scores with init: scored ROUTE_ROWS slots at a time into scratch
+ * `scores`, each block reduced at once (``route_rows``). */
+static void route_tokens(sgemm_fn sgemm, const float *tokens, int64_t c, int64_t r, const float *slots, int64_t n,
+                         int64_t skip, float *scores, float *every, float *best, int32_t *index) {
+    const float one = 1.0f, zero = 0.0f;
+    route_init(c, every, best, index);
+    for (int64_t lo = 0; lo < n; lo += ROUTE_ROWS) {
+        int64_t rows = n - lo < ROUTE_ROWS ? n - lo : ROUTE_ROWS;
+        /* scores (rows x c, row-major) = slots tokens^T, i.e. column-major scores^T = tokens slots^T */
+        sgemm("T", "N", &(int64_t){c}, &(int64_t){rows}, &(int64_t){r}, &one, tokens, &(int64_t){r}, slots + lo * r,
+              &(int64_t){r}, &zero, scores, &(int64_t){c});
+        route_rows(scores, c, rows, c, lo, skip, every, best, index);
+    }
+    route_finish(c, every, best);
+}
+
+/* Step 3 of ``kvm_absorb`` for one head: the n_append most novel tokens (lowest novelty; ties: the
+ * earlier token) become slots num.. in token order, and the others route against those too (a new
+ * slot wins where it scores strictly higher than the token's winner). Leaves in a.target / a.row_of
+ * the m merges (slot, token) in token order; returns m. */
+static int64_t append_most_novel(sgemm_fn sgemm, AbsorbScratch *a, int64_t c, int64_t d, int64_t dv, int64_t z,
+                                 int64_t r, int64_t num, int64_t n_append, const float *vh, int64_t v_sc,
+                                 int gate_appends, int use_vlens, const float *w, const float *b, float eps,
+                                 int reduced, float *hs, float *hl, float *hk, float *hv, float *hf) {
+    int64_t f = d + dv, m = 0;
+    for (int64_t ic = 0; ic < c; ic++) a->ranked[ic] = (Ranked){a->every[ic], ic};
+    qsort(a->ranked, (size_t)c, sizeof(Ranked), by_novelty);
+    memset(a->appends, 0, (size_t)c);
+    for (int64_t i = 0; i < n_append; i++) a->appends[a->ranked[i].token] = 1;
+    for (int64_t ic = 0, slot = num; ic < c; ic++) {
+        if (!a->appends[ic]) continue;
+        float *y = hs + slot * f;
+        if (gate_appends) {
+            memcpy(y, a->gated + ic * f, sizeof(float) * (size_t)f);
+        } else {
+            memcpy(y, a->ku + ic * d, sizeof(float) * (size_t)d);
+            memcpy(y + d, vh + ic * v_sc, sizeof(float) * (size_t)dv);
+        }
+        hl[slot] = use_vlens ? sqrtf(dot_f(y + d, y + d, dv)) : 1.0f;
+        read_row(y, hl[slot], d, dv, z, w, b, eps, use_vlens, reduced, hk + slot * d, hv + slot * dv, hf + slot * r);
+        slot++;
+    }
+    route_tokens(sgemm, a->tokens, c, r, hf + num * r, n_append, 0, a->scores, a->every_new, a->best_new,
+                 a->index_new);
+    for (int64_t ic = 0; ic < c; ic++) {
+        if (a->appends[ic]) continue;
+        a->target[m] = a->best_new[ic] > a->best[ic] ? num + a->index_new[ic] : a->target[ic];
+        a->row_of[m++] = ic;
+    }
+    return m;
+}
+
+/* A whole boundary update, one task per head, in cache from start to end; equal to blocks/kvm.py's
+ * ``_KVMCore.incoming`` then ``absorb`` (and to kvm_incoming, kvm_best_slots, kvm_merge_read in
+ * turn), without their (N, H, C, *) intermediates in memory:
+ *  1. the chunk's tokens, (N, H, C) rows of k, v, g by strides (as in ``kvm_incoming``) prepared
+ *     by ``prepare_token`` into per-thread rows;
+ *  2. each routed among the room's num slots: its novelty (best score over all) and its winner
+ *     (the best slot >= skip);
+ *  3. ``append_most_novel`` if n_append > 0: appended slots take the gated key | value if
+ *     gate_appends, else the prepared key | raw value, and the value's norm as length with vlens,
+ *     else 1;
+ *  4. the other tokens merge (``merge_read_head``), which re-reads every touched and new slot.
+ * Room: sums (N*H, cap, d + dv), lens (N*H, cap), read_keys, read_values, feat as in
+ * ``kvm_merge_read``. Returns 0, or -1 if out of memory. */
 int kvm_absorb(void *sgemm_ptr, int64_t n, int64_t h, int64_t c, int64_t d, int64_t dv, int64_t z,
                const float *k, const int64_t *k_s, const float *v, const int64_t *v_s, const float *g,
                const int64_t *g_s, const float *w, const float *b, float eps, int gate_keys, int gate_values,
-               int reduced, int64_t skip, int count_merges, int use_vlens, int64_t cap, int64_t num, float *sums,
-               float *lens, float *read_keys, float *read_values, float *feat) {
+               int reduced, int64_t skip, int64_t n_append, int gate_appends, int use_vlens, int64_t cap,
+               int64_t num, float *sums, float *lens, float *read_keys, float *read_values, float *feat) {
     sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
-    const float one = 1.0f, zero = 0.0f;
     int64_t f = d + dv, r = reduced ? d - z + 2 : d;
     float inv_ww = reduced ? inverse_sq_norm(w, z) : 1.0f;
+    int keep_keys = n_append > 0 && !gate_appends;  /* appends take the ungated prepared key */
     int failed = 0;
 #pragma omp parallel if (n * h * c >= PARALLEL_ROWS)
     {
-        /* per thread: the prepared rows, their features, a block of scores, the routing, merge order */
-        float *gated = malloc(sizeof(float) * (size_t)(c * f)), *tokens = malloc(sizeof(float) * (size_t)(c * r));
-        float *scores = malloc(sizeof(float) * (size_t)(ROUTE_ROWS * c)), *ev = malloc(sizeof(float) * (size_t)(2 * c));
-        int32_t *ix = malloc(sizeof(int32_t) * (size_t)c);
-        int64_t *target = malloc(sizeof(int64_t) * (size_t)c), *start = malloc(sizeof(int64_t) * (size_t)(num + 1));
-        int64_t *order = malloc(sizeof(int64_t) * (size_t)c);
-        int ready = gated && tokens && scores && ev && ix && target && start && order;
+        AbsorbScratch a = {0};
+        int ready = absorb_scratch(&a, c, d, f, r, num + n_append);
         if (!ready) {
 #pragma omp atomic write
             failed = 1;
@@ -555,32 +664,22 @@ int kvm_absorb(void *sgemm_ptr, int64_t n, int64_t h, int64_t c, int64_t d, int6
                 if (!ready) continue;
                 int64_t head = in * h + ih;
                 const float *kh = k + in * k_s[0] + ih * k_s[1], *vh = v + in * v_s[0] + ih * v_s[1];
-                const float *gh = g + in * g_s[0] + ih * g_s[1], *slots = feat + head * cap * r;
+                const float *gh = g + in * g_s[0] + ih * g_s[1];
+                float *hs = sums + head * cap * f, *hl = lens + head * cap, *hk = read_keys + head * cap * d;
+                float *hv = read_values + head * cap * dv, *hf = feat + head * cap * r;
                 for (int64_t ic = 0; ic < c; ic++)
                     prepare_token(kh + ic * k_s[2], vh + ic * v_s[2], gh[ic * g_s[2]], d, dv, z, w, b, eps, gate_keys,
-                                  gate_values, reduced, inv_ww, gated + ic * f, gated + ic * f, tokens + ic * r);
-                float *bs = ev + c;
-                route_init(c, ev, bs, ix);
-                for (int64_t lo = 0; lo < num; lo += ROUTE_ROWS) {
-                    int64_t rows = num - lo < ROUTE_ROWS ? num - lo : ROUTE_ROWS;
-                    /* scores (rows x c, row-major) = slots tokens^T, as in kvm_best_slots */
-                    sgemm("T", "N", &(int64_t){c}, &(int64_t){rows}, &(int64_t){r}, &one, tokens, &(int64_t){r},
-                          slots + lo * r, &(int64_t){r}, &zero, scores, &(int64_t){c});
-                    route_rows(scores, c, rows, c, lo, skip, ev, bs, ix);
-                }
-                for (int64_t ic = 0; ic < c; ic++) target[ic] = ix[ic];
-                merge_read_head(c, num, num, d, dv, z, target, gated, count_merges, sums + head * cap * f,
-                                lens + head * cap, w, b, eps, use_vlens, reduced, read_keys + head * cap * d,
-                                read_values + head * cap * dv, feat + head * cap * r, start, order);
+                                  gate_values, reduced, inv_ww, keep_keys ? a.ku + ic * d : a.gated + ic * f,
+                                  a.gated + ic * f, a.tokens + ic * r);
+                route_tokens(sgemm, a.tokens, c, r, hf, num, skip, a.scores, a.every, a.best, a.index);
+                for (int64_t ic = 0; ic < c; ic++) a.target[ic] = a.index[ic];
+                int64_t m = n_append ? append_most_novel(sgemm, &a, c, d, dv, z, r, num, n_append, vh, v_s[2],
+                                                         gate_appends, use_vlens, w, b, eps, reduced, hs, hl, hk, hv, hf)
+                                     : c;
+                merge_read_head(m, num + n_append, num, d, dv, z, a.target, a.gated, n_append ? a.row_of : NULL,
+                                !use_vlens, hs, hl, w, b, eps, use_vlens, reduced, hk, hv, hf, a.start, a.order);
             }
-        free(gated);
-        free(tokens);
-        free(scores);
-        free(ev);
-        free(ix);
-        free(target);
-        free(start);
-        free(order);
+        absorb_scratch_free(&a);
     }
     return failed ? -1 : 0;
 }

@@ -26,8 +26,8 @@ _SIGNATURES = {
     "kvm_join": [_I] * 5 + [_P] * 10,
     "kvm_attend_chunks": [_P] + [_I] * 6 + [_P] * 6 + [_I] + [_P] * 4 + [_I] + [_P] * 4,
     "kvm_best_slots": [_P] + [_I] * 4 + [_P] * 4 + [_I] + [_P] * 3,
-    "kvm_absorb": [_P] + [_I] * 6 + [_P] * 8 + [_F] + [ctypes.c_int] * 3 + [_I] + [ctypes.c_int] * 2 + [_I] * 2
-                  + [_P] * 5,
+    "kvm_absorb": [_P] + [_I] * 6 + [_P] * 8 + [_F] + [ctypes.c_int] * 3 + [_I, _I] + [ctypes.c_int] * 2
+                  + [_I] * 2 + [_P] * 5,
 }
 _RETURNS_STATUS = ("kvm_merge_read", "kvm_attend_chunks", "kvm_best_slots", "kvm_absorb")  # 0, or -1 when out of memory
 
@@ -120,12 +120,14 @@ def merge_and_read(sums: Tensor, lens: Tensor, read_keys: Tensor, read_values: T
 
 
 def absorb(k: Tensor, v: Tensor, g: Tensor, weight: Tensor, bias: Tensor | None, eps: float, zero_dims: int,
-           gate_keys: bool, gate_values: bool, reduced: bool, skip: int, count_merges: bool, use_vlens: bool,
-           sums: Tensor, lens: Tensor, read_keys: Tensor, read_values: Tensor, features: Tensor, num: int) -> None:
-    """A whole boundary update in which every token merges, in place: the raw chunk k (B, H, C, d),
-    v (B, H, C, dv), g (B, H, C, 1) prepared as ``incoming``, routed to its best slot >= ``skip``
-    among the room's first ``num`` (``best_slots``), merged and re-read (``merge_and_read``). One
-    call, each head's chunk kept in cache from start to end. Needs ``blas_kernels()``."""
+           gate_keys: bool, gate_values: bool, reduced: bool, skip: int, n_append: int, gate_appends: bool,
+           use_vlens: bool, sums: Tensor, lens: Tensor, read_keys: Tensor, read_values: Tensor, features: Tensor,
+           num: int) -> None:
+    """A whole boundary update of a room holding ``num`` slots, in place, as ``_KVMCore.incoming``
+    then ``absorb``: the raw chunk k (B, H, C, d), v (B, H, C, dv), g (B, H, C, 1) prepared, routed
+    (winners among slots >= ``skip``), its ``n_append`` most novel tokens appended (gated if
+    ``gate_appends``), the others merged and every slot they touch re-read. One call, each head's
+    chunk kept in cache from start to end. Needs ``blas_kernels()``."""
     (b, h, c, d), dv = k.shape, v.shape[-1]
     for name, x in (("k", k), ("v", v), ("g", g)):
         _check(name, x)
@@ -135,11 +137,14 @@ def absorb(k: Tensor, v: Tensor, g: Tensor, weight: Tensor, bias: Tensor | None,
     for name, x in (("sums", sums), ("lens", lens), ("read_keys", read_keys), ("read_values", read_values),
                     ("features", features)):
         _check(name, x, contiguous=True)
+    if not 0 <= n_append <= c or num + n_append > sums.shape[2] or num < 1:
+        raise ValueError(f"kvm_cpu: absorb of {c} tokens ({n_append} appending) into {num} slots of a room of "
+                         f"{sums.shape[2]}")
     rows = functools.partial(_strides, dims=3)  # strides over (batch, head, token)
     if library().kvm_absorb(_sgemm(), b, h, c, d, dv, zero_dims, _ptr(k), rows(k), _ptr(v), rows(v), _ptr(g), rows(g),
-                            _ptr(weight), _ptr(bias), eps, gate_keys, gate_values, reduced, skip, count_merges,
-                            use_vlens, sums.shape[2], num, _ptr(sums), _ptr(lens), _ptr(read_keys), _ptr(read_values),
-                            _ptr(features)):
+                            _ptr(weight), _ptr(bias), eps, gate_keys, gate_values, reduced, skip, n_append,
+                            gate_appends, use_vlens, sums.shape[2], num, _ptr(sums), _ptr(lens), _ptr(read_keys),
+                            _ptr(read_values), _ptr(features)):
         raise MemoryError(f"kvm_cpu: no memory for the update scratch of {c} tokens")
 
 

@@ -444,11 +444,11 @@ int kvm_attend_chunks(void *sgemm_ptr, int64_t nb, int64_t hq, int64_t groups, i
             failed = 1;
         }
 #pragma omp for schedule(dynamic) collapse(3)
-        for (int64_t ib = 0; ib < nb; ib++)
-            for (int64_t ih = 0; ih < hq; ih++)
-                for (int64_t iq = 0; iq < blocks; iq++) {
+        for (int64_t jq = 0; jq < blocks; jq++)  /* the last rows first: they see the most keys */
+            for (int64_t ib = 0; ib < nb; ib++)
+                for (int64_t ih = 0; ih < hq; ih++) {
                     if (!s || !acc) continue;
-                    int64_t hk = ih / groups, row0 = iq * TASK_ROWS;
+                    int64_t iq = blocks - 1 - jq, hk = ih / groups, row0 = iq * TASK_ROWS;
                     int64_t rows = c - row0 < TASK_ROWS ? c - row0 : TASK_ROWS;
                     const float *wkh = wk + ib * wk_s[0] + hk * wk_s[1], *wvh = wv + ib * wv_s[0] + hk * wv_s[1];
                     int64_t seen = w_len - c;  /* window keys every row sees; then c keys seen causally */
@@ -602,7 +602,7 @@ static int64_t append_most_novel(sgemm_fn sgemm, AbsorbScratch *a, int64_t c, in
     int64_t f = d + dv, m = 0;
     for (int64_t ic = 0; ic < c; ic++) a->ranked[ic] = (Ranked){a->every[ic], ic};
     qsort(a->ranked, (size_t)c, sizeof(Ranked), by_novelty);
-    memset(a->appends, 0, (size_t)c);
+    for (int64_t ic = 0; ic < c; ic++) a->appends[ic] = 0;
     for (int64_t i = 0; i < n_append; i++) a->appends[a->ranked[i].token] = 1;
     for (int64_t ic = 0, slot = num; ic < c; ic++) {
         if (!a->appends[ic]) continue;

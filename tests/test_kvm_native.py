@@ -115,14 +115,10 @@ def test_route_equals_torch_max_including_ties(s, tokens):
 
 
 @needs_kernels
-@pytest.mark.parametrize("slots, tokens", [(100, 37), (300, 200)])  # within and across the C kernel's blocks
-@pytest.mark.parametrize("block", [None, 1, 7, 64, 4096])  # None: scored in C with sgemm; else torch.matmul blocks
+@pytest.mark.parametrize("slots, tokens", [(100, 37), (300, 200)])
+@pytest.mark.parametrize("block", [1, 7, 64, 4096])
 def test_blocked_routing_equals_routing_the_whole_score_matrix(monkeypatch, slots, tokens, block):
-    if block is None and not kvm_cpu.blas_kernels():
-        pytest.skip("torch exports no BLAS sgemm here")
-    if block is not None:
-        monkeypatch.setattr(kvm_cpu, "blas_kernels", lambda: False)
-        monkeypatch.setattr(kvm_cpu, "ROUTE_BLOCK", block)
+    monkeypatch.setattr(kvm_cpu, "ROUTE_BLOCK", block)
     torch.manual_seed(7)
     room = torch.randint(-3, 4, (2, 3, slots + 20, 10)).float()  # integer features: exact scores, many ties
     slot_features, token_features = room[:, :, :slots], torch.randint(-3, 4, (2, 3, tokens, 10)).float()

@@ -468,57 +468,13 @@ int kvm_attend_chunks(void *sgemm_ptr, int64_t nb, int64_t hq, int64_t groups, i
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Routing from features: the routing scores of a block of ROUTE_ROWS slots against TOKEN_BLOCK
- * tokens at a time (one sgemm into per-thread scratch, which stays in cache) reduced at once to
- * each token's running best. Tokens route independently, so the tasks are (head, token block)
- * pairs and need no reduction across threads; the S x C score matrix never exists.
+ * The whole boundary update in one call: the routing scores of ROUTE_ROWS slots at a time against
+ * the chunk's tokens (one sgemm into per-thread scratch, which stays in cache) reduced at once to
+ * each token's running best, so the S x C score matrix never exists; the rest as the kernels above.
  */
 #ifndef ROUTE_ROWS
 #define ROUTE_ROWS 128
 #endif
-#ifndef TOKEN_BLOCK
-#define TOKEN_BLOCK 128
-#endif
-
-/* Tokens' routing features tf (nh heads, tf_s[0] floats apart; c rows, tf_s[1] apart; r floats)
- * against slots' sf (likewise, s rows) -> every, best, index (nh, c), as ``kvm_route`` of the
- * score matrix sf tf^T with init. Returns 0, or -1 if out of memory. */
-int kvm_best_slots(void *sgemm_ptr, int64_t nh, int64_t s, int64_t c, int64_t r, const float *sf,
-                   const int64_t *sf_s, const float *tf, const int64_t *tf_s, int64_t skip, float *every,
-                   float *best, int32_t *index) {
-    sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
-    const float one = 1.0f, zero = 0.0f;
-    int64_t token_blocks = (c + TOKEN_BLOCK - 1) / TOKEN_BLOCK;
-    int failed = 0;
-#pragma omp parallel if (nh * s * c >= PARALLEL_ROWS * TOKEN_BLOCK)
-    {
-        float *scores = malloc(sizeof(float) * ROUTE_ROWS * TOKEN_BLOCK);
-        if (!scores) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(dynamic) collapse(2)
-        for (int64_t ih = 0; ih < nh; ih++)
-            for (int64_t it = 0; it < token_blocks; it++) {
-                if (!scores) continue;
-                int64_t j0 = it * TOKEN_BLOCK, nt = c - j0 < TOKEN_BLOCK ? c - j0 : TOKEN_BLOCK;
-                const float *tokens = tf + ih * tf_s[0] + j0 * tf_s[1], *slots = sf + ih * sf_s[0];
-                float *ev = every + ih * c + j0, *bs = best + ih * c + j0;
-                int32_t *ix = index + ih * c + j0;
-                route_init(nt, ev, bs, ix);
-                for (int64_t lo = 0; lo < s; lo += ROUTE_ROWS) {
-                    int64_t rows = s - lo < ROUTE_ROWS ? s - lo : ROUTE_ROWS;
-                    /* scores (rows x nt, row-major) = slots tokens^T, i.e. column-major scores^T = tokens slots^T */
-                    sgemm("T", "N", &(int64_t){nt}, &(int64_t){rows}, &(int64_t){r}, &one, tokens, &tf_s[1],
-                          slots + lo * sf_s[1], &sf_s[1], &zero, scores, &(int64_t){nt});
-                    route_rows(scores, nt, rows, nt, lo, skip, ev, bs, ix);
-                }
-                route_finish(nt, ev, bs);
-            }
-        free(scores);
-    }
-    return failed ? -1 : 0;
-}
 
 /* Token order by (novelty, index): a stable ascending argsort, as torch's. */
 typedef struct {
@@ -628,7 +584,7 @@ static int64_t append_most_novel(sgemm_fn sgemm, AbsorbScratch *a, int64_t c, in
 }
 
 /* A whole boundary update, one task per head, in cache from start to end; equal to blocks/kvm.py's
- * ``_KVMCore.incoming`` then ``absorb`` (and to kvm_incoming, kvm_best_slots, kvm_merge_read in
+ * ``_KVMCore.incoming`` then ``absorb`` (and to kvm_incoming, routing as kvm_route, kvm_merge_read in
  * turn), without their (N, H, C, *) intermediates in memory:
  *  1. the chunk's tokens, (N, H, C) rows of k, v, g by strides (as in ``kvm_incoming``) prepared
  *     by ``prepare_token`` into per-thread rows;

@@ -25,11 +25,10 @@ _SIGNATURES = {
     "kvm_route": [_I, _I, _I, _P, _I, _I, ctypes.c_int, _P, _P, _P],
     "kvm_join": [_I] * 5 + [_P] * 10,
     "kvm_attend_chunks": [_P] + [_I] * 6 + [_P] * 6 + [_I] + [_P] * 4 + [_I] + [_P] * 4,
-    "kvm_best_slots": [_P] + [_I] * 4 + [_P] * 4 + [_I] + [_P] * 3,
     "kvm_absorb": [_P] + [_I] * 6 + [_P] * 8 + [_F] + [ctypes.c_int] * 3 + [_I, _I] + [ctypes.c_int] * 2
                   + [_I] * 2 + [_P] * 5,
 }
-_RETURNS_STATUS = ("kvm_merge_read", "kvm_attend_chunks", "kvm_best_slots", "kvm_absorb")  # 0, or -1 when out of memory
+_RETURNS_STATUS = ("kvm_merge_read", "kvm_attend_chunks", "kvm_absorb")  # 0, or -1 when out of memory
 
 
 @functools.cache
@@ -55,9 +54,9 @@ def _sgemm() -> int | None:
 
 def blas_kernels() -> bool:
     """Whether the kernels that call torch's sgemm can run here (the library is built and torch has
-    a BLAS): the chunk read ``attend_chunk``, the routing products of ``best_slots`` and the whole
-    update ``absorb``. Without them blocks/kvm.py reads chunks by flash calls and ``join``, and
-    updates with ``incoming``, ``best_slots`` (scored by torch.matmul) and ``merge_and_read``."""
+    a BLAS): the chunk read ``attend_chunk`` and the whole update ``absorb``. Without them
+    blocks/kvm.py reads chunks by flash calls and ``join``, and updates with ``incoming``,
+    ``best_slots`` and ``merge_and_read`` (and torch ops for the appends)."""
     return library() is not None and _sgemm() is not None
 
 
@@ -72,6 +71,15 @@ def _check(name: str, x: Tensor, *, contiguous: bool = False, dtype: torch.dtype
                          f"strides {x.stride()}")
 
 
+def _check_chunk(k: Tensor, v: Tensor, g: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """What the update kernels assume of a raw chunk and of the state-key norm's parameters."""
+    for name, x in (("k", k), ("v", v), ("g", g)):
+        _check(name, x)
+    for name, x in (("weight", weight), ("bias", bias)):
+        if x is not None:
+            _check(name, x, contiguous=True)
+
+
 def incoming(k: Tensor, v: Tensor, g: Tensor, weight: Tensor, bias: Tensor | None, eps: float, zero_dims: int,
              gate_keys: bool, gate_values: bool, reduced: bool,
              out: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,11 +88,7 @@ def incoming(k: Tensor, v: Tensor, g: Tensor, weight: Tensor, bias: Tensor | Non
     into ``out`` if given (buffers of the same shapes, reused from chunk to chunk: fresh memory costs
     a page fault per 4 KiB on first touch)."""
     (b, h, c, d), dv = k.shape, v.shape[-1]
-    for name, x in (("k", k), ("v", v), ("g", g)):
-        _check(name, x)
-    for name, x in (("weight", weight), ("bias", bias)):
-        if x is not None:
-            _check(name, x, contiguous=True)
+    _check_chunk(k, v, g, weight, bias)
     r = d - zero_dims + 2 if reduced else d
     shapes = ((b, h, c, d), (b, h, c, d + dv), (b, h, c, r))
     if out is None:
@@ -129,11 +133,7 @@ def absorb(k: Tensor, v: Tensor, g: Tensor, weight: Tensor, bias: Tensor | None,
     ``gate_appends``), the others merged and every slot they touch re-read. One call, each head's
     chunk kept in cache from start to end. Needs ``blas_kernels()``."""
     (b, h, c, d), dv = k.shape, v.shape[-1]
-    for name, x in (("k", k), ("v", v), ("g", g)):
-        _check(name, x)
-    for name, x in (("weight", weight), ("bias", bias)):
-        if x is not None:
-            _check(name, x, contiguous=True)
+    _check_chunk(k, v, g, weight, bias)
     for name, x in (("sums", sums), ("lens", lens), ("read_keys", read_keys), ("read_values", read_values),
                     ("features", features)):
         _check(name, x, contiguous=True)
@@ -164,23 +164,14 @@ def route(scores: Tensor, skip: int) -> tuple[Tensor, Tensor, Tensor]:
 
 def best_slots(slot_features: Tensor, token_features: Tensor, skip: int, scratch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The routing of tokens (B, H, C, r) among slots (B, H, S, r), by routing features -> every,
-    best, index (B, H, C), as ``route`` of their scores (B, H, S, C), without that matrix: the C
-    kernel scores a block of slots against a block of tokens at a time with torch's sgemm and
-    reduces it while it is in cache. Where torch has no sgemm, torch.matmul scores ``ROUTE_BLOCK``
-    slots at a time into ``scratch`` (fp32, at least B*H*ROUTE_BLOCK*C) for ``kvm_route``."""
-    b, h, s, r = slot_features.shape
+    best, index (B, H, C), as ``route`` of their scores (B, H, S, C), without that matrix: torch.matmul
+    scores ``ROUTE_BLOCK`` slots at a time into ``scratch`` (fp32, at least B*H*ROUTE_BLOCK*C), each
+    block reduced by ``kvm_route`` while it is in cache."""
+    _check("scratch", scratch, contiguous=True)
+    b, h, s, _ = slot_features.shape
     c = token_features.shape[2]
     every, best = token_features.new_empty(b, h, c), token_features.new_empty(b, h, c)
     index = torch.empty(b, h, c, dtype=torch.int32)
-    if blas_kernels():
-        for name, x in (("slot_features", slot_features), ("token_features", token_features)):
-            _check(name, x)
-        slots, tokens = slot_features.flatten(0, 1), token_features.flatten(0, 1)  # (B*H, S | C, r), views of a room
-        if library().kvm_best_slots(_sgemm(), b * h, s, c, r, _ptr(slots), _strides(slots, 2), _ptr(tokens),
-                                    _strides(tokens, 2), skip, _ptr(every), _ptr(best), _ptr(index)):
-            raise MemoryError("kvm_cpu: no memory for the routing scores' scratch")
-        return every, best, index.long()
-    _check("scratch", scratch, contiguous=True)
     tokens = token_features.transpose(-1, -2)  # (B, H, r, C)
     for lo in range(0, s, ROUTE_BLOCK):
         rows = min(s, lo + ROUTE_BLOCK) - lo

@@ -26,11 +26,12 @@ chunk by chunk right after that chunk's update. With autograd, each chunk is one
 count (key and value sums side by side, their read view, their routing features and a score
 buffer), so updates write in place and only the touched slots' views are recomputed. There, on
 CPU in fp32 with a LayerNorm as state-key norm, fused C kernels take over (blocks/native/kvm_cpu.c,
-compiled on first use; ``KVM_NATIVE=0`` turns them off): the state update (preparing the leaving
-tokens, the routing scores a block of slots at a time reduced to each token's best slot while in
-cache, the merges with the re-read of the slots they touch) and the read of each whole chunk, one
-online softmax over its slots and its window that skips the window's masked keys. The PyTorch code
-stays as the fallback and is what the kernels are tested against.
+compiled on first use; ``KVM_NATIVE=0`` turns them off): each state update is one call that, per kv
+head and in cache, prepares the leaving tokens, scores them against a block of slots at a time and
+keeps each token's best slot, appends the most novel ones, merges the rest and re-reads the slots
+they touch; each whole chunk's read is one online softmax over its slots and its window that skips
+the window's masked keys. The PyTorch code stays as the fallback and is what the kernels are tested
+against.
 
 Differences from the published v1 code (kvm.md §6), each deliberate:
 

@@ -1,9 +1,12 @@
-/* Fused CPU kernels for KVM (blocks/kvm.py), fp32: the state update at a chunk boundary, and the
- * read of a whole chunk (at the end of this file).
+/* Fused CPU kernels for KVM (blocks/kvm.py), fp32: the state update at a chunk boundary and the
+ * read of a whole chunk. In order: the update's parts (token preparation, merges with the re-read
+ * of touched slots, routing), each also a kernel of its own for the path without a BLAS; the join
+ * of two partial softmaxes (that path's chunk read); the chunk read; the whole update in one call.
  *
  * Each update kernel does in one pass over rows what the PyTorch path does in several small ops,
  * each of which reads and writes its whole tensor: on a CPU those passes, not the arithmetic, are
- * the cost of an update. The results equal the PyTorch path's up to float rounding (sums here run in 8
+ * the cost of an update; the whole-update kernel also keeps each head's chunk in cache from its
+ * preparation to its merges. The results equal the PyTorch path's up to float rounding (sums here run in 8
  * lanes); tests/test_kvm_native.py checks each kernel against it. Routing is discrete: where two
  * slots' scores, or two tokens' novelties, tie to within that rounding, it may go the other way
  * than on the PyTorch path (as between two BLAS builds), and the states part from there on.
@@ -444,9 +447,9 @@ int kvm_attend_chunks(void *sgemm_ptr, int64_t nb, int64_t hq, int64_t groups, i
             failed = 1;
         }
 #pragma omp for schedule(dynamic) collapse(3)
-        for (int64_t jq = 0; jq < blocks; jq++)  /* the last rows first: they see the most keys */
-            for (int64_t ib = 0; ib < nb; ib++)
-                for (int64_t ih = 0; ih < hq; ih++) {
+        for (int64_t ib = 0; ib < nb; ib++)
+            for (int64_t ih = 0; ih < hq; ih++)
+                for (int64_t jq = 0; jq < blocks; jq++) {  /* a head's last rows first: they see the most keys */
                     if (!s || !acc) continue;
                     int64_t iq = blocks - 1 - jq, hk = ih / groups, row0 = iq * TASK_ROWS;
                     int64_t rows = c - row0 < TASK_ROWS ? c - row0 : TASK_ROWS;

@@ -141,9 +141,10 @@ static void read_row(const float *sums, float len, int64_t d, int64_t dv, int64_
 }
 
 /* The merges of one head and the read view they change: rows (m, d + dv; merge i adds row
- * row_of[i], or row i if row_of is NULL) added to slot rows target (m) of sums (cap, d + dv), each counted in lens if count_merges; then the read view
- * (read_keys (cap, d), read_values (cap, dv), feat (cap, r)) recomputed for every slot a merge
- * touched and every appended one, first_new..num-1 (no other changed). Slots are visited in
+ * row_of[i], or row i if row_of is NULL) added to slot rows target (m) of sums (cap, d + dv), each
+ * counted in lens if count_merges; then the read view (read_keys (cap, d), read_values (cap, dv),
+ * feat (cap, r)) recomputed for every slot a merge touched and every appended one, first_new..num-1
+ * (no other changed). Slots are visited in
  * address order (merges grouped by slot with a counting sort that keeps token order within a slot,
  * so every sum equals torch's index_add bit for bit), and each is read right after its merges,
  * while its row is in cache. start (num + 1) and order (m): scratch. */
@@ -201,12 +202,12 @@ int kvm_merge_read(int64_t nh, int64_t m, int64_t cap, int64_t num, int64_t firs
 
 /* The running best (and its first index, unless index is NULL) of tokens j0..j1-1 over score
  * rows lo..hi-1 of slots slot0 + row, scalar. */
-static void route_scalar(const float *x, int64_t c, int64_t lo, int64_t hi, int64_t j0, int64_t j1, int64_t slot0,
+static void route_scalar(const float *x, int64_t ldx, int64_t lo, int64_t hi, int64_t j0, int64_t j1, int64_t slot0,
                          float *best, int32_t *index) {
     for (int64_t is = lo; is < hi; is++)
         for (int64_t j = j0; j < j1; j++)
-            if (x[is * c + j] > best[j]) {
-                best[j] = x[is * c + j];
+            if (x[is * ldx + j] > best[j]) {
+                best[j] = x[is * ldx + j];
                 if (index) index[j] = (int32_t)(slot0 + is);
             }
 }

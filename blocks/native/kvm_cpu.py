@@ -44,7 +44,7 @@ def library() -> ctypes.CDLL | None:
 @functools.cache
 def _sgemm() -> int | None:
     """The address of torch's own BLAS sgemm_ (the MKL inside libtorch_cpu), or None where torch
-    exports none (builds without MKL): the fused chunk read needs it."""
+    exports none (builds without MKL): ``blas_kernels`` needs it."""
     try:
         return ctypes.cast(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).sgemm_,
                            ctypes.c_void_p).value

@@ -26,12 +26,13 @@ chunk by chunk right after that chunk's update. With autograd, each chunk is one
 count (key and value sums side by side, their read view, their routing features and a score
 buffer), so updates write in place and only the touched slots' views are recomputed. There, on
 CPU in fp32 with a LayerNorm as state-key norm, fused C kernels take over (blocks/native/kvm_cpu.c,
-compiled on first use; ``KVM_NATIVE=0`` turns them off): each state update is one call that, per kv
-head and in cache, prepares the leaving tokens, scores them against a block of slots at a time and
-keeps each token's best slot, appends the most novel ones, merges the rest and re-reads the slots
-they touch; each whole chunk's read is one online softmax over its slots and its window that skips
-the window's masked keys. The PyTorch code stays as the fallback and is what the kernels are tested
-against.
+compiled on first use; ``KVM_NATIVE=0`` turns them off): a state update, per kv head and in cache,
+prepares the leaving tokens, scores them against a block of slots at a time and keeps each token's
+best slot, appends the most novel ones, merges the rest and re-reads the slots they touch; a whole
+chunk's read is one online softmax over its slots and its window that skips the window's masked
+keys. A call's run of whole chunks is one C call for all their updates and reads (a graph of tasks,
+per kv head update then reads); partial chunks update and read one at a time. The PyTorch code
+stays as the fallback and is what the kernels are tested against.
 
 Differences from the published v1 code (kvm.md §6), each deliberate:
 
@@ -434,6 +435,27 @@ class _KVMCore:
                        cfg.use_vlens, room.sums, room.lens, room.read_keys, room.read_values, room.features, num)
         return _in_room(room, num + n_append)
 
+    def run_chunks(self, slots: _Slots, chunks: range, q: Tensor, out: Tensor, k: Tensor, v: Tensor, g: Tensor,
+                   scales: tuple[Tensor, Tensor]) -> _Slots:
+        """Whole chunks in a row, all of their tokens queries, in one C call (``kvm_cpu.run_chunks``):
+        each chunk's boundary update, then its read into ``out``. Needs a room and the BLAS kernels.
+
+        q (B, Hq, n*C, d), out (B, Hq, n*C, dv): the chunks' queries and outputs; k, v, g (B, Hkv,
+        (n + Nb)*C, *): the raw tokens from one chunk before the first chunk's window to the end
+        of the last one's; scales: the state's and the window's logit scales (Hq,) fp32."""
+        cfg, num = self.config, slots.keys.shape[2]
+        appends = []  # per chunk: the tokens its update appends, -1 where it runs none
+        for c in chunks:
+            update = boundary_update(c, cfg)
+            appends.append(-1 if update is None else self._appending(*update, num, cfg.chunk_len))
+            num += max(appends[-1], 0)
+        room = slots.room
+        kvm_cpu.run_chunks(q, out, k, v, g, appends, slots.keys.shape[2], *scales, *self._norm_args, self.zero_dims,
+                           cfg.merge_gate_keys, cfg.merge_gate_values, self._fewer_routing_dims is not None,
+                           cfg.sink_len, cfg.merge_gate_appends, cfg.use_vlens, room.sums, room.lens, room.read_keys,
+                           room.read_values, room.features)
+        return _in_room(room, num)
+
     def _appending(self, ctx_len: int, available: int, num: int, size: int) -> int:
         """How many of ``size`` tokens leaving the window become new slots: what the budget allows."""
         return min(max(target_slots(self.config, ctx_len, available, num) - num, 0), size)
@@ -707,7 +729,8 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
       on (training: the flash op's log-sum-exp has no gradient), off CPU, and for partial chunks
       (decode, continuations that start or stop inside a chunk).
     * fused (the C kernels, see the module docstring): a whole chunk's slots and window in one
-      online softmax, in one call, straight into ``out``.
+      online softmax, straight into ``out``; with a room, all the whole chunks' updates and reads
+      in one call (``_KVMCore.run_chunks``).
     * split (under no_grad / inference_mode, CPU, whole chunks): the window part of a few whole
       chunks at a time (``_window_group``) in one flash attention call over overlapping views of the
       buffer, the state part per chunk against its slots as they are, each with its log-sum-exp;
@@ -725,8 +748,15 @@ def _joint_region(core: _KVMCore, q: Tensor, buf_k: Tensor, buf_v: Tensor, buf_g
     if fused:  # each query head's logit scales, fp32: (Hq,) for the state and (Hq,) for the window
         scales = tuple((core.scale * (torch.ones(q.shape[1]) if t is None else t.detach().float())).contiguous()
                        for t in (core.state_temp, core.window_temp))
+    one_call = fused and slots.room is not None  # the whole chunks' updates and reads in one C call
     normed = None  # state_key_norm(slots.keys) while the slots are unchanged since it was computed
     for c in range(first_chunk, last_chunk + 1):
+        if one_call and whole_lo <= c < whole_hi:
+            if c == whole_lo:
+                rows, lo = slice(whole_lo * chunk - n0, whole_hi * chunk - n0), (whole_lo - nb) * chunk - start
+                raw = tuple(x[:, :, lo:whole_hi * chunk - start] for x in (buf_k, buf_v, buf_g))
+                slots = core.run_chunks(slots, range(whole_lo, whole_hi), q[:, :, rows], out[:, :, rows], *raw, scales)
+            continue
         update = boundary_update(c, cfg)
         if update is not None and c * chunk >= n0:  # this boundary's first token is new: update now
             lo = (c - nb) * chunk - start

@@ -203,6 +203,56 @@ def test_chunk_read_is_one_softmax_over_slots_and_window(c, n_slots, window_chun
     assert out[:, :, :c].isnan().all() and out[:, :, 2 * c:].isnan().all(), "rows outside the chunk were written"
 
 
+def _room_of(core: _KVMCore, b: int, hkv: int, slots: int, rows: int, d: int, dv: int) -> _Slots:
+    start = _Slots(torch.randn(b, hkv, slots, d), torch.randn(b, hkv, slots, dv), torch.rand(b, hkv, slots, 1) + 0.5)
+    return core.with_room(start, rows, torch.float32)
+
+
+@pytest.mark.skipif(not kvm_cpu.blas_kernels(), reason="no C compiler, or torch exports no BLAS sgemm here")
+@pytest.mark.parametrize("c, groups, options", [(40, 2, {}), (130, 1, {"use_vlens": False, "sink_len": 2}),
+                                                (40, 3, {"merge_gate_appends": True, "merge_gate_keys": False})])
+def test_a_run_of_chunks_in_one_call_equals_its_updates_and_reads_in_turn(c, groups, options):
+    """kvm_run_chunks schedules the same per-head update and per-block read code as a task graph:
+    its results must be those of ``absorb`` then ``attend_chunk`` chunk after chunk, bit for bit."""
+    norm = _norm(16)
+    core = _KVMCore(KVMConfig(num_heads=2 * groups, num_kv_heads=2, chunk_len=c, **options), norm, 6, None, None, 1.0)
+    b, hkv, d, dv, slots = 2, 2, 16, 12, 7
+    hq, appends = hkv * groups, [-1, 3, 0, c, 2, -1]  # -1: no update at that boundary; c: every token appends
+    n, window = len(appends), 2 * c
+    torch.manual_seed(4)
+    q = torch.randn(b, n * c, hq, d).transpose(1, 2)  # (B, Hq, n*C, d), a projection's strides
+    k, v = torch.randn(b, hkv, (n + 2) * c, d), torch.randn(b, hkv, (n + 2) * c, dv)
+    g = torch.rand(b, hkv, (n + 2) * c, 1) + 0.5
+    scales = torch.rand(hq) + 0.2, torch.rand(hq) + 0.2
+    cap = slots + sum(max(a, 0) for a in appends) + 3
+    with torch.no_grad():
+        core.use_native_kernels(q, k, v, g)
+        torch.manual_seed(5)
+        one = _room_of(core, b, hkv, slots, cap, d, dv).room
+        torch.manual_seed(5)
+        turns = _room_of(core, b, hkv, slots, cap, d, dv).room
+        flags = (core.zero_dims, core.config.merge_gate_keys, core.config.merge_gate_values, True, core.config.sink_len)
+        got = torch.full((b, hq, n * c, dv), float("nan"))
+        kvm_cpu.run_chunks(q, got, k, v, g, appends, slots, *scales, *core._norm_args, *flags,
+                           core.config.merge_gate_appends, core.config.use_vlens, *one[:5])
+        want, num = torch.full_like(got, float("nan")), slots
+        for j, n_append in enumerate(appends):
+            if n_append >= 0:  # the chunk before chunk j's window leaves it
+                leaving = (slice(None), slice(None), slice(j * c, (j + 1) * c))
+                kvm_cpu.absorb(k[leaving], v[leaving], g[leaving], *core._norm_args, *flags[:4], flags[4], n_append,
+                               core.config.merge_gate_appends, core.config.use_vlens, *turns[:5], num)
+                num += n_append
+            window_rows = slice((j + 1) * c, (j + 1) * c + window)
+            kvm_cpu.attend_chunk(q[:, :, j * c:(j + 1) * c], turns.read_keys[:, :, :num], turns.read_values[:, :, :num],
+                                 k[:, :, window_rows], v[:, :, window_rows], *scales, want[:, :, j * c:(j + 1) * c])
+    assert torch.equal(got, want), "outputs"
+    for name, x, y in zip(("sums", "lens", "read keys", "read values", "features"), one, turns):
+        assert torch.equal(x[:, :, :num], y[:, :, :num]), name
+    with pytest.raises(ValueError, match="do not fit"):  # more appends than the room holds
+        kvm_cpu.run_chunks(q, got, k, v, g, [c] * n, slots, *scales, *core._norm_args, *flags,
+                           core.config.merge_gate_appends, core.config.use_vlens, *one[:5])
+
+
 @needs_kernels
 def test_wrappers_refuse_what_the_kernels_cannot_read():
     with pytest.raises(ValueError, match="float32"):
@@ -223,6 +273,8 @@ OPTIONS = [dict(), dict(use_vlens=False, sink_len=1), dict(sink_len=3, merge_gat
 def test_attention_with_the_kernels_equals_the_torch_path(monkeypatch, budget, options, kv_heads, blas):
     if not blas:
         monkeypatch.setattr(kvm_cpu, "blas_kernels", lambda: False)
+    runs, run_chunks = [], kvm_cpu.run_chunks
+    monkeypatch.setattr(kvm_cpu, "run_chunks", lambda *args: runs.append(len(args[5])) or run_chunks(*args))
     cfg = KVMConfig(num_heads=4, num_kv_heads=kv_heads, chunk_len=C, **{"rope_partial_dim": 4, **options},
                     **BUDGETS[budget])
     torch.manual_seed(5)
@@ -250,6 +302,7 @@ def test_attention_with_the_kernels_equals_the_torch_path(monkeypatch, budget, o
         assert_close(fused, plain, 1e-5, f"output, splits {splits}")
         for name, value in fused_state.state_dict().items():
             assert_close(value, plain_state.state_dict()[name], 1e-5, f"state '{name}', splits {splits}")
+    assert (sum(runs) > 0) == blas, "with the BLAS kernels, whole chunks run in one call"
 
 
 @needs_kernels

@@ -1,7 +1,8 @@
 /* Fused CPU kernels for KVM (blocks/kvm.py), fp32: the state update at a chunk boundary and the
  * read of a whole chunk. In order: the update's parts (token preparation, merges with the re-read
  * of touched slots, routing), each also a kernel of its own for the path without a BLAS; the join
- * of two partial softmaxes (that path's chunk read); the chunk read; the whole update in one call.
+ * of two partial softmaxes (that path's chunk read); the chunk read; the whole update in one call;
+ * whole chunks in a row (their updates and reads) in one call.
  *
  * Each update kernel does in one pass over rows what the PyTorch path does in several small ops,
  * each of which reads and writes its whole tensor: on a CPU those passes, not the arithmetic, are
@@ -11,8 +12,9 @@
  * slots' scores, or two tokens' novelties, tie to within that rounding, it may go the other way
  * than on the PyTorch path (as between two BLAS builds), and the states part from there on.
  *
- * Threads: OpenMP over rows or heads, in the OpenMP runtime torch already loaded (same soname), so
- * torch.set_num_threads applies here too; calls with fewer than PARALLEL_ROWS rows stay serial.
+ * Threads: OpenMP over rows or heads (a graph of tasks for a run of chunks), in the OpenMP runtime
+ * torch already loaded (same soname), so torch.set_num_threads applies here too; calls with fewer
+ * than PARALLEL_ROWS rows stay serial.
  * Conventions: a "row" is one token or one slot; row-major float32 with unit stride inside a row.
  * LayerNorm is torch's: biased variance, y = (x - mean) / sqrt(var + eps) * w + b.
  * Routing features with fewer dims (``_KVMCore._fewer_routing_dims``): with z zeroed dims,
@@ -25,6 +27,12 @@
 #include <float.h>
 #ifdef __AVX2__
 #include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_max_threads(void) { return 1; }
+static int omp_get_thread_num(void) { return 0; }
 #endif
 
 #define PARALLEL_ROWS 256
@@ -427,17 +435,48 @@ static void attend_rows(sgemm_fn sgemm, const float *q, int64_t ldq, int64_t row
     }
 }
 
-/* Whole chunks of c queries of nb x hq heads: q (rows q + b*q_s[0] + h*q_s[1] + i*q_s[2]) against
- * the slots of their kv head h / groups (sk, sv; n_slots rows) and its window (wk, wv; w_len rows:
- * query row i sees window keys j <= w_len - c + i), logits scaled by state_scale[h] and
+/* The read of whole chunks of c queries of nb x hq heads: q (rows q + b*q_s[0] + h*q_s[1] + i*q_s[2])
+ * against the slots of their kv head h / groups (sk, sv; n_slots rows) and its window (wk, wv; w_len
+ * rows: query row i sees window keys j <= w_len - c + i), logits scaled by state_scale[h] and
  * window_scale[h] -> out (rows as q's). Each tensor comes with its strides over (b, h, row), in
- * floats. Returns 0, or -1 if out of memory. */
+ * floats. */
+typedef struct {
+    const float *q, *sk, *sv, *wk, *wv, *state_scale, *window_scale;
+    float *out;
+    const int64_t *q_s, *sk_s, *sv_s, *wk_s, *wv_s, *out_s;
+    int64_t groups, c, d, dv, n_slots, w_len;
+} ChunkRead;
+
+/* Query rows block*TASK_ROWS.. (at most TASK_ROWS) of batch row ib, query head ih. Scratch as
+ * ``attend_rows``. */
+static void read_block(sgemm_fn sgemm, const ChunkRead *cr, int64_t ib, int64_t ih, int64_t block, float *s,
+                       float *acc) {
+    int64_t c = cr->c, hk = ih / cr->groups, row0 = block * TASK_ROWS;
+    int64_t rows = c - row0 < TASK_ROWS ? c - row0 : TASK_ROWS;
+    const int64_t *wk_s = cr->wk_s, *wv_s = cr->wv_s;
+    const float *wkh = cr->wk + ib * wk_s[0] + hk * wk_s[1], *wvh = cr->wv + ib * wv_s[0] + hk * wv_s[1];
+    int64_t seen = cr->w_len - c;  /* window keys every row sees; then c keys seen causally */
+    Part parts[3] = {
+        {cr->sk + ib * cr->sk_s[0] + hk * cr->sk_s[1], cr->sv + ib * cr->sv_s[0] + hk * cr->sv_s[1], cr->sk_s[2],
+         cr->sv_s[2], cr->n_slots, -1, cr->state_scale[ih]},
+        {wkh, wvh, wk_s[2], wv_s[2], seen, -1, cr->window_scale[ih]},
+        {wkh + seen * wk_s[2], wvh + seen * wv_s[2], wk_s[2], wv_s[2], c, 0, cr->window_scale[ih]},
+    };
+    attend_rows(sgemm, cr->q + ib * cr->q_s[0] + ih * cr->q_s[1] + row0 * cr->q_s[2], cr->q_s[2], rows, row0, cr->d,
+                cr->dv, parts, 3, cr->out + ib * cr->out_s[0] + ih * cr->out_s[1] + row0 * cr->out_s[2], cr->out_s[2],
+                s, acc);
+}
+
+/* The read of one whole chunk (``ChunkRead``), one task per TASK_ROWS rows of a query head. Returns
+ * 0, or -1 if out of memory. */
 int kvm_attend_chunks(void *sgemm_ptr, int64_t nb, int64_t hq, int64_t groups, int64_t c, int64_t d, int64_t dv,
                       const float *q, const int64_t *q_s, const float *sk, const int64_t *sk_s, const float *sv,
                       const int64_t *sv_s, int64_t n_slots, const float *wk, const int64_t *wk_s, const float *wv,
                       const int64_t *wv_s, int64_t w_len, const float *state_scale, const float *window_scale,
                       float *out, const int64_t *out_s) {
     sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
+    const ChunkRead cr = {q, sk, sv, wk, wv, state_scale, window_scale, out, q_s, sk_s, sv_s, wk_s, wv_s, out_s,
+                          groups, c, d, dv, n_slots, w_len};
     int64_t blocks = (c + TASK_ROWS - 1) / TASK_ROWS;
     int failed = 0;
 #pragma omp parallel
@@ -450,21 +489,8 @@ int kvm_attend_chunks(void *sgemm_ptr, int64_t nb, int64_t hq, int64_t groups, i
 #pragma omp for schedule(dynamic) collapse(3)
         for (int64_t ib = 0; ib < nb; ib++)
             for (int64_t ih = 0; ih < hq; ih++)
-                for (int64_t jq = 0; jq < blocks; jq++) {  /* a head's last rows first: they see the most keys */
-                    if (!s || !acc) continue;
-                    int64_t iq = blocks - 1 - jq, hk = ih / groups, row0 = iq * TASK_ROWS;
-                    int64_t rows = c - row0 < TASK_ROWS ? c - row0 : TASK_ROWS;
-                    const float *wkh = wk + ib * wk_s[0] + hk * wk_s[1], *wvh = wv + ib * wv_s[0] + hk * wv_s[1];
-                    int64_t seen = w_len - c;  /* window keys every row sees; then c keys seen causally */
-                    Part parts[3] = {
-                        {sk + ib * sk_s[0] + hk * sk_s[1], sv + ib * sv_s[0] + hk * sv_s[1], sk_s[2], sv_s[2], n_slots, -1,
-                         state_scale[ih]},
-                        {wkh, wvh, wk_s[2], wv_s[2], seen, -1, window_scale[ih]},
-                        {wkh + seen * wk_s[2], wvh + seen * wv_s[2], wk_s[2], wv_s[2], c, 0, window_scale[ih]},
-                    };
-                    attend_rows(sgemm, q + ib * q_s[0] + ih * q_s[1] + row0 * q_s[2], q_s[2], rows, row0, d, dv, parts, 3,
-                                out + ib * out_s[0] + ih * out_s[1] + row0 * out_s[2], out_s[2], s, acc);
-                }
+                for (int64_t jq = 0; jq < blocks; jq++)  /* a head's last rows first: they see the most keys */
+                    if (s && acc) read_block(sgemm, &cr, ib, ih, blocks - 1 - jq, s, acc);
         free(s);
         free(acc);
     }
@@ -587,59 +613,174 @@ static int64_t append_most_novel(sgemm_fn sgemm, AbsorbScratch *a, int64_t c, in
     return m;
 }
 
-/* A whole boundary update, one task per head, in cache from start to end; equal to blocks/kvm.py's
- * ``_KVMCore.incoming`` then ``absorb`` (and to kvm_incoming, routing as kvm_route, kvm_merge_read in
- * turn), without their (N, H, C, *) intermediates in memory:
- *  1. the chunk's tokens, (N, H, C) rows of k, v, g by strides (as in ``kvm_incoming``) prepared
- *     by ``prepare_token`` into per-thread rows;
- *  2. each routed among the room's num slots: its novelty (best score over all) and its winner
- *     (the best slot >= skip);
+/* What a boundary update needs besides its chunk: sizes, the state-key norm (w, b, eps; inv_ww as
+ * ``inverse_sq_norm``), the options and the room: sums (heads, cap, d + dv), lens (heads, cap),
+ * read_keys, read_values, feat as in ``kvm_merge_read``. */
+typedef struct {
+    int64_t c, d, dv, z, r, skip, cap;
+    const float *w, *b;
+    float eps, inv_ww;
+    int gate_keys, gate_values, reduced, gate_appends, use_vlens;
+    float *sums, *lens, *read_keys, *read_values, *feat;
+} Update;
+
+/* A whole boundary update of one head (room rows head * cap..) holding num slots, in cache from
+ * start to end; equal to blocks/kvm.py's ``_KVMCore.incoming`` then ``absorb`` (and to
+ * kvm_incoming, routing as kvm_route, kvm_merge_read in turn), without their (N, H, C, *)
+ * intermediates in memory:
+ *  1. the chunk's tokens, rows of kh, vh, gh (k_sc, v_sc, g_sc floats apart; gh: one gate per
+ *     token) prepared by ``prepare_token`` into the scratch;
+ *  2. each routed among the num slots: its novelty (best score over all) and its winner (the best
+ *     slot >= skip);
  *  3. ``append_most_novel`` if n_append > 0: appended slots take the gated key | value if
  *     gate_appends, else the prepared key | raw value, and the value's norm as length with vlens,
  *     else 1;
- *  4. the other tokens merge (``merge_read_head``), which re-reads every touched and new slot.
- * Room: sums (N*H, cap, d + dv), lens (N*H, cap), read_keys, read_values, feat as in
- * ``kvm_merge_read``. Returns 0, or -1 if out of memory. */
+ *  4. the other tokens merge (``merge_read_head``), which re-reads every touched and new slot. */
+static void absorb_head(sgemm_fn sgemm, const Update *u, AbsorbScratch *a, int64_t head, const float *kh,
+                        int64_t k_sc, const float *vh, int64_t v_sc, const float *gh, int64_t g_sc, int64_t num,
+                        int64_t n_append) {
+    int64_t c = u->c, d = u->d, dv = u->dv, z = u->z, r = u->r, f = d + dv, cap = u->cap;
+    float *hs = u->sums + head * cap * f, *hl = u->lens + head * cap, *hk = u->read_keys + head * cap * d;
+    float *hv = u->read_values + head * cap * dv, *hf = u->feat + head * cap * r;
+    int keep_keys = n_append > 0 && !u->gate_appends;  /* appends take the ungated prepared key */
+    for (int64_t ic = 0; ic < c; ic++)
+        prepare_token(kh + ic * k_sc, vh + ic * v_sc, gh[ic * g_sc], d, dv, z, u->w, u->b, u->eps, u->gate_keys,
+                      u->gate_values, u->reduced, u->inv_ww, keep_keys ? a->ku + ic * d : a->gated + ic * f,
+                      a->gated + ic * f, a->tokens + ic * r);
+    route_tokens(sgemm, a->tokens, c, r, hf, num, u->skip, a->scores, a->every, a->best, a->index);
+    for (int64_t ic = 0; ic < c; ic++) a->target[ic] = a->index[ic];
+    int64_t m = n_append ? append_most_novel(sgemm, a, c, d, dv, z, r, num, n_append, vh, v_sc, u->gate_appends,
+                                             u->use_vlens, u->w, u->b, u->eps, u->reduced, hs, hl, hk, hv, hf)
+                         : c;
+    merge_read_head(m, num + n_append, num, d, dv, z, a->target, a->gated, n_append ? a->row_of : NULL,
+                    !u->use_vlens, hs, hl, u->w, u->b, u->eps, u->use_vlens, u->reduced, hk, hv, hf, a->start,
+                    a->order);
+}
+
+static Update update_args(int64_t c, int64_t d, int64_t dv, int64_t z, const float *w, const float *b, float eps,
+                          int gate_keys, int gate_values, int reduced, int64_t skip, int gate_appends, int use_vlens,
+                          int64_t cap, float *sums, float *lens, float *read_keys, float *read_values, float *feat) {
+    return (Update){c, d, dv, z, reduced ? d - z + 2 : d, skip, cap, w, b, eps, reduced ? inverse_sq_norm(w, z) : 1.0f,
+                    gate_keys, gate_values, reduced, gate_appends, use_vlens, sums, lens, read_keys, read_values, feat};
+}
+
+/* A whole boundary update (``absorb_head``) of n x h heads, one task per head: the chunk's (N, H, C)
+ * rows of k, v, g by strides (as in ``kvm_incoming``), n_append of them appended to the num slots.
+ * Returns 0, or -1 if out of memory. */
 int kvm_absorb(void *sgemm_ptr, int64_t n, int64_t h, int64_t c, int64_t d, int64_t dv, int64_t z,
                const float *k, const int64_t *k_s, const float *v, const int64_t *v_s, const float *g,
                const int64_t *g_s, const float *w, const float *b, float eps, int gate_keys, int gate_values,
                int reduced, int64_t skip, int64_t n_append, int gate_appends, int use_vlens, int64_t cap,
                int64_t num, float *sums, float *lens, float *read_keys, float *read_values, float *feat) {
     sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
-    int64_t f = d + dv, r = reduced ? d - z + 2 : d;
-    float inv_ww = reduced ? inverse_sq_norm(w, z) : 1.0f;
-    int keep_keys = n_append > 0 && !gate_appends;  /* appends take the ungated prepared key */
+    const Update u = update_args(c, d, dv, z, w, b, eps, gate_keys, gate_values, reduced, skip, gate_appends,
+                                 use_vlens, cap, sums, lens, read_keys, read_values, feat);
     int failed = 0;
 #pragma omp parallel if (n * h * c >= PARALLEL_ROWS)
     {
         AbsorbScratch a = {0};
-        int ready = absorb_scratch(&a, c, d, f, r, num + n_append);
+        int ready = absorb_scratch(&a, c, d, d + dv, u.r, num + n_append);
         if (!ready) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic) collapse(2)
         for (int64_t in = 0; in < n; in++)
-            for (int64_t ih = 0; ih < h; ih++) {
-                if (!ready) continue;
-                int64_t head = in * h + ih;
-                const float *kh = k + in * k_s[0] + ih * k_s[1], *vh = v + in * v_s[0] + ih * v_s[1];
-                const float *gh = g + in * g_s[0] + ih * g_s[1];
-                float *hs = sums + head * cap * f, *hl = lens + head * cap, *hk = read_keys + head * cap * d;
-                float *hv = read_values + head * cap * dv, *hf = feat + head * cap * r;
-                for (int64_t ic = 0; ic < c; ic++)
-                    prepare_token(kh + ic * k_s[2], vh + ic * v_s[2], gh[ic * g_s[2]], d, dv, z, w, b, eps, gate_keys,
-                                  gate_values, reduced, inv_ww, keep_keys ? a.ku + ic * d : a.gated + ic * f,
-                                  a.gated + ic * f, a.tokens + ic * r);
-                route_tokens(sgemm, a.tokens, c, r, hf, num, skip, a.scores, a.every, a.best, a.index);
-                for (int64_t ic = 0; ic < c; ic++) a.target[ic] = a.index[ic];
-                int64_t m = n_append ? append_most_novel(sgemm, &a, c, d, dv, z, r, num, n_append, vh, v_s[2],
-                                                         gate_appends, use_vlens, w, b, eps, reduced, hs, hl, hk, hv, hf)
-                                     : c;
-                merge_read_head(m, num + n_append, num, d, dv, z, a.target, a.gated, n_append ? a.row_of : NULL,
-                                !use_vlens, hs, hl, w, b, eps, use_vlens, reduced, hk, hv, hf, a.start, a.order);
-            }
+            for (int64_t ih = 0; ih < h; ih++)
+                if (ready)
+                    absorb_head(sgemm, &u, &a, in * h + ih, k + in * k_s[0] + ih * k_s[1], k_s[2],
+                                v + in * v_s[0] + ih * v_s[1], v_s[2], g + in * g_s[0] + ih * g_s[1], g_s[2], num,
+                                n_append);
         absorb_scratch_free(&a);
     }
     return failed ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Whole chunks in a row in one call: each chunk's boundary update (if it has one), then its read.
+ * One graph of OpenMP tasks, not a parallel region per step: per kv head, update j waits for the
+ * reads of the chunks before it (they read the slots it changes) and the reads of chunk j wait for
+ * update j; other heads' tasks run meanwhile. So no thread idles at a barrier between the steps,
+ * and no step returns to Python.
+ */
+
+/* Per-thread scratch of ``kvm_run_chunks``: an update's and a read's. */
+typedef struct {
+    AbsorbScratch update;
+    float *logits, *acc;
+} RunScratch;
+
+static void run_scratch_free(RunScratch *scratch, int threads) {
+    for (int t = 0; scratch && t < threads; t++) {
+        absorb_scratch_free(&scratch[t].update);
+        free(scratch[t].logits);
+        free(scratch[t].acc);
+    }
+    free(scratch);
+}
+
+/* n_chunks whole chunks of c queries, in order, for nb batch rows of hq query heads on hkv kv heads:
+ * chunk j's queries are rows j*c.. of q, its outputs rows j*c.. of out, its window the w_len rows
+ * from row j*c of the raw tokens k, v (so the c tokens before that row are the ones leaving the
+ * window at its boundary), g their gates. Chunk j first runs its boundary update (``absorb_head``,
+ * appends[j] of them appended) unless appends[j] < 0, then its read (``read_block``) against the
+ * room's slots, num of them at the start. Strides over (b, h, row) in floats; logit scales, the
+ * state-key norm, the options and the room as ``kvm_attend_chunks`` and ``kvm_absorb``. Returns 0,
+ * or -1 if out of memory (then nothing was changed). */
+int kvm_run_chunks(void *sgemm_ptr, int64_t nb, int64_t hq, int64_t hkv, int64_t c, int64_t d, int64_t dv, int64_t z,
+                   int64_t n_chunks, const int64_t *appends, int64_t num, const float *q, const int64_t *q_s,
+                   float *out, const int64_t *out_s, const float *k, const int64_t *k_s, const float *v,
+                   const int64_t *v_s, const float *g, const int64_t *g_s, int64_t w_len, const float *state_scale,
+                   const float *window_scale, const float *w, const float *b, float eps, int gate_keys,
+                   int gate_values, int reduced, int64_t skip, int gate_appends, int use_vlens, int64_t cap,
+                   float *sums, float *lens, float *read_keys, float *read_values, float *feat) {
+    sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
+    const Update u = update_args(c, d, dv, z, w, b, eps, gate_keys, gate_values, reduced, skip, gate_appends,
+                                 use_vlens, cap, sums, lens, read_keys, read_values, feat);
+    const int64_t slot_keys_s[3] = {hkv * cap * d, cap * d, d}, slot_values_s[3] = {hkv * cap * dv, cap * dv, dv};
+    const int64_t heads = nb * hkv, groups = hq / hkv, blocks = (c + TASK_ROWS - 1) / TASK_ROWS;
+    const int threads = omp_get_max_threads();
+    RunScratch *scratch = calloc((size_t)threads, sizeof(RunScratch));
+    char *head_order = calloc((size_t)heads, 1);  /* a dependence per kv head: the addresses are what counts */
+    int ready = scratch && head_order;
+    for (int t = 0; ready && t < threads; t++) {
+        scratch[t].logits = malloc(sizeof(float) * TASK_ROWS * KEY_BLOCK);
+        scratch[t].acc = malloc(sizeof(float) * TASK_ROWS * (size_t)dv);
+        ready = absorb_scratch(&scratch[t].update, c, d, d + dv, u.r, cap) && scratch[t].logits && scratch[t].acc;
+    }
+    if (ready) {
+#pragma omp parallel
+#pragma omp single
+        for (int64_t j = 0; j < n_chunks; j++) {
+            int64_t before = num;
+            if (appends[j] > 0) num += appends[j];
+            const ChunkRead cr = {q + j * c * q_s[2], read_keys, read_values, k + j * c * k_s[2], v + j * c * v_s[2],
+                                  state_scale, window_scale, out + j * c * out_s[2], q_s, slot_keys_s,
+                                  slot_values_s, k_s, v_s, out_s, groups, c, d, dv, num, w_len};
+            for (int64_t head = 0; head < heads; head++) {
+                int64_t in = head / hkv, ih = head % hkv, n_append = appends[j];
+                if (n_append >= 0) {
+                    int64_t leaving = j * c - c;  /* the row of the first token leaving the window */
+                    const float *kh = k + in * k_s[0] + ih * k_s[1] + leaving * k_s[2];
+                    const float *vh = v + in * v_s[0] + ih * v_s[1] + leaving * v_s[2];
+                    const float *gh = g + in * g_s[0] + ih * g_s[1] + leaving * g_s[2];
+#pragma omp task depend(inout : head_order[head])
+                    absorb_head(sgemm, &u, &scratch[omp_get_thread_num()].update, head, kh, k_s[2], vh, v_s[2], gh,
+                                g_s[2], before, n_append);
+                }
+                for (int64_t ig = 0; ig < groups; ig++)
+                    for (int64_t jq = 0; jq < blocks; jq++) {  /* a head's last rows first: they see the most keys */
+                        int64_t query_head = ih * groups + ig, block = blocks - 1 - jq;
+#pragma omp task depend(in : head_order[head])
+                        {
+                            RunScratch *mine = &scratch[omp_get_thread_num()];
+                            read_block(sgemm, &cr, in, query_head, block, mine->logits, mine->acc);
+                        }
+                    }
+            }
+        }
+    }
+    run_scratch_free(scratch, threads);
+    free(head_order);
+    return ready ? 0 : -1;
 }

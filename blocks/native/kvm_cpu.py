@@ -27,8 +27,10 @@ _SIGNATURES = {
     "kvm_attend_chunks": [_P] + [_I] * 6 + [_P] * 6 + [_I] + [_P] * 4 + [_I] + [_P] * 4,
     "kvm_absorb": [_P] + [_I] * 6 + [_P] * 8 + [_F] + [ctypes.c_int] * 3 + [_I, _I] + [ctypes.c_int] * 2
                   + [_I] * 2 + [_P] * 5,
+    "kvm_run_chunks": [_P] + [_I] * 8 + [_P, _I] + [_P] * 10 + [_I] + [_P] * 4 + [_F] + [ctypes.c_int] * 3 + [_I]
+                      + [ctypes.c_int] * 2 + [_I] + [_P] * 5,
 }
-_RETURNS_STATUS = ("kvm_merge_read", "kvm_attend_chunks", "kvm_absorb")  # 0, or -1 when out of memory
+_RETURNS_STATUS = ("kvm_merge_read", "kvm_attend_chunks", "kvm_absorb", "kvm_run_chunks")  # 0, or -1 when out of memory
 
 
 @functools.cache
@@ -54,7 +56,8 @@ def _sgemm() -> int | None:
 
 def blas_kernels() -> bool:
     """Whether the kernels that call torch's sgemm can run here (the library is built and torch has
-    a BLAS): the chunk read ``attend_chunk`` and the whole update ``absorb``. Without them
+    a BLAS): the chunk read ``attend_chunk``, the whole update ``absorb`` and both in a row,
+    ``run_chunks``. Without them
     blocks/kvm.py reads chunks by flash calls and ``join``, and updates with ``incoming``,
     ``best_slots`` and ``merge_and_read`` (and torch ops for the appends)."""
     return library() is not None and _sgemm() is not None
@@ -223,3 +226,41 @@ def attend_chunk(q: Tensor, slot_keys: Tensor, slot_values: Tensor, window_keys:
         rows(window_values), window_keys.shape[2], _ptr(state_scale), _ptr(window_scale), _ptr(out), rows(out))
     if status:
         raise MemoryError("kvm_cpu: no memory for the chunk read's scratch")
+
+
+def run_chunks(q: Tensor, out: Tensor, k: Tensor, v: Tensor, g: Tensor, appends: list[int], num: int,
+               state_scale: Tensor, window_scale: Tensor, weight: Tensor, bias: Tensor | None, eps: float,
+               zero_dims: int, gate_keys: bool, gate_values: bool, reduced: bool, skip: int, gate_appends: bool,
+               use_vlens: bool, sums: Tensor, lens: Tensor, read_keys: Tensor, read_values: Tensor,
+               features: Tensor) -> None:
+    """``len(appends)`` whole chunks in a row in one call, in place: for chunk j, its boundary
+    update as ``absorb`` (``appends[j]`` tokens appended; none runs where it is negative), then its
+    read as ``attend_chunk`` into its rows of ``out``, against the room as it then is.
+
+    q (B, Hq, n*C, d), out (B, Hq, n*C, dv): the chunks' queries and outputs; k (B, Hkv, (n + Nb - 1)*C
+    + C, d), v (..., dv), g (..., 1): the raw tokens from one chunk before the first chunk's window,
+    so that chunk j's leaving tokens are rows j*C.. and its window the W = Nb*C rows after them;
+    num: the room's slots before the first update. Needs ``blas_kernels()``."""
+    n, (b, hq, t, d), (hkv, c) = len(appends), q.shape, (k.shape[1], q.shape[2] // max(len(appends), 1))
+    window = k.shape[2] - (n - 1) * c - c if n else 0
+    for name, x in (("q", q), ("out", out), ("k", k), ("v", v), ("g", g)):
+        _check(name, x)
+    for name, x in (("sums", sums), ("lens", lens), ("read_keys", read_keys), ("read_values", read_values),
+                    ("features", features), ("state_scale", state_scale), ("window_scale", window_scale)):
+        _check(name, x, contiguous=True)
+    _check_chunk(k, v, g, weight, bias)
+    cap = sums.shape[2]
+    if (n == 0 or t != n * c or hq % hkv or window < c or window % c or out.shape[:3] != (b, hq, t)
+            or state_scale.shape != (hq,) or window_scale.shape != (hq,)):
+        raise ValueError(f"kvm_cpu: run_chunks shapes do not fit: {n} chunks, q {tuple(q.shape)}, out "
+                         f"{tuple(out.shape)}, k {tuple(k.shape)}, scales {tuple(state_scale.shape)}")
+    if num < 1 or num + sum(max(a, 0) for a in appends) > cap or max(appends) > c:
+        raise ValueError(f"kvm_cpu: run_chunks appends {appends} do not fit {num} slots in a room of {cap}")
+    rows = functools.partial(_strides, dims=3)  # strides over (batch, head, row)
+    status = library().kvm_run_chunks(
+        _sgemm(), b, hq, hkv, c, d, v.shape[-1], zero_dims, n, (_I * n)(*appends), num, _ptr(q), rows(q), _ptr(out),
+        rows(out), _ptr(k[:, :, c:]), rows(k), _ptr(v[:, :, c:]), rows(v), _ptr(g[:, :, c:]), rows(g), window,
+        _ptr(state_scale), _ptr(window_scale), _ptr(weight), _ptr(bias), eps, gate_keys, gate_values, reduced, skip,
+        gate_appends, use_vlens, cap, _ptr(sums), _ptr(lens), _ptr(read_keys), _ptr(read_values), _ptr(features))
+    if status:
+        raise MemoryError("kvm_cpu: no memory for the scratch of a run of chunks")

@@ -2,9 +2,10 @@
 
 Operator level (after the q/k/v projections, as the paper's kernel benchmarks): batch 1, 6 heads,
 head_dim 128, chunk 256, window 2 chunks, fp32. Every figure is measured in this run; ratios are
-against full causal ``F.scaled_dot_product_attention`` measured alongside: at each length the
-prefills of SDPA and of each KVM variant (and its flash calls) run in turn, round after round, and
-each reports its fastest round. "flash calls" is the time
+against full causal ``F.scaled_dot_product_attention`` measured alongside: the prefills of SDPA and
+of each KVM variant (and its flash calls) at every length run in turn, round after round, and each
+reports its fastest round; so the ratios between lengths (how a prefill grows with T) are measured
+in the same phases of the machine too. "flash calls" is the time
 of the attention calls KVM's PyTorch read makes (the windows of a few chunks per call, then each
 chunk's read of its slots at that chunk's slot count), run alone with the kernel SDPA uses: what
 KVM would cost on that kernel if routing, merging and every other state update were free, so
@@ -43,7 +44,7 @@ def timed_in_turn(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
     """For each named function, the fastest of ``repeats`` wall-clock runs after one warm-up, and
     the spread (slowest - fastest). The fastest, as timeit reports: the machine is shared, and other
     load only ever adds time. The functions run in turn, round after round, so that a slow phase of
-    the machine (they last minutes here) hits baseline and KVM alike instead of whichever ran then."""
+    the machine (they last minutes here) hits all of them alike instead of whichever ran then."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
@@ -107,16 +108,18 @@ def main() -> None:
     print(f"{'T':>6} {'variant':>15} {'prefill s':>10} {'spread':>7} {'vs SDPA':>8} {'flash calls':>11} {'cap':>5} "
           f"{'decode ms/tok':>13} {'slots':>6} {'state MiB':>9} {'% of KV':>7}")
     with torch.inference_mode():
+        inputs, prefills = {}, {}
         for t in args.lengths:
             q, k, v = (torch.randn(1, HEADS, t, HEAD_DIM) for _ in range(3))
-            gate = 1 + F.elu(torch.randn(1, HEADS, t, 1))
-            prefills = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+            inputs[t] = q, k, v, 1 + F.elu(torch.randn(1, HEADS, t, 1))
+            prefills[t, "sdpa"] = functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
             for name, cfg in VARIANTS.items():
-                prefills[name] = functools.partial(kvm_attention, q, k, v, gate, cfg, state_key_norm=norm,
-                                                   window_temp=temps, state_temp=temps)
-                prefills[f"{name} flash"] = functools.partial(flash_calls, q, k, v, cfg)
-            prefill = timed_in_turn(prefills, args.repeats)
-            sdpa, spread = prefill["sdpa"]
+                prefills[t, name] = functools.partial(kvm_attention, *inputs[t], cfg, state_key_norm=norm,
+                                                      window_temp=temps, state_temp=temps)
+                prefills[t, f"{name} flash"] = functools.partial(flash_calls, q, k, v, cfg)
+        prefill = timed_in_turn(prefills, args.repeats)
+        for t, (q, k, v, gate) in inputs.items():
+            sdpa, spread = prefill[t, "sdpa"]
             kv_bytes = 2 * t * HEADS * HEAD_DIM * 4
             q1, k1, v1 = q[:, :, :1], k[:, :, :1], v[:, :, :1]
             cache_k = torch.cat([k, torch.zeros(1, HEADS, CHUNK, HEAD_DIM)], 2)  # a preallocated KV cache
@@ -132,8 +135,8 @@ def main() -> None:
                   f"{sdpa_decode * 1e3:>13.3f} "
                   f"{t:>6} {kv_bytes / 2**20:>9.1f} {100.0:>7.1f}")
             for name, cfg in VARIANTS.items():
-                (seconds, spread), flash = prefill[name], prefill[f"{name} flash"][0]
-                _, state = prefills[name]()
+                (seconds, spread), flash = prefill[t, name], prefill[t, f"{name} flash"][0]
+                _, state = prefills[t, name]()
                 g1 = gate[:, :, :1]
 
                 def kvm_step(s):
@@ -145,6 +148,11 @@ def main() -> None:
                       f"{flash:>11.3f} {sdpa / flash:>5.1f} "
                       f"{decode * 1e3:>13.3f} {state.num_slots:>6} {state.nbytes() / 2**20:>9.2f} "
                       f"{100 * state.nbytes() / kv_bytes:>7.2f}")
+        for lo in args.lengths:  # how each prefill grows when T grows 4x (linear: 4)
+            if 4 * lo in inputs:
+                growth = ", ".join(f"{name} {prefill[4 * lo, name][0] / prefill[lo, name][0]:.2f}"
+                                   for name in ("sdpa", *VARIANTS))
+                print(f"# prefill time at T={4 * lo} / at T={lo}: {growth}")
 
 
 if __name__ == "__main__":

@@ -156,7 +156,8 @@ class _SoftmaxAttention(ProjectedAttention):
         state's tokens with room for these and ``SPARE_SHARE`` more."""
         buffer, t = state.buffer, k.shape[2]
         if (buffer is not None and buffer.owns(state.keys, state.values) and buffer.keys.dtype == k.dtype
-                and buffer.values.dtype == v.dtype and buffer.used + t <= buffer.keys.shape[2]):
+                and buffer.values.dtype == v.dtype and buffer.used + t <= buffer.keys.shape[2]
+                and (torch.is_inference_mode_enabled() or not buffer.keys.is_inference())):  # torch refuses that write
             return buffer
         need = state.keys.shape[2] + t
         return _KVBuffer(state.keys.to(k.dtype), state.values.to(v.dtype),

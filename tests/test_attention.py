@@ -90,6 +90,11 @@ def test_full_attention_decode_appends_in_place(monkeypatch, spare_min, spare_sh
     assert all(s.keys.shape[2] == s.seq_len for s in states)
     with torch.no_grad():
         assert layer(x[:, :1], layer(x[:, :3])[1])[1].buffer is not None
+    with torch.inference_mode():  # a cache grown in inference mode, continued outside it: copied, not refused
+        _, state = layer(x[:, 1:2], layer(x[:, :1])[1])
+    with torch.no_grad():
+        out, _ = _decode(layer, x, state, range(2, 4))
+    assert_close(out, full[:, 2:4], 1e-5, "decode outside inference mode")
     assert layer(x[:, :1], layer(x[:, :3])[1])[1].buffer is None, "with autograd, tensors no later step writes to"
 
 

@@ -16,8 +16,8 @@ What is measured, at each context length T:
   have to be repeated for every repeat, as decoding grows the state). The mean over ``steps``
   tokens includes the chunk-boundary state updates a KVM layer makes every ``chunk_len`` tokens,
   amortised as in a long generation (the default, 256, is one paper-sized chunk). These are the
-  toolkit's own layers as ``hybrid generate`` runs them: full attention appends to its KV cache by
-  concatenation every step (``benchmarks/bench_kvm.py`` times a preallocated cache at operator level).
+  toolkit's own layers as ``hybrid generate`` runs them: full attention appends to its KV cache in
+  place (``blocks.attention._KVBuffer``; the first step copies the cache into a buffer with room).
 * **state bytes** by kind (recurrent, kvm, window, kv) after T tokens, from ``state_at`` (exact).
 
 Every timing is repeated ``repeats`` times and reported as median, min and max (spread = max -

@@ -5,12 +5,13 @@ residual), so a Llama teacher, the paper's GPTAlpha baselines and KVM differ onl
 attention pattern. All three keep the raw rotated keys and values they may still need:
 
 * ``attention`` (symbol A): every past token; the state grows with every token (kind ``kv``).
-  Without autograd it grows in place: the cache lives in a buffer with room to spare
-  (``_KVBuffer``), so a decode step writes its token instead of copying the whole cache.
 * ``swa`` (symbol S): the last ``window`` tokens, a query at t sees ``[t - window + 1, t]``.
 * ``bswa`` (symbol B): block sliding window as in KVM: a query in chunk c sees chunks
   ``c - n_bswa_chunks + 1 .. c`` causally (between ``(Nb-1)*C + 1`` and ``Nb*C`` tokens); it is
   KVM without the compressed state.
+
+Without autograd a cache grows in place: it lives in a buffer with room to spare
+(``blocks.token_buffer``), so a decode step writes its token instead of copying the cache.
 """
 
 from __future__ import annotations
@@ -26,37 +27,13 @@ from blocks.config import require_positive
 from blocks.projection import ProjectedAttention, ProjectionConfig
 from blocks.registry import register_mixer
 from blocks.state import LayerState, StateError
+from blocks.token_buffer import TokenBuffer, extend
 
 # Query rows per attention call when a window mask is needed (bounds the mask's memory).
 _QUERY_BLOCK = 1024
-# A full-attention cache that must grow gets room for this share of its tokens more (at least
-# SPARE_MIN_TOKENS): regrowing copies the cache, so it happens once per that many decode steps.
+# A cache moved into a new buffer gets room for this share of its tokens more (at least
+# SPARE_MIN_TOKENS): moving copies the cache, so it happens once per that many decode steps.
 SPARE_SHARE, SPARE_MIN_TOKENS = 0.125, 256
-
-
-class _KVBuffer:
-    """The storage behind a full-attention cache: keys (B, Hkv, capacity, d) and values (B, Hkv,
-    capacity, dv), of which the first ``used`` tokens are written. States are views of its first
-    tokens; only the state that ends at ``used`` may append in place (see ``_grown``), so an older
-    state continued again, a branch, copies instead of overwriting the tokens a newer one sees."""
-
-    def __init__(self, keys: Tensor, values: Tensor, capacity: int):
-        (b, h, n, d), dv = keys.shape, values.shape[-1]
-        self.keys, self.values = keys.new_empty(b, h, capacity, d), values.new_empty(b, h, capacity, dv)
-        self.keys[:, :, :n], self.values[:, :, :n] = keys, values
-        self.used = n
-
-    def owns(self, keys: Tensor, values: Tensor) -> bool:
-        """Whether keys/values are this buffer's first ``used`` tokens, as views."""
-        return all(x.data_ptr() == buf.data_ptr() and x.stride() == buf.stride() and x.shape[2] == self.used
-                   for x, buf in ((keys, self.keys), (values, self.values)))
-
-    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Write the next tokens in place -> the views of all tokens so far."""
-        n, t = self.used, keys.shape[2]
-        self.keys[:, :, n:n + t], self.values[:, :, n:n + t] = keys, values
-        self.used = n + t
-        return self.keys[:, :, :self.used], self.values[:, :, :self.used]
 
 
 @dataclasses.dataclass
@@ -70,9 +47,9 @@ class KVCacheState(LayerState):
     prev_q: Tensor | None = None  # token-shift tails (B, H*d), if token shift is on
     prev_k: Tensor | None = None
     prev_v: Tensor | None = None
-    # The buffer keys/values are views of, where they are (full attention without autograd); not a
-    # field: state_dict, select and to give plain tensors, whose next append copies them into a new one.
-    buffer: ClassVar[_KVBuffer | None] = None
+    # The buffer keys/values are views of, where they are (without autograd); not a field:
+    # state_dict, select and to give plain tensors, whose next append copies them into a new one.
+    buffer: ClassVar[TokenBuffer | None] = None
 
 
 @dataclasses.dataclass
@@ -135,11 +112,12 @@ class _SoftmaxAttention(ProjectedAttention):
             if state.keys.shape[:2] != k.shape[:2] or state.keys.shape[2] != expected:
                 raise StateError(f"{type(self).__name__}: state keys {tuple(state.keys.shape)} do not fit batch "
                                  f"{k.shape[0]}, {k.shape[1]} kv heads and {expected} cached tokens")
-            buffer = None if self.windowed or torch.is_grad_enabled() else self._grown(state, k, v)
-            if buffer is None:  # a window drops old tokens anyway; autograd needs tensors no later step writes to
+            if torch.is_grad_enabled():  # autograd: tensors that no later step writes to
                 k, v = torch.cat([state.keys.to(k.dtype), k], 2), torch.cat([state.values.to(v.dtype), v], 2)
-            else:
-                k, v = buffer.append(k, v)
+            else:  # in place, in a buffer with room
+                need = state.keys.shape[2] + k.shape[2]
+                buffer, (k, v) = extend(state.buffer, (state.keys, state.values), (k, v),
+                                        max(SPARE_MIN_TOKENS, int(need * SPARE_SHARE)))
         o = self._attend(q, k, v, n0, n0 - (0 if state is None else state.keys.shape[2]))
         n1 = n0 + x.shape[1]
         keep = self.keep_from(n1) - (n1 - k.shape[2])
@@ -148,20 +126,6 @@ class _SoftmaxAttention(ProjectedAttention):
             new_state.buffer = buffer
         self.store_shift_tails(new_state, new_tails)
         return self.output(o), new_state
-
-    @staticmethod
-    def _grown(state: KVCacheState, k: Tensor, v: Tensor) -> _KVBuffer:
-        """The buffer that ``state`` continues in place by the new tokens k, v (B, Hkv, T, *): its
-        own when it is that buffer's last state and there is room, else a new one holding the
-        state's tokens with room for these and ``SPARE_SHARE`` more."""
-        buffer, t = state.buffer, k.shape[2]
-        if (buffer is not None and buffer.owns(state.keys, state.values) and buffer.keys.dtype == k.dtype
-                and buffer.values.dtype == v.dtype and buffer.used + t <= buffer.keys.shape[2]
-                and (torch.is_inference_mode_enabled() or not buffer.keys.is_inference())):  # torch refuses that write
-            return buffer
-        need = state.keys.shape[2] + t
-        return _KVBuffer(state.keys.to(k.dtype), state.values.to(v.dtype),
-                         need + max(SPARE_MIN_TOKENS, int(need * SPARE_SHARE)))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, q_start: int, k_start: int) -> Tensor:
         """q (B, H, T, d) at positions [q_start, ...); k, v (B, Hkv, L, d) at [k_start, ...) -> (B, H, T, dv)."""

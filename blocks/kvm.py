@@ -57,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,7 @@ from blocks.native import kvm_cpu
 from blocks.projection import ProjectedAttention, ProjectionConfig
 from blocks.registry import register_mixer
 from blocks.state import LayerState, StateError
+from blocks.token_buffer import TokenBuffer, extend
 
 BUDGETS = ("fixed", "power_law", "saturation")
 
@@ -211,6 +212,9 @@ class KVMState(LayerState):
     prev_q: Tensor | None = None  # token-shift tails: last projected q/k/v (B, H*d), if token shift is on
     prev_k: Tensor | None = None
     prev_v: Tensor | None = None
+    # The buffer the window tensors are views of, where they are (without autograd: decode appends
+    # in place, see blocks/token_buffer.py); not a field, so state_dict, select and to drop it.
+    window_buffer: ClassVar[TokenBuffer | None] = None
 
     @property
     def num_slots(self) -> int:
@@ -680,6 +684,7 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
     n0 = 0 if state is None else state.seq_len
     n1 = n0 + t
     start = window_begin(n0, cfg)  # the buffer below holds raw tokens [start, n1)
+    window_buffer = None  # where buf_* are views of a TokenBuffer
     if state is None:
         empty = k.new_zeros(b, hkv, 0, d)
         slots = _Slots(empty, v.new_zeros(b, hkv, 0, v.shape[-1]), k.new_zeros(b, hkv, 0, 1, dtype=torch.float32))
@@ -687,9 +692,11 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
     else:
         _check_state(state, b, hkv, d, v.shape[-1], n0, cfg)
         slots = _Slots(state.slot_keys, state.slot_values, state.slot_lens)
-        buf_k = torch.cat([state.window_keys.to(k.dtype), k], 2)
-        buf_v = torch.cat([state.window_values.to(v.dtype), v], 2)
-        buf_g = torch.cat([state.window_gates.to(gate.dtype), gate], 2)
+        held = state.window_keys, state.window_values, state.window_gates
+        if torch.is_grad_enabled():  # autograd: tensors that no later step writes to
+            buf_k, buf_v, buf_g = (torch.cat([x.to(y.dtype), y], 2) for x, y in zip(held, (k, v, gate)))
+        else:  # in place, in a buffer with room for a window and a chunk more
+            window_buffer, (buf_k, buf_v, buf_g) = extend(state.window_buffer, held, (k, v, gate), window + chunk)
 
     direct_end = min(n1, chunk)  # the first chunk goes into the state as it arrives
     if n0 < direct_end:
@@ -714,6 +721,7 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
     slot_keys, slot_values = slots.keys.contiguous(), slots.values.contiguous()  # a room's are views of its sums
     new_state = KVMState(slot_keys, slot_values, slots.lens, buf_k[:, :, keep:n1 - start],
                          buf_v[:, :, keep:n1 - start], buf_g[:, :, keep:n1 - start], n1)
+    new_state.window_buffer = window_buffer
     return out, new_state
 
 

@@ -17,7 +17,7 @@ What is measured, at each context length T:
   tokens includes the chunk-boundary state updates a KVM layer makes every ``chunk_len`` tokens,
   amortised as in a long generation (the default, 256, is one paper-sized chunk). These are the
   toolkit's own layers as ``hybrid generate`` runs them: full attention appends to its KV cache in
-  place (``blocks.attention._KVBuffer``; the first step copies the cache into a buffer with room).
+  place (``blocks.token_buffer``; the first step copies the cache into a buffer with room).
 * **state bytes** by kind (recurrent, kvm, window, kv) after T tokens, from ``state_at`` (exact).
 
 Every timing is repeated ``repeats`` times and reported as median, min and max (spread = max -

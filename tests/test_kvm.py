@@ -140,6 +140,25 @@ def test_prefill_then_decode_equals_full_forward(budget, variant):
         check_decode_equals_forward(ctx_layer, inputs(t), prefill_lens)
 
 
+def test_decode_appends_to_the_window_in_place_and_branches_copy():
+    layer, x = make(**BUDGETS["power_law"]), inputs(6 * C)
+    with torch.no_grad():
+        full, _ = layer(x)
+        _, state = layer(x[:, :2 * C + 3])
+        outs, states = [], []
+        for i in range(2 * C + 3, 5 * C):  # across several chunk boundaries and window moves
+            y, state = layer(x[:, i:i + 1], state)
+            outs.append(y)
+            states.append(state)
+        buffers = {id(s.window_buffer) for s in states}
+        branch, _ = layer(x[:, 3 * C:3 * C + 2], states[3 * C - (2 * C + 3) - 1])  # an old state, continued again
+    assert_close(torch.cat(outs, 1), full[:, 2 * C + 3:5 * C], 1e-5, "decode")
+    assert_close(branch, full[:, 3 * C:3 * C + 2], 1e-5, "branch from an older state")
+    assert len(buffers) < len(states) / 4, f"{len(buffers)} window buffers for {len(states)} steps"
+    assert states[-1].window_buffer is not None
+    assert layer(x[:, :1], layer(x[:, :3])[1])[1].window_buffer is None, "with autograd: concatenated"
+
+
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_continuing_by_several_tokens_equals_full_forward(budget):
     layer = make(**BUDGETS[budget])

@@ -215,6 +215,9 @@ class KVMState(LayerState):
     # The buffer the window tensors are views of, where they are (without autograd: decode appends
     # in place, see blocks/token_buffer.py); not a field, so state_dict, select and to drop it.
     window_buffer: ClassVar[TokenBuffer | None] = None
+    # The slots' read view as the last step computed it (``_ReadView``), so that decode steps between
+    # chunk boundaries, which leave the slots as they are, do not recompute it; not a field either.
+    read_view: ClassVar[_ReadView | None] = None
 
     @property
     def num_slots(self) -> int:
@@ -241,6 +244,16 @@ class _Slots(NamedTuple):
     values: Tensor  # (B, Hkv, S, dv)
     lens: Tensor  # (B, Hkv, S, 1) fp32
     room: _Room | None = None
+
+
+class _ReadView(NamedTuple):
+    """``_KVMCore._read`` of some slots, with what it was computed from: the slot tensors
+    themselves and a key of everything else it depends on (``_KVMCore._view_key``)."""
+
+    sums: tuple[Tensor, Tensor, Tensor]  # the slots' keys, values and lens
+    key: tuple
+    keys: Tensor  # (B, Hkv, S, d)
+    values: Tensor  # (B, Hkv, S, dv)
 
 
 class _Incoming(NamedTuple):
@@ -321,6 +334,7 @@ class _KVMCore:
         self.config, self.norm, self.zero_dims = config, state_key_norm, zero_dims
         self.window_temp, self.state_temp, self.scale = window_temp, state_temp, scale
         self.native = False  # set by ``use_native_kernels``
+        self.read_view: _ReadView | None = None  # the last read of slots outside a room (``read_slots``)
         self._incoming_buffers: tuple[Tensor, Tensor, Tensor] | None = None  # native ``incoming``'s outputs
         self._window_masks: dict = {}  # ``attend_windows``' additive masks by (groups, dtype, device)
 
@@ -552,11 +566,26 @@ class _KVMCore:
 
     def read_slots(self, slots: _Slots, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Slots as attention keys and values per kv head, (B, Hkv, S, d) each: keys through the
-        state-key norm (the next update routes against them too), values re-normalised just in time."""
-        if slots.room is None:
+        state-key norm (the next update routes against them too), values re-normalised just in time.
+        Without autograd, the view of slots outside a room is kept in ``read_view`` and reused while
+        they, the norm's parameters and the dtype are unchanged."""
+        if slots.room is not None:
+            num = slots.keys.shape[2]
+            return slots.room.read_keys[:, :, :num], slots.room.read_values[:, :, :num]
+        if torch.is_grad_enabled():
             return self._read(*slots[:3], dtype)
-        num = slots.keys.shape[2]
-        return slots.room.read_keys[:, :, :num], slots.room.read_values[:, :, :num]
+        key, view = self._view_key(slots[:3], dtype), self.read_view
+        if view is None or view.key != key or any(a is not b for a, b in zip(view.sums, slots[:3])):
+            view = self.read_view = _ReadView(tuple(slots[:3]), key, *self._read(*slots[:3], dtype))
+        return view.keys, view.values
+
+    def _view_key(self, sums: tuple[Tensor, Tensor, Tensor], dtype: torch.dtype) -> tuple:
+        """What a read view depends on besides the slot tensors' identity: their versions (in-place
+        changes; inference tensors have none, and this code never changes a state's slots in
+        place), the norm and its parameters' versions, and the dtype read in."""
+        version = lambda x: None if x.is_inference() else x._version  # noqa: E731
+        return (tuple(map(version, sums)), id(self.norm), tuple(map(version, self.norm.parameters())), dtype,
+                self.config.use_vlens, self.config.bf16_state_values)
 
     def _read(self, keys: Tensor, values: Tensor, lens: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The read formula, row by row: (..., d) sums, (..., 1) lens -> read keys and values."""
@@ -692,6 +721,7 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
     else:
         _check_state(state, b, hkv, d, v.shape[-1], n0, cfg)
         slots = _Slots(state.slot_keys, state.slot_values, state.slot_lens)
+        core.read_view = state.read_view  # checked where it is used
         held = state.window_keys, state.window_values, state.window_gates
         if torch.is_grad_enabled():  # autograd: tensors that no later step writes to
             buf_k, buf_v, buf_g = (torch.cat([x.to(y.dtype), y], 2) for x, y in zip(held, (k, v, gate)))
@@ -722,6 +752,9 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
     new_state = KVMState(slot_keys, slot_values, slots.lens, buf_k[:, :, keep:n1 - start],
                          buf_v[:, :, keep:n1 - start], buf_g[:, :, keep:n1 - start], n1)
     new_state.window_buffer = window_buffer
+    view = core.read_view
+    if view is not None and all(a is b for a, b in zip(view.sums, (slot_keys, slot_values, slots.lens))):
+        new_state.read_view = view
     return out, new_state
 
 

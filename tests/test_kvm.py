@@ -159,6 +159,23 @@ def test_decode_appends_to_the_window_in_place_and_branches_copy():
     assert layer(x[:, :1], layer(x[:, :3])[1])[1].window_buffer is None, "with autograd: concatenated"
 
 
+def test_decode_reads_the_slots_once_per_chunk_and_again_when_the_norm_changes():
+    layer, x = make(**BUDGETS["fixed"]), inputs(5 * C)
+    with torch.no_grad():
+        _, state = layer(x[:, :3 * C + 1])
+        states = [state := layer(x[:, i:i + 1], state)[1] for i in range(3 * C + 1, 4 * C + 3)]
+        views = [s.read_view for s in states]
+        within = views[:C - 2]  # steps before the next boundary (at 4C) leave the slots as they are
+        assert all(v is within[0] for v in within) and within[0] is not None
+        assert views[-1] is not within[0], "a boundary update changes the slots: read again"
+        layer.state_key_norm.weight.mul_(1.5)  # an edited norm: the kept view is stale
+        y, _ = layer(x[:, 4 * C + 3:4 * C + 4], states[-1])
+        fresh = type(states[-1]).from_state_dict(states[-1].state_dict())  # the same state, no view kept
+        expected, _ = layer(x[:, 4 * C + 3:4 * C + 4], fresh)
+    assert_close(y, expected, 1e-6, "after the norm changed")
+    assert layer(x[:, 3:4], layer(x[:, :3])[1])[1].read_view is None, "with autograd the read is not kept"
+
+
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_continuing_by_several_tokens_equals_full_forward(budget):
     layer = make(**BUDGETS[budget])

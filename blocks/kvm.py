@@ -32,7 +32,9 @@ best slot, appends the most novel ones, merges the rest and re-reads the slots t
 chunk's read is one online softmax over its slots and its window that skips the window's masked
 keys. A call's run of whole chunks is one C call for all their updates and reads (a graph of tasks,
 per kv head update then reads); partial chunks update and read one at a time. The PyTorch code
-stays as the fallback and is what the kernels are tested against.
+stays as the fallback and is what the kernels are tested against. Decode, without autograd, appends
+to the raw window in place (blocks/token_buffer.py) and keeps the slots' read view in the state
+until an update changes the slots.
 
 Differences from the published v1 code (kvm.md §6), each deliberate:
 

@@ -219,6 +219,7 @@ class KVMState(LayerState):
     window_buffer: ClassVar[TokenBuffer | None] = None
     # The slots' read view as the last step computed it (``_ReadView``), so that decode steps between
     # chunk boundaries, which leave the slots as they are, do not recompute it; not a field either.
+    # ``nbytes`` counts neither this view (the slots' size again) nor the buffer's spare room.
     read_view: ClassVar[_ReadView | None] = None
 
     @property

@@ -10,6 +10,7 @@ end at the buffer's last written token may append in place; an older state conti
 branch: beam search, retrying a step) or one whose tensors came from elsewhere (``state_dict``,
 ``select``, ``to``) is copied into a new buffer instead. Autograd needs tensors no later step writes
 to, so ``extend`` is for inference only (the callers concatenate when autograd is on).
+A state's ``nbytes`` counts the tokens its views hold, not the buffer's spare room.
 """
 
 from __future__ import annotations

@@ -106,24 +106,20 @@ class _SoftmaxAttention(ProjectedAttention):
             raise StateError(f"{type(self).__name__} got a {type(state).__name__}, expected a {self.state_cls.__name__}")
         n0 = 0 if state is None else state.seq_len
         q, k, v, new_tails = self.project(x, n0, self.shift_tails(state), ctx)  # (B, H, T, d), (B, Hkv, T, d) x2
-        buffer = None  # where the cache grows in place
+        buffer = None  # where the cache grows in place (None: with autograd, or no state yet)
         if state is not None:
             expected = n0 - self.keep_from(n0)
             if state.keys.shape[:2] != k.shape[:2] or state.keys.shape[2] != expected:
                 raise StateError(f"{type(self).__name__}: state keys {tuple(state.keys.shape)} do not fit batch "
                                  f"{k.shape[0]}, {k.shape[1]} kv heads and {expected} cached tokens")
-            if torch.is_grad_enabled():  # autograd: tensors that no later step writes to
-                k, v = torch.cat([state.keys.to(k.dtype), k], 2), torch.cat([state.values.to(v.dtype), v], 2)
-            else:  # in place, in a buffer with room
-                need = state.keys.shape[2] + k.shape[2]
-                buffer, (k, v) = extend(state.buffer, (state.keys, state.values), (k, v),
-                                        max(SPARE_MIN_TOKENS, int(need * SPARE_SHARE)))
+            need = state.keys.shape[2] + k.shape[2]
+            buffer, (k, v) = extend(state.buffer, (state.keys, state.values), (k, v),
+                                    max(SPARE_MIN_TOKENS, int(need * SPARE_SHARE)))
         o = self._attend(q, k, v, n0, n0 - (0 if state is None else state.keys.shape[2]))
         n1 = n0 + x.shape[1]
         keep = self.keep_from(n1) - (n1 - k.shape[2])
         new_state = self.state_cls(k[:, :, keep:], v[:, :, keep:], n1)
-        if buffer is not None:
-            new_state.buffer = buffer
+        new_state.buffer = buffer
         self.store_shift_tails(new_state, new_tails)
         return self.output(o), new_state
 

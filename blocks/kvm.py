@@ -716,7 +716,7 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
     n0 = 0 if state is None else state.seq_len
     n1 = n0 + t
     start = window_begin(n0, cfg)  # the buffer below holds raw tokens [start, n1)
-    window_buffer = None  # where buf_* are views of a TokenBuffer
+    window_buffer = None  # where buf_* are views of a TokenBuffer (None: with autograd, or no state yet)
     if state is None:
         empty = k.new_zeros(b, hkv, 0, d)
         slots = _Slots(empty, v.new_zeros(b, hkv, 0, v.shape[-1]), k.new_zeros(b, hkv, 0, 1, dtype=torch.float32))
@@ -726,10 +726,8 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
         slots = _Slots(state.slot_keys, state.slot_values, state.slot_lens)
         core.read_view = state.read_view  # checked where it is used
         held = state.window_keys, state.window_values, state.window_gates
-        if torch.is_grad_enabled():  # autograd: tensors that no later step writes to
-            buf_k, buf_v, buf_g = (torch.cat([x.to(y.dtype), y], 2) for x, y in zip(held, (k, v, gate)))
-        else:  # in place, in a buffer with room for a window and a chunk more
-            window_buffer, (buf_k, buf_v, buf_g) = extend(state.window_buffer, held, (k, v, gate), window + chunk)
+        window_buffer, (buf_k, buf_v, buf_g) = extend(state.window_buffer, held, (k, v, gate),
+                                                      spare=window + chunk)  # a new buffer lasts a window and a chunk
 
     direct_end = min(n1, chunk)  # the first chunk goes into the state as it arrives
     if n0 < direct_end:

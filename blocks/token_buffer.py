@@ -9,7 +9,7 @@ States stay values: a step never changes what an earlier state sees. Only the st
 end at the buffer's last written token may append in place; an older state continued again (a
 branch: beam search, retrying a step) or one whose tensors came from elsewhere (``state_dict``,
 ``select``, ``to``) is copied into a new buffer instead. Autograd needs tensors no later step writes
-to, so ``extend`` is for inference only (the callers concatenate when autograd is on).
+to, so with autograd on ``extend`` concatenates, as before, and keeps no buffer.
 A state's ``nbytes`` counts the tokens its views hold, not the buffer's spare room.
 """
 
@@ -53,11 +53,14 @@ class TokenBuffer:
 
 
 def extend(buffer: TokenBuffer | None, held: Sequence[Tensor], new: Sequence[Tensor],
-           spare: int) -> tuple[TokenBuffer, tuple[Tensor, ...]]:
+           spare: int) -> tuple[TokenBuffer | None, tuple[Tensor, ...]]:
     """``held`` (B, H, L, *) followed by ``new`` (B, H, T, *), as views of one buffer -> (the buffer,
     the views of its L + T tokens). ``buffer``: where ``held`` may live. In place when ``held`` ends
     that buffer and T more tokens fit (and inference mode allows the write); else a new buffer with
-    room for ``spare`` tokens more, ``held`` copied in (in ``new``'s dtypes)."""
+    room for ``spare`` tokens more, ``held`` copied in (in ``new``'s dtypes). With autograd on: their
+    concatenation, and no buffer."""
+    if torch.is_grad_enabled():
+        return None, tuple(torch.cat([x.to(y.dtype), y], 2) for x, y in zip(held, new))
     t = new[0].shape[2]
     if (buffer is not None and buffer.ends_with(held) and buffer.used + t <= buffer.capacity
             and all(x.dtype == buf.dtype for x, buf in zip(new, buffer.parts))

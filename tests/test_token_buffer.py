@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from blocks.token_buffer import TokenBuffer, extend
+
+
+@pytest.fixture(autouse=True)
+def _inference():
+    """The buffers are the inference path: without autograd (one test turns it back on)."""
+    with torch.no_grad():
+        yield
 
 
 def _tokens(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,3 +65,10 @@ def test_inference_tensors_are_not_written_outside_inference_mode():
     moved, grown = extend(buffer, held, _tokens(1, 2), spare=8)  # torch would refuse the write: copied
     assert moved is not buffer and not grown[0].is_inference()
     assert isinstance(moved, TokenBuffer) and moved.capacity == 6 + 8
+
+
+def test_with_autograd_it_concatenates_and_keeps_no_buffer():
+    held, new = _tokens(4, 0), _tokens(1, 1)
+    with torch.enable_grad():
+        buffer, grown = extend(None, held, new, spare=8)
+    assert buffer is None and all(torch.equal(x, torch.cat([a, b], 2)) for x, a, b in zip(grown, held, new))

@@ -697,7 +697,8 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
     q: (B, Hq, T, d); k: (B, Hkv, T, d); v: (B, Hkv, T, dv); gate: (B, Hkv, T, 1) positive merge
     gate, or None for no gating; ``state_key_norm`` maps (..., d) keys to state keys;
     ``window_temp``/``state_temp``: (Hq,) logit temperatures or None.
-    Returns the output (B, Hq, T, dv) before the output projection, and the new state.
+    Returns the output (B, Hq, T, dv) before the output projection (a transposed view of a
+    contiguous (B, T, Hq, dv) tensor, which that projection reads without a copy), and the new state.
     """
     b, hq, t, d = q.shape
     hkv = k.shape[1]
@@ -736,7 +737,9 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
     if not torch.is_grad_enabled() and runs_update(n0, n1, cfg):  # updates write in place, never into the caller's state
         slots = core.with_room(slots, slots_after(n1, cfg), q.dtype)
 
-    out = q.new_empty(b, hq, t, v.shape[-1])  # (B, Hq, T, dv), rows filled region by region
+    # (B, Hq, T, dv), rows filled region by region; laid out as (B, T, Hq, dv), so that the output
+    # projection reads it as (B, T, Hq*dv) without a copy
+    out = q.new_empty(b, t, hq, v.shape[-1]).transpose(1, 2)
     front_end = min(n1, window)
     if n0 < front_end:  # plain causal attention before position W (the buffer starts at 0 here)
         keys, values = buf_k[:, :, :front_end], buf_v[:, :, :front_end]

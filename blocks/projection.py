@@ -153,7 +153,11 @@ class ProjectedAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
         if self.rotary is not None:
-            q, k = self.rotary(q, start), self.rotary(k, start)
+            angles = self.rotary.angles(start, t, x.device)
+            if torch.is_grad_enabled():
+                q, k = self.rotary(q, start, angles), self.rotary(k, start, angles)
+            else:  # q and k are this call's own tensors here: rotate them in place
+                q, k = self.rotary.rotate_(q, angles), self.rotary.rotate_(k, angles)
         return q, k, v, new_tails
 
     def output(self, o: Tensor) -> Tensor:

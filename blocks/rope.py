@@ -10,6 +10,10 @@
 Angles are always computed in fp32 from positions, so a model moved to bf16 keeps exact positions
 (the published code's lazily created buffer broke under ``.to(bf16)``, kvm.md B8).
 ``round_bf16=True`` reproduces the published code's rounding of cos/sin through bf16.
+
+Both layouts rotate pair i by its angle: (a, b) -> (a cos - b sin, b cos + a sin), the angle negated
+in ``kvm_paper``. There a pair is adjacent floats, one complex number, so ``rotate_`` rotates by
+one complex multiply.
 """
 
 from __future__ import annotations
@@ -46,29 +50,50 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = self.inv_freq.float()
         return self
 
-    def cos_sin(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos, sin of shape (length, rotary_dim) for positions [start, start + length)."""
+    def angles(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos, sin (length, rotary_dim / 2) fp32 of each pair's angle at positions [start, start + length);
+        in ``kvm_paper`` the angle is negated (the published code rotates by minus it).
+
+        Compute them once and pass them to ``forward`` / ``rotate_`` for q and k alike."""
         pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
         angles = torch.outer(pos, self.inv_freq.to(device))  # (length, R/2)
-        if self.style == "kvm_paper":
-            angles = angles.repeat_interleave(2, dim=-1)  # pairs (0,1), (2,3), ...
-        else:
-            angles = torch.cat([angles, angles], dim=-1)  # pairs (i, i + R/2)
         cos, sin = angles.cos(), angles.sin()
         if self.round_bf16:
             cos, sin = cos.bfloat16().float(), sin.bfloat16().float()
-        return cos, sin
+        return cos, (-sin if self.style == "kvm_paper" else sin)
 
-    def forward(self, x: Tensor, start: int) -> Tensor:
-        """x: (batch, heads, time, head_dim) at absolute positions [start, start + time)."""
-        cos, sin = self.cos_sin(start, x.shape[-2], x.device)
+    def _pairs(self, rot: Tensor) -> tuple[Tensor, Tensor]:
+        """Views (..., R/2) of the first and second float of every rotated pair of rot (..., R)."""
+        return (rot[..., 0::2], rot[..., 1::2]) if self.style == "kvm_paper" else rot.chunk(2, dim=-1)
+
+    def forward(self, x: Tensor, start: int, angles: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x: (batch, heads, time, head_dim) at absolute positions [start, start + time) -> rotated x,
+        computed in fp32. Differentiable; ``rotate_`` is the faster in-place version for inference."""
+        cos, sin = angles if angles is not None else self.angles(start, x.shape[-2], x.device)
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        if self.style == "kvm_paper":
-            # The published code rotates each pair by -angle: out[2i] = x[2i] cos + x[2i+1] sin.
-            pairs = rot.unflatten(-1, (-1, 2))  # (..., R/2, 2)
-            rotated_half = torch.stack([pairs[..., 1], -pairs[..., 0]], dim=-1).flatten(-2)
+        first, second = self._pairs(rot.float())
+        new = first * cos - second * sin, second * cos + first * sin
+        rotated = torch.stack(new, dim=-1).flatten(-2) if self.style == "kvm_paper" else torch.cat(new, dim=-1)
+        return torch.cat([rotated.to(x.dtype), rest], dim=-1)
+
+    def rotate_(self, x: Tensor, angles: tuple[Tensor, Tensor]) -> Tensor:
+        """``forward`` in place on x (batch, heads, time, head_dim), without autograd: no new tensor
+        of x's size and the unrotated dims untouched (at 32k tokens, a third of forward's time).
+        For tensors the caller owns, such as fresh projections. Returns x."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("RotaryEmbedding.rotate_ works in place and has no gradient: call it under "
+                               "torch.no_grad(), or use forward()")
+        cos, sin = angles
+        rot = x[..., : self.rotary_dim]
+        work = rot if rot.dtype == torch.float32 else rot.float()  # pairs rotate in fp32
+        if (self.style == "kvm_paper" and work.stride(-1) == 1
+                and all(n % 2 == 0 for n in (*work.stride()[:-1], work.storage_offset()))):
+            torch.view_as_complex(work.unflatten(-1, (-1, 2))).mul_(torch.complex(cos, sin))  # a pair: one complex
         else:
-            first, second = rot.chunk(2, dim=-1)
-            rotated_half = torch.cat([-second, first], dim=-1)
-        out = rot.float() * cos + rotated_half.float() * sin
-        return torch.cat([out.to(x.dtype), rest], dim=-1)
+            first, second = self._pairs(work)
+            first_sin = first * sin
+            first.mul_(cos).addcmul_(second, sin, value=-1)
+            second.mul_(cos).add_(first_sin)
+        if work is not rot:
+            rot.copy_(work)
+        return x

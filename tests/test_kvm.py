@@ -59,6 +59,23 @@ def test_positions_inside_the_first_window_are_exact_and_later_ones_are_not():
     assert (out[:, :, window] - full[:, :, window]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_output_is_laid_out_time_major_for_the_output_projection(grad):
+    """(B, Hq, T, dv) over (B, T, Hq, dv) memory, in prefill, continuation and decode alike: the
+    output projection then reads (B, T, Hq*dv) without a copy."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 41, 16, requires_grad=grad) for _ in range(3))
+    config, norm = KVMConfig(num_heads=4, num_kv_heads=2, chunk_len=C), torch.nn.LayerNorm(16)
+    kv = lambda x, lo, hi: x[:, ::2, lo:hi]  # noqa: E731  (two kv heads)
+    with torch.set_grad_enabled(grad):
+        out, state = kvm_attention(q[:, :, :30], kv(k, 0, 30), kv(v, 0, 30), None, config, state_key_norm=norm)
+        more, state = kvm_attention(q[:, :, 30:40], kv(k, 30, 40), kv(v, 30, 40), None, config, state,
+                                    state_key_norm=norm)
+        last, _ = kvm_attention(q[:, :, 40:], kv(k, 40, 41), kv(v, 40, 41), None, config, state, state_key_norm=norm)
+    for o in (out, more, last):
+        assert o.transpose(1, 2).is_contiguous()
+
+
 @pytest.mark.parametrize("budget", BUDGETS)
 @pytest.mark.parametrize("use_vlens", [True, False])
 def test_prefill_equals_the_literal_published_algorithm(budget, use_vlens):

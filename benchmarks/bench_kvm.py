@@ -13,15 +13,22 @@ KVM would cost on that kernel if routing, merging and every other state update w
 fused C read (blocks/native) skips the window's masked keys, which that kernel computes, so with
 the C kernels on, a prefill can beat the cap.
 
+The allocator matters at these sizes. With glibc's defaults a freed block of 32 MiB or more goes
+back to the kernel, so a prefill whose output is that large (fp32 here: T >= 11k) writes new pages
+on every call, and one below it reuses memory; the header line says which regime a run measured.
+``GLIBC_TUNABLES`` as below keeps every block in the heap, so that all lengths reuse their memory.
+
     python benchmarks/bench_kvm.py                      # T = 2k, 8k, 16k, 32k
     python benchmarks/bench_kvm.py --lengths 2048 8192 --repeats 3
     KVM_NATIVE=0 python benchmarks/bench_kvm.py        # KVM in PyTorch only, without the C kernels
+    GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736 python benchmarks/bench_kvm.py
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import time
 
 import torch
@@ -91,6 +98,15 @@ def _native_status() -> str:
     return "state update and chunk read" if kvm_cpu.blas_kernels() else "state update (no BLAS for the chunk read)"
 
 
+def _malloc_regime() -> str:
+    """What this run's allocator does with large blocks: glibc's defaults unless tuned by environment."""
+    tuned = {name: os.environ[name] for name in ("GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
+                                                 "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD") if os.environ.get(name)}
+    if not tuned:
+        return "glibc defaults (outputs of 32 MiB or more are new pages on every call)"
+    return " ".join(f"{name}={value}" for name, value in tuned.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
@@ -105,6 +121,7 @@ def main() -> None:
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, B=1 H={HEADS} d={HEAD_DIM} "
           f"C={CHUNK} W={2 * CHUNK}, fp32, best of {args.repeats}, "
           f"KVM C kernels: {_native_status()}")
+    print(f"# malloc: {_malloc_regime()}")
     print(f"{'T':>6} {'variant':>15} {'prefill s':>10} {'spread':>7} {'vs SDPA':>8} {'flash calls':>11} {'cap':>5} "
           f"{'decode ms/tok':>13} {'slots':>6} {'state MiB':>9} {'% of KV':>7}")
     with torch.inference_mode():

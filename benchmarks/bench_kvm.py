@@ -5,8 +5,9 @@ head_dim 128, chunk 256, window 2 chunks, fp32. Every figure is measured in this
 against full causal ``F.scaled_dot_product_attention`` measured alongside: the prefills of SDPA and
 of each KVM variant (and its flash calls) at every length run in turn, round after round, and each
 reports its fastest round; so the ratios between lengths (how a prefill grows with T) are measured
-in the same phases of the machine too. "flash calls" is the time
-of the attention calls KVM's PyTorch read makes (the windows of a few chunks per call, then each
+in the same phases of the machine too. Decode is timed the same way: passes of one chunk of
+one-token steps from the state at position T, every length and variant in turn, the fastest pass
+per token. "flash calls" is the time of the attention calls KVM's PyTorch read makes (the windows of a few chunks per call, then each
 chunk's read of its slots at that chunk's slot count), run alone with the kernel SDPA uses: what
 KVM would cost on that kernel if routing, merging and every other state update were free, so
 "cap" = SDPA / that is the best ratio a KVM built on PyTorch's flash kernel could reach here. The
@@ -63,12 +64,14 @@ def timed_in_turn(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
     return {name: (min(ts), max(ts) - min(ts)) for name, ts in times.items()}
 
 
-def decode_seconds_per_token(step, state, tokens: int) -> float:
-    """Mean time of ``tokens`` consecutive one-token steps (a whole chunk: includes its state update)."""
-    start = time.perf_counter()
-    for _ in range(tokens):
-        state = step(state)
-    return (time.perf_counter() - start) / tokens
+def decode_pass(step, state, tokens: int):
+    """A function running ``tokens`` consecutive one-token steps from ``state`` (a whole chunk, so
+    it includes one state update); every call starts again from that same state."""
+    def run():
+        s = state
+        for _ in range(tokens):
+            s = step(s)
+    return run
 
 
 def flash_calls(q, k, v, cfg: KVMConfig) -> None:
@@ -90,6 +93,11 @@ def flash_calls(q, k, v, cfg: KVMConfig) -> None:
     for i in range(cfg.n_bswa_chunks, t // c):
         s = slots_after(i * c + 1, cfg)
         FLASH(q[:, :, i * c:(i + 1) * c], slots[0, :, :, :s], slots[1, :, :, :s])
+
+
+def _kvm_step(q1, k1, v1, g1, cfg: KVMConfig, norm, temps, state):
+    """One decode step of KVM: the token (q1, k1, v1, g1) after ``state``; returns the new state."""
+    return kvm_attention(q1, k1, v1, g1, cfg, state, state_key_norm=norm, window_temp=temps, state_temp=temps)[1]
 
 
 def _native_status() -> str:
@@ -135,41 +143,43 @@ def main() -> None:
                                                       window_temp=temps, state_temp=temps)
                 prefills[t, f"{name} flash"] = functools.partial(flash_calls, q, k, v, cfg)
         prefill = timed_in_turn(prefills, args.repeats)
+        decodes, states = {}, {}  # one chunk of one-token steps at position T, timed in turn like the prefills
         for t, (q, k, v, gate) in inputs.items():
-            sdpa, spread = prefill[t, "sdpa"]
-            kv_bytes = 2 * t * HEADS * HEAD_DIM * 4
-            q1, k1, v1 = q[:, :, :1], k[:, :, :1], v[:, :, :1]
-            cache_k = torch.cat([k, torch.zeros(1, HEADS, CHUNK, HEAD_DIM)], 2)  # a preallocated KV cache
-            cache_v = torch.cat([v, torch.zeros(1, HEADS, CHUNK, HEAD_DIM)], 2)
+            q1, k1, v1, g1 = q[:, :, :1], k[:, :, :1], v[:, :, :1], gate[:, :, :1]
+            cache = [torch.cat([x, torch.zeros(1, HEADS, CHUNK, HEAD_DIM)], 2) for x in (k, v)]  # preallocated
 
-            def sdpa_step(n):
-                cache_k[:, :, n], cache_v[:, :, n] = k1[:, :, 0], v1[:, :, 0]
-                F.scaled_dot_product_attention(q1, cache_k[:, :, :n + 1], cache_v[:, :, :n + 1])
+            def sdpa_step(n, cache=cache, q1=q1, k1=k1, v1=v1):
+                cache[0][:, :, n], cache[1][:, :, n] = k1[:, :, 0], v1[:, :, 0]
+                F.scaled_dot_product_attention(q1, cache[0][:, :, :n + 1], cache[1][:, :, :n + 1])
                 return n + 1
 
-            sdpa_decode = decode_seconds_per_token(sdpa_step, t, CHUNK)
-            print(f"{t:>6} {'causal SDPA':>15} {sdpa:>10.3f} {spread:>7.3f} {1.0:>8.2f} {sdpa:>11.3f} {1.0:>5.1f} "
-                  f"{sdpa_decode * 1e3:>13.3f} "
-                  f"{t:>6} {kv_bytes / 2**20:>9.1f} {100.0:>7.1f}")
+            decodes[t, "sdpa"] = decode_pass(sdpa_step, t, CHUNK)
             for name, cfg in VARIANTS.items():
-                (seconds, spread), flash = prefill[t, name], prefill[t, f"{name} flash"][0]
-                _, state = prefills[t, name]()
-                g1 = gate[:, :, :1]
-
-                def kvm_step(s):
-                    return kvm_attention(q1, k1, v1, g1, cfg, s, state_key_norm=norm,
-                                         window_temp=temps, state_temp=temps)[1]
-
-                decode = decode_seconds_per_token(kvm_step, state, CHUNK)
+                states[t, name] = prefills[t, name]()[1]
+                step = functools.partial(_kvm_step, q1, k1, v1, g1, cfg, norm, temps)
+                decodes[t, name] = decode_pass(step, states[t, name], CHUNK)
+        decode = {key: seconds / CHUNK for key, (seconds, _) in timed_in_turn(decodes, args.repeats).items()}
+        for t in inputs:
+            sdpa, spread = prefill[t, "sdpa"]
+            kv_bytes = 2 * t * HEADS * HEAD_DIM * 4
+            print(f"{t:>6} {'causal SDPA':>15} {sdpa:>10.3f} {spread:>7.3f} {1.0:>8.2f} {sdpa:>11.3f} {1.0:>5.1f} "
+                  f"{decode[t, 'sdpa'] * 1e3:>13.3f} "
+                  f"{t:>6} {kv_bytes / 2**20:>9.1f} {100.0:>7.1f}")
+            for name in VARIANTS:
+                (seconds, spread), flash, state = prefill[t, name], prefill[t, f"{name} flash"][0], states[t, name]
                 print(f"{t:>6} {name:>15} {seconds:>10.3f} {spread:>7.3f} {sdpa / seconds:>8.2f} "
                       f"{flash:>11.3f} {sdpa / flash:>5.1f} "
-                      f"{decode * 1e3:>13.3f} {state.num_slots:>6} {state.nbytes() / 2**20:>9.2f} "
+                      f"{decode[t, name] * 1e3:>13.3f} {state.num_slots:>6} {state.nbytes() / 2**20:>9.2f} "
                       f"{100 * state.nbytes() / kv_bytes:>7.2f}")
         for lo in args.lengths:  # how each prefill grows when T grows 4x (linear: 4)
             if 4 * lo in inputs:
                 growth = ", ".join(f"{name} {prefill[4 * lo, name][0] / prefill[lo, name][0]:.2f}"
                                    for name in ("sdpa", *VARIANTS))
                 print(f"# prefill time at T={4 * lo} / at T={lo}: {growth}")
+        lo, hi = min(args.lengths), max(args.lengths)
+        if hi > lo:  # flat in T: 1
+            flat = ", ".join(f"{name} {decode[hi, name] / decode[lo, name]:.2f}" for name in ("sdpa", *VARIANTS))
+            print(f"# decode time per token at T={hi} / at T={lo}: {flat}")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,13 @@ of each KVM variant (and its flash calls) at every length run in turn, round aft
 reports its fastest round; so the ratios between lengths (how a prefill grows with T) are measured
 in the same phases of the machine too. Decode is timed the same way: passes of one chunk of
 one-token steps from the state at position T, every length and variant in turn, the fastest pass
-per token; KVM's passes are short (under a second), so they get three times the repeats. "flash calls" is the time of the attention calls KVM's PyTorch read makes (the windows of a few chunks per call, then each
-chunk's read of its slots at that chunk's slot count), run alone with the kernel SDPA uses: what
-KVM would cost on that kernel if routing, merging and every other state update were free, so
-"cap" = SDPA / that is the best ratio a KVM built on PyTorch's flash kernel could reach here. The
-fused C read (blocks/native) skips the window's masked keys, which that kernel computes, so with
-the C kernels on, a prefill can beat the cap.
+per token; KVM's passes are short (under a second), so they get three times the repeats. "flash
+calls" is the time of the attention calls KVM's PyTorch read makes (the windows of a few chunks
+per call, then each chunk's read of its slots at that chunk's slot count), run alone with the
+kernel SDPA uses: what KVM would cost on that kernel if routing, merging and every other state
+update were free, so "cap" = SDPA / that is the best ratio a KVM built on PyTorch's flash kernel
+could reach here. The fused C read (blocks/native) skips the window's masked keys, which that
+kernel computes, so with the C kernels on, a prefill can beat the cap.
 
 The allocator matters at these sizes. With glibc's defaults a freed block of 32 MiB or more goes
 back to the kernel, so a prefill whose output is that large (fp32 here: T >= 11k) writes new pages

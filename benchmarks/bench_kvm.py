@@ -19,8 +19,8 @@ prefill sample runs as many tokens at every length (the longest length's: at T =
 prefill is 16 calls in a row) and lasts about as long. KVM, whose samples are short, gets two
 prefill samples and three decode passes a round; SDPA's runs (14 s at 32k) span many switches.
 
-"flash calls" is the time of the attention calls KVM's PyTorch read makes (the windows of a few chunks
-per call, then each chunk's read of its slots at that chunk's slot count), run alone with the
+"flash calls" is the time of the attention calls KVM's PyTorch read makes (the windows of a few
+chunks per call, then each chunk's read of its slots at that chunk's slot count), run alone with the
 kernel SDPA uses: what KVM would cost on that kernel if routing, merging and every other state
 update were free, so "cap" = SDPA / that is the best ratio a KVM built on PyTorch's flash kernel
 could reach here. The fused C read (blocks/native) skips the window's masked keys, which that

@@ -42,15 +42,14 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
 import time
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from blocks.kvm import WINDOW_CALL_BYTES, KVMConfig, kvm_attention, slots_after
 from blocks.native import kvm_cpu
+from hybrid.bench import Timing
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -61,13 +60,6 @@ VARIANTS = {
     "kvm 16*sqrt(T)": KVMConfig(num_heads=HEADS, chunk_len=CHUNK, rope_partial_dim=64, budget="power_law",
                                growth_factor=16, state_min_len=256),
 }
-
-
-class Timing(NamedTuple):
-    """Seconds per call over a function's samples."""
-    best: float
-    median: float
-    spread: float  # slowest sample - fastest
 
 
 def timed_in_turn(fns: dict, rounds: int, runs_per_round: dict | None = None,
@@ -90,7 +82,7 @@ def timed_in_turn(fns: dict, rounds: int, runs_per_round: dict | None = None,
                 for _ in range(n):
                     fn()
                 times[name].append((time.perf_counter() - start) / n)
-    return {name: Timing(min(ts), statistics.median(ts), max(ts) - min(ts)) for name, ts in times.items()}
+    return {name: Timing(tuple(ts)) for name, ts in times.items()}
 
 
 def decode_pass(step, state, tokens: int):
@@ -192,18 +184,18 @@ def main() -> None:
                 step = functools.partial(_kvm_step, q1, k1, v1, g1, cfg, norm, temps)
                 decodes[t, name] = decode_pass(step, states[t, name], CHUNK)
         kvm_decodes = dict.fromkeys((key for key in decodes if key[1] != "sdpa"), KVM_DECODES_PER_ROUND)
-        decode = {key: Timing(*(seconds / CHUNK for seconds in timing))
+        decode = {key: Timing(tuple(seconds / CHUNK for seconds in timing.times))
                   for key, timing in timed_in_turn(decodes, args.repeats, kvm_decodes).items()}
         for t in inputs:
             sdpa, kv_bytes = prefill[t, "sdpa"], 2 * t * HEADS * HEAD_DIM * 4
-            print(f"{t:>6} {'causal SDPA':>15} {sdpa.best:>9.3f} {sdpa.median:>7.3f} {sdpa.spread:>7.3f} {1.0:>8.2f} "
-                  f"{sdpa.best:>11.3f} {1.0:>5.1f} {decode[t, 'sdpa'].best * 1e3:>9.3f} "
+            print(f"{t:>6} {'causal SDPA':>15} {sdpa.min:>9.3f} {sdpa.median:>7.3f} {sdpa.spread:>7.3f} {1.0:>8.2f} "
+                  f"{sdpa.min:>11.3f} {1.0:>5.1f} {decode[t, 'sdpa'].min * 1e3:>9.3f} "
                   f"{decode[t, 'sdpa'].median * 1e3:>7.3f} {t:>6} {kv_bytes / 2**20:>9.1f} {100.0:>7.1f}")
             for name in VARIANTS:
                 run, flash, state, step = prefill[t, name], prefill[t, f"{name} flash"], states[t, name], decode[t, name]
-                print(f"{t:>6} {name:>15} {run.best:>9.3f} {run.median:>7.3f} {run.spread:>7.3f} "
-                      f"{sdpa.best / run.best:>8.2f} {flash.best:>11.3f} {sdpa.best / flash.best:>5.1f} "
-                      f"{step.best * 1e3:>9.3f} {step.median * 1e3:>7.3f} {state.num_slots:>6} "
+                print(f"{t:>6} {name:>15} {run.min:>9.3f} {run.median:>7.3f} {run.spread:>7.3f} "
+                      f"{sdpa.min / run.min:>8.2f} {flash.min:>11.3f} {sdpa.min / flash.min:>5.1f} "
+                      f"{step.min * 1e3:>9.3f} {step.median * 1e3:>7.3f} {state.num_slots:>6} "
                       f"{state.nbytes() / 2**20:>9.2f} {100 * state.nbytes() / kv_bytes:>7.2f}")
         for lo in args.lengths:  # how each prefill grows when T grows 4x (linear: 4)
             if 4 * lo in inputs:
@@ -216,9 +208,9 @@ def main() -> None:
 
 
 def _ratios(timings: dict, lengths: tuple[int, int], names: tuple[str, ...]) -> str:
-    """``name best; median`` of timings at lengths[0] over those at lengths[1], for each name."""
+    """``name fastest; median`` of timings at lengths[0] over those at lengths[1], for each name."""
     hi, lo = lengths
-    return ", ".join(f"{name} {timings[hi, name].best / timings[lo, name].best:.2f}; "
+    return ", ".join(f"{name} {timings[hi, name].min / timings[lo, name].min:.2f}; "
                      f"{timings[hi, name].median / timings[lo, name].median:.2f}" for name in names)
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ class BlockSlidingWindowConfig(ProjectionConfig):
         require_positive("n_bswa_chunks", self.n_bswa_chunks)
 
 
-class _SoftmaxAttention(ProjectedAttention):
+class SoftmaxAttention(ProjectedAttention):
     """Shared forward; subclasses say which past positions a query sees and how much to keep."""
 
     state_cls: type[KVCacheState] = KVCacheState
@@ -146,14 +146,14 @@ class _SoftmaxAttention(ProjectedAttention):
 
 
 @register_mixer("attention", symbol="A", state=KVCacheState)
-class CausalAttention(_SoftmaxAttention):
+class CausalAttention(SoftmaxAttention):
     """Full causal softmax attention (the transformer baseline and conversion teacher)."""
 
     Config = AttentionConfig
 
 
 @register_mixer("swa", symbol="S", state=WindowState)
-class SlidingWindowAttention(_SoftmaxAttention):
+class SlidingWindowAttention(SoftmaxAttention):
     """Sliding-window softmax attention: each query sees the last ``window`` tokens."""
 
     Config = SlidingWindowConfig
@@ -168,7 +168,7 @@ class SlidingWindowAttention(_SoftmaxAttention):
 
 
 @register_mixer("bswa", symbol="B", state=WindowState)
-class BlockSlidingWindowAttention(_SoftmaxAttention):
+class BlockSlidingWindowAttention(SoftmaxAttention):
     """Block sliding-window softmax attention: each query sees its chunk and the previous Nb-1 chunks."""
 
     Config = BlockSlidingWindowConfig

@@ -14,6 +14,10 @@ The contract of ``forward``: ``x`` is (batch, time, d_model); ``state=None`` sta
 history, a state continues it by any number of tokens; ``ctx`` is a per-forward dict for
 cross-layer streams (RWKV-7's ``v_first``, value residuals). The same call serves training,
 prefill, continuation and one-token decode.
+
+The built-in mixers are registered by the ``blocks`` package itself (its ``__init__`` imports them),
+and Python runs a package's ``__init__`` before any of its modules, so ``from blocks.registry import
+get_mixer`` always sees every built-in mixer.
 """
 
 from __future__ import annotations
@@ -77,10 +81,6 @@ def register_mixer(name: str, *, symbol: str, state: type[LayerState]) -> Callab
     return decorate
 
 
-def _ensure_loaded() -> None:
-    import blocks  # noqa: F401  (importing the package registers every built-in mixer)
-
-
 def _unknown(kind: str, key: str, valid: list[str]) -> UnknownMixerError:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -89,21 +89,18 @@ def _unknown(kind: str, key: str, valid: list[str]) -> UnknownMixerError:
 
 def get_mixer(name: str) -> MixerSpec:
     """The spec registered under ``name``; an error listing every valid name otherwise."""
-    _ensure_loaded()
     if name not in _BY_NAME:
         raise _unknown("name", name, sorted(_BY_NAME))
     return _BY_NAME[name]
 
 
 def get_mixer_by_symbol(symbol: str) -> MixerSpec:
-    _ensure_loaded()
     if symbol not in _BY_SYMBOL:
         raise _unknown("symbol", symbol, sorted(_BY_SYMBOL))
     return _BY_SYMBOL[symbol]
 
 
 def all_mixers() -> list[MixerSpec]:
-    _ensure_loaded()
     return sorted(_BY_NAME.values(), key=lambda s: s.name)
 
 

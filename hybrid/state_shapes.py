@@ -16,7 +16,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from blocks.attention import _SoftmaxAttention
+from blocks.attention import SoftmaxAttention
 from blocks.kvm import KVMAttention, slots_after, window_begin
 from blocks.state import LayerState
 from hybrid.state import ModelState
@@ -30,7 +30,7 @@ def token_axis_lengths(mixer, n_tokens: int) -> dict[str, int]:
         window = n_tokens - window_begin(n_tokens, mixer.config)
         return {"slot_keys": slots, "slot_values": slots, "slot_lens": slots,
                 "window_keys": window, "window_values": window, "window_gates": window}
-    if isinstance(mixer, _SoftmaxAttention):
+    if isinstance(mixer, SoftmaxAttention):
         kept = n_tokens - mixer.keep_from(n_tokens)
         return {"keys": kept, "values": kept}
     return {}

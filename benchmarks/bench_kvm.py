@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from blocks.kvm import WINDOW_CALL_BYTES, KVMConfig, kvm_attention, slots_after
 from blocks.native import kvm_cpu
-from hybrid.bench import Timing
+from hybrid.evaluation.bench import Timing
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 

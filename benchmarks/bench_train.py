@@ -1,6 +1,6 @@
 """Training throughput (forward + backward + AdamW step) of recipes, against full attention of the same size.
 
-Each recipe is measured with its full-attention baseline (``hybrid.bench.full_attention_config``:
+Each recipe is measured with its full-attention baseline (``hybrid.evaluation.bench.full_attention_config``:
 every mixer replaced by attention with the same heads, same width and depth), measured in the
 same run; recipes that share a baseline measure it once. Random tokens, fp32, CPU.
 
@@ -16,9 +16,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hybrid.bench import Timing, describe_layers, subjects_for
-from hybrid.model import HybridLM
-from hybrid.recipe import RECIPES_DIR, load_recipe
+from hybrid.evaluation.bench import Timing, describe_layers, subjects_for
+from hybrid.model.model import HybridLM
+from hybrid.model.recipe import RECIPES_DIR, load_recipe
 
 
 def step_seconds(model: HybridLM, batch: int, seq_len: int, steps: int, generator: torch.Generator) -> Timing:

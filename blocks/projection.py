@@ -11,7 +11,7 @@ attend. Everything the two families need is an option here:
   value residual ``v <- v + (v_first - v) * sigmoid(v_residual_bias + up(down(x)))`` where
   ``v_first`` is the raw value projection of the first value-residual layer of its group in this
   forward, passed between layers through the per-forward ``ctx`` dict. (The model computes it as the
-  published backbone does: that first layer's ``v_proj`` on the embedding stream; see hybrid/model.py.)
+  published backbone does: that first layer's ``v_proj`` on the embedding stream; see hybrid/model/model.py.)
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
   student trains.
 * **stage3, fine-tuning (optional).** Next-token cross-entropy, no teacher, at a longer context.
 
-Every stage is a ``hybrid.train.train`` run with an ``Objective``: the same optimizer groups,
+Every stage is a ``hybrid.training.loop.train`` run with an ``Objective``: the same optimizer groups,
 schedule, progress bar, ``metrics.jsonl``/``loss.png``, atomic ``step_*`` checkpoints and bitwise
 resume as ``hybrid train``. A stage starts (``train.init_from``) from the previous stage's final
 checkpoint, the first from the converted-at-init student. ``STAGE_DEFAULTS`` holds each stage's
@@ -40,7 +40,7 @@ extended (delete its folder to redo it from the new weights).
 N converted layers whose restoring alone lowers the KL to the teacher most (``convert.layer_scores``,
 ``select_layers``); a resumed run reuses the recorded choice.
 
-Data: text/JSONL files and folders (``hybrid.data``), by default the built-in Shakespeare corpus
+Data: text/JSONL files and folders (``hybrid.training.data``), by default the built-in Shakespeare corpus
 without the held-out play (``HELD_OUT``, which the report scores), plus optional text sampled
 from the teacher (prompts: 16-token snippets of the data; temperature 1, top-p 0.95).
 """
@@ -69,12 +69,12 @@ from convert.evaluate import window_len
 from convert.init import convert_teacher
 from convert.plan import plan_student
 from convert.teacher import Teacher, load_teacher
-from hybrid import data as datalib
-from hybrid.checkpoint import load_checkpoint, save_checkpoint
-from hybrid.model import HybridLM
-from hybrid.recipe import Recipe, build_dataclass
-from hybrid.tokenizer import Tokenizer, load_tokenizer
-from hybrid.train import (
+from hybrid.training import data as datalib
+from hybrid.formats.checkpoint import load_checkpoint, save_checkpoint
+from hybrid.model.model import HybridLM
+from hybrid.model.recipe import Recipe, build_dataclass
+from hybrid.formats.tokenizer import Tokenizer, load_tokenizer
+from hybrid.training.loop import (
     TRAINER_JSON,
     Objective,
     TrainConfig,
@@ -304,7 +304,7 @@ def sample_teacher_text(teacher: HybridLM, tokenizer: Tokenizer, prompt_tokens, 
     at the tokenizer's end-of-sequence token)."""
     from tqdm.auto import tqdm
 
-    from hybrid.generate import SamplingConfig, generate
+    from hybrid.generation.generate import SamplingConfig, generate
 
     if path.is_file():
         return path

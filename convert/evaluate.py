@@ -8,7 +8,7 @@ only the predictions made at query positions ``>= window`` of each segment (the 
 ``p + 1`` is made at query position ``p``).
 
 ``state_bytes`` reports the decode state per kind (``kvm``, ``window``, ``kv``, ``recurrent``) at
-chosen context lengths from the state's shapes alone (``hybrid.state_shapes.state_at`` on the
+chosen context lengths from the state's shapes alone (``hybrid.model.state_shapes.state_at`` on the
 meta device: nothing is allocated or run at that length).
 """
 
@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from hybrid.model import HybridLM
-from hybrid.recipe import ModelConfig
-from hybrid.state_shapes import state_at
+from hybrid.model.model import HybridLM
+from hybrid.model.recipe import ModelConfig
+from hybrid.model.state_shapes import state_at
 
 
 @torch.no_grad()

@@ -66,7 +66,7 @@ from blocks.projection import ProjectedAttention
 from convert.errors import TeacherError
 from convert.plan import LayerPlan, plan_student
 from convert.teacher import Teacher, load_teacher
-from hybrid.model import HybridLM
+from hybrid.model.model import HybridLM
 
 
 @torch.no_grad()

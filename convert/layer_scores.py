@@ -43,7 +43,7 @@ from convert.evaluate import window_len
 from convert.init import init_student
 from convert.plan import KEEP, LayerPlan, parse_layers, plan_student
 from convert.teacher import Teacher
-from hybrid.model import HybridLM
+from hybrid.model.model import HybridLM
 
 DEFAULT_SEQUENCES = 4  # `hybrid convert --keep-attention`: sequences of stage 2's length scored
 

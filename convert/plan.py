@@ -40,7 +40,7 @@ from blocks.config import ConfigError
 from blocks.projection import ProjectionConfig
 from blocks.registry import UnknownMixerError, get_mixer
 from convert.errors import TeacherError
-from hybrid.recipe import (
+from hybrid.model.recipe import (
     ModelConfig,
     Recipe,
     RecipeError,

@@ -8,7 +8,7 @@ folder and writes ``OUT/report.md`` and ``OUT/report.json``:
   student's window) of the teacher, the converted-at-init student, and the student after each
   stage that ran, with the tokens each stage trained on;
 * decode state bytes of the teacher (its KV cache) and of the student at chosen context lengths
-  (``hybrid.state_shapes.state_at`` on the meta device), and their ratio.
+  (``hybrid.model.state_shapes.state_at`` on the meta device), and their ratio.
 
 Held-out text: by default the play(s) the conversion kept out of its data (``convert.distill.HELD_OUT``,
 Hamlet from the built-in Shakespeare corpus); any other text files may be given, and text that the
@@ -28,9 +28,9 @@ import torch
 from convert.distill import CONVERSION_FILE, STAGES, check_disjoint
 from convert.evaluate import long_range_perplexity, state_bytes
 from convert.teacher import load_teacher
-from hybrid.checkpoint import load_checkpoint
-from hybrid.info import human_bytes
-from hybrid.train import TRAINER_JSON, latest_checkpoint, read_metrics
+from hybrid.formats.checkpoint import load_checkpoint
+from hybrid.model.describe import human_bytes
+from hybrid.training.loop import TRAINER_JSON, latest_checkpoint, read_metrics
 
 DEFAULT_CONTEXTS = (1024, 4096, 16384)
 
@@ -130,7 +130,7 @@ def write_report(out: str | Path, **options) -> tuple[dict, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hybrid.cli import main as cli_main
+    from hybrid.cli.main import main as cli_main
 
     return cli_main(["convert-report", *(sys.argv[1:] if argv is None else argv)])
 

@@ -11,25 +11,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybrid.bench import full_attention_config, subjects_for
-from hybrid.checkpoint import load_checkpoint
-from hybrid.cli import main
-from hybrid.evaluate import (
+from hybrid.evaluation.bench import full_attention_config, subjects_for
+from hybrid.formats.checkpoint import load_checkpoint
+from hybrid.cli.main import main
+from hybrid.evaluation.niah import (
     NEEDLE,
     NIAH_STYLES,
     essay_sentences,
     extract_answer,
-    heldout_text,
     make_niah_sample,
     niah_correct,
-    score_documents,
-    token_losses,
     value_kind,
 )
-from hybrid.model import HybridLM
-from hybrid.recipe import load_recipe, recipe_from_dict
-from hybrid.state_shapes import state_at
-from hybrid.tokenizer import ByteTokenizer
+from hybrid.evaluation.perplexity import heldout_text, score_documents, token_losses
+from hybrid.model.model import HybridLM
+from hybrid.model.recipe import load_recipe, recipe_from_dict
+from hybrid.model.state_shapes import state_at
+from hybrid.formats.tokenizer import ByteTokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TEXT = ("When shall we three meet again\nIn thunder, lightning, or in rain?\n"
@@ -305,7 +303,7 @@ def test_lm_eval_adapter_matches_the_model_on_a_local_task(checkpoint, tmp_path,
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
-    from hybrid.lm_eval_adapter import HybridEvalLM, run_lm_eval
+    from hybrid.evaluation.lm_eval_adapter import HybridEvalLM, run_lm_eval
 
     _, model, tokenizer = load_checkpoint(checkpoint)
     lm = HybridEvalLM(model=model, tokenizer=tokenizer, prefill_chunk=4)

@@ -1,4 +1,4 @@
-"""Checkpoint folders (hybrid/checkpoint.py): round trips give identical logits, every broken or
+"""Checkpoint folders (hybrid/formats/checkpoint.py): round trips give identical logits, every broken or
 mismatched folder is a CheckpointError that says what is wrong, and an interrupted save keeps the
 old checkpoint."""
 
@@ -11,15 +11,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from hybrid.checkpoint import (
+from hybrid.formats.checkpoint import (
     CheckpointError,
     _unique_tensors,
     load_checkpoint,
     save_checkpoint,
 )
-from hybrid.model import HybridLM
-from hybrid.recipe import recipe_from_dict
-from hybrid.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from hybrid.model.model import HybridLM
+from hybrid.model.recipe import recipe_from_dict
+from hybrid.formats.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 RECIPE = {"model": {"vocab_size": 260, "d_model": 32, "n_layers": 2, "layers": "GK",
                     "mixers": {"gla": {"num_heads": 2}, "kvm": {"num_heads": 2, "chunk_len": 4}}}}

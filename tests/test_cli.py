@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hybrid.cli import build_parser, main
+from hybrid.cli.main import build_parser, main
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "kvm_published_tiny"
 COMMANDS = ["info", "init", "generate", "import-published", "train", "convert", "convert-report", "convert-scores",

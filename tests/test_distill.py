@@ -24,10 +24,10 @@ from convert.distill import (
 from convert.errors import TeacherError
 from convert.init import convert_teacher
 from convert.teacher import load_teacher
-from hybrid import data as datalib
-from hybrid.checkpoint import load_checkpoint, save_checkpoint
-from hybrid.cli import main
-from hybrid.train import TRAINER_JSON, read_metrics, train
+from hybrid.training import data as datalib
+from hybrid.formats.checkpoint import load_checkpoint, save_checkpoint
+from hybrid.cli.main import main
+from hybrid.training.loop import TRAINER_JSON, read_metrics, train
 from tests.test_convert import TINY, random_teacher_tensors, write_hf_folder
 
 KVM = {"kvm": {"chunk_len": 8, "n_bswa_chunks": 2}}  # a 16-token window

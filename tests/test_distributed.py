@@ -1,4 +1,4 @@
-"""Data-parallel training (hybrid/distributed.py): real ``torchrun`` launches of ``hybrid train`` with
+"""Data-parallel training (hybrid/training/distributed.py): real ``torchrun`` launches of ``hybrid train`` with
 two CPU processes (gloo) give the losses of one process with the same global batch, under DDP and
 FSDP, and their checkpoints resume across process counts (two -> one, and one -> two)."""
 
@@ -13,9 +13,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from hybrid import distributed
-from hybrid.recipe import RecipeError, load_recipe
-from hybrid.train import TrainError, config_from_recipe, read_metrics, train
+from hybrid.training import distributed
+from hybrid.model.recipe import RecipeError, load_recipe
+from hybrid.training.loop import TrainError, config_from_recipe, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-5  # measured: at most 2e-7 relative (the gradient all-reduce adds in another order)
@@ -57,7 +57,7 @@ def reference(recipe_path) -> Path:
 def torchrun(recipe_path: Path, out: Path, *settings: str) -> str:
     """``hybrid train`` in two CPU processes (a free port from torchrun's --standalone); its stdout."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "hybrid.cli", "train", str(recipe_path), "--no-progress", "--out", str(out)]
+               "-m", "hybrid", "train", str(recipe_path), "--no-progress", "--out", str(out)]
     command += [arg for item in settings for arg in ("--set", item)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, check=False, cwd=recipe_path.parent, env=env, capture_output=True, text=True,

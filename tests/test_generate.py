@@ -1,14 +1,14 @@
-"""Prefill, sampling and batched generation (hybrid/generate.py) on a tiny GLA + KVM + attention +
+"""Prefill, sampling and batched generation (hybrid/generation/generate.py) on a tiny GLA + KVM + attention +
 sliding-window model, fp32 on CPU. The weights use a large init_std so greedy outputs vary from
 token to token (with the default 0.02 a random model repeats one token, which would hide bugs)."""
 
 import pytest
 import torch
 
-from hybrid.generate import SamplingConfig, generate, prefill, sample
-from hybrid.model import HybridLM
-from hybrid.recipe import recipe_from_dict
-from hybrid.state import ModelState
+from hybrid.generation.generate import SamplingConfig, generate, prefill, sample
+from hybrid.model.model import HybridLM
+from hybrid.model.recipe import recipe_from_dict
+from hybrid.model.state import ModelState
 
 TINY = {"model": {"vocab_size": 256, "d_model": 32, "n_layers": 4, "layers": "GKAS", "init_std": 0.3,
                   "mixers": {"gla": {"num_heads": 2},

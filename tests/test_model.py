@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from blocks.config import ConfigError
 from blocks.projection import ProjectedAttention
 from blocks.state import StateError
-from hybrid.model import HybridLM
-from hybrid.recipe import RECIPES_DIR, load_recipe, recipe_from_dict
-from hybrid.state import ModelState
+from hybrid.model.model import HybridLM
+from hybrid.model.recipe import RECIPES_DIR, load_recipe, recipe_from_dict
+from hybrid.model.state import ModelState
 
 TINY = sorted((RECIPES_DIR / "tiny").glob("*.yaml"))
 T = 60  # with 8-token KVM chunks and a 2-chunk window: the state is read from token 16 and updated at
@@ -202,7 +202,7 @@ def no_gradient_expected(model: HybridLM) -> set[str]:
     value-residual gate of layer 0 when layer 0 starts a value-residual group. Its own values *are*
     the group's v_first, so it has nothing to mix towards; the published backbone keeps the gate on
     every layer too (its parameter count includes them, kvm.md §2.1). A group starting deeper takes
-    v_first from the embedding stream (hybrid/model.py), so its first layer does use its gate."""
+    v_first from the embedding stream (hybrid/model/model.py), so its first layer does use its gate."""
     mixer = model.blocks[0].mixer
     if isinstance(mixer, ProjectedAttention) and mixer.config.value_residual:
         return {f"blocks.0.mixer.{name}" for name, _ in mixer.named_parameters() if name.startswith("v_residual_")}

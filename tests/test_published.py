@@ -1,4 +1,4 @@
-"""Loading a checkpoint of the published KVM code (hybrid/published.py) against the logits that code
+"""Loading a checkpoint of the published KVM code (hybrid/formats/published.py) against the logits that code
 produced: ``../shared/fixtures/kvm_published_tiny`` (its README describes the model, the tokens and how
 the reference logits and KVM state were made with recursal/KVM-paper @1932b9ca)."""
 
@@ -13,8 +13,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from hybrid.model import HybridLM
-from hybrid.published import (
+from hybrid.model.model import HybridLM
+from hybrid.formats.published import (
     PublishedCheckpointError,
     load_published,
     published_name,

@@ -1,4 +1,4 @@
-"""The long-context recall task and experiment (hybrid/recall.py, recipes/recall/): sequences are a
+"""The long-context recall task and experiment (hybrid/evaluation/recall.py, recipes/recall/): sequences are a
 seeded pure function, the layout and masking are right and every answer is its pair's value, lengths
 only stretch the filler, the six recipes are of equal size with windows shorter than the training
 length, and the script's code path trains, evaluates and reports (a few steps)."""
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from blocks.config import ConfigError
-from hybrid.model import HybridLM
-from hybrid.recall import (
+from hybrid.model.model import HybridLM
+from hybrid.evaluation.recall import (
     IGNORE,
     MODELS,
     RECALL_RECIPES,
@@ -22,8 +22,8 @@ from hybrid.recall import (
     main,
     run_model,
 )
-from hybrid.recipe import load_recipe
-from hybrid.train import TrainError, accumulate_gradients, config_from_recipe, train
+from hybrid.model.recipe import load_recipe
+from hybrid.training.loop import TrainError, accumulate_gradients, config_from_recipe, train
 
 TASK = RecallTask(n_pairs=4, n_queries=3, n_keys=10, n_values=12, n_filler=5)
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from hybrid.model import HybridLM
-from hybrid.recipe import RECIPES_DIR, RecipeError, expand_pattern, load_recipe, recipe_from_dict
+from hybrid.model.model import HybridLM
+from hybrid.model.recipe import RECIPES_DIR, RecipeError, expand_pattern, load_recipe, recipe_from_dict
 
 SHIPPED = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if not p.name.startswith("_"))
 FRAGMENTS = sorted(RECIPES_DIR.rglob("_*.yaml"))  # shared backbones, extended by the recipes above

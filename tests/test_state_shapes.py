@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from hybrid.model import HybridLM
-from hybrid.recipe import recipe_from_dict
-from hybrid.state_shapes import state_at
+from hybrid.model.model import HybridLM
+from hybrid.model.recipe import recipe_from_dict
+from hybrid.model.state_shapes import state_at
 
 RECIPE = {"model": {
     "vocab_size": 64, "d_model": 32, "n_layers": 6, "layers": "GKASBK",

@@ -1,4 +1,4 @@
-"""Tokenizers (hybrid/tokenizer.py): round trips, streaming decode that never splits a character,
+"""Tokenizers (hybrid/formats/tokenizer.py): round trips, streaming decode that never splits a character,
 and loading from a recipe's ``tokenizer:`` section. The Hugging Face tokenizers are built here and
 saved to a temporary tokenizer.json (nothing is downloaded)."""
 
@@ -12,7 +12,7 @@ from tokenizers import (
     trainers,
 )
 
-from hybrid.tokenizer import (
+from hybrid.formats.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
     TokenizerError,

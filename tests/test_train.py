@@ -18,11 +18,11 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from hybrid.checkpoint import load_checkpoint
-from hybrid.cli import main
-from hybrid.model import HybridLM
-from hybrid.recipe import RecipeError, load_recipe, recipe_from_dict
-from hybrid.train import (
+from hybrid.formats.checkpoint import load_checkpoint
+from hybrid.cli.main import main
+from hybrid.model.model import HybridLM
+from hybrid.model.recipe import RecipeError, load_recipe, recipe_from_dict
+from hybrid.training.loop import (
     TrainConfig,
     TrainError,
     TrainingDiverged,
@@ -220,7 +220,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run_bitwise(corpus, tmp_pa
     uninterrupted run of the same settings bit for bit."""
     recipe_path = _kill_resume_recipe(corpus, tmp_path)
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "hybrid.cli", "train", str(recipe_path), "--no-progress"]
+    command = [sys.executable, "-m", "hybrid", "train", str(recipe_path), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

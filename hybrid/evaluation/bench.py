@@ -4,7 +4,7 @@ same size measured in the same run.
 
 What is measured, at each context length T:
 
-* **prefill**: a real forward over T random tokens (``hybrid.generate.prefill``: one forward by
+* **prefill**: a real forward over T random tokens (``hybrid.generation.generate.prefill``: one forward by
   default, ``prefill_chunk`` tokens per forward where memory needs it), asking only for the last
   position's logits as generation does. One short warm-up forward first; contexts above
   ``max_prefill`` are skipped (full attention at 32k on a CPU takes minutes), their columns empty.
@@ -55,11 +55,11 @@ import yaml
 from blocks.attention import AttentionConfig
 from blocks.projection import ProjectionConfig
 from blocks.registry import get_mixer
-from hybrid.generate import _synchronize, prefill
-from hybrid.info import KINDS, human_bytes
-from hybrid.model import HybridLM
-from hybrid.recipe import LayerConfig, ModelConfig, RecipeError, recipe_from_dict
-from hybrid.state_shapes import state_at
+from hybrid.generation.generate import _synchronize, prefill
+from hybrid.model.describe import KINDS, human_bytes
+from hybrid.model.model import HybridLM
+from hybrid.model.recipe import LayerConfig, ModelConfig, RecipeError, recipe_from_dict
+from hybrid.model.state_shapes import state_at
 
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
 SINGLE_MIXER_VOCAB = 256

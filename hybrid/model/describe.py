@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from blocks.registry import get_mixer
-from hybrid.model import HybridLM
-from hybrid.recipe import Recipe
-from hybrid.state_shapes import state_at
+from hybrid.model.model import HybridLM
+from hybrid.model.recipe import Recipe
+from hybrid.model.state_shapes import state_at
 
 KINDS = ("recurrent", "kvm", "window", "kv")
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from blocks.attention import SoftmaxAttention
 from blocks.kvm import KVMAttention, slots_after, window_begin
 from blocks.state import LayerState
-from hybrid.state import ModelState
+from hybrid.model.state import ModelState
 
 
 def token_axis_lengths(mixer, n_tokens: int) -> dict[str, int]:

@@ -12,13 +12,13 @@ from typing import TextIO
 
 import torch
 
-from hybrid.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from hybrid.generate import SamplingConfig, generate
-from hybrid.info import human_bytes
-from hybrid.model import HybridLM
-from hybrid.recipe import Recipe, load_recipe
-from hybrid.state import ModelState
-from hybrid.tokenizer import Tokenizer, load_tokenizer
+from hybrid.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hybrid.generation.generate import SamplingConfig, generate
+from hybrid.model.describe import human_bytes
+from hybrid.model.model import HybridLM
+from hybrid.model.recipe import Recipe, load_recipe
+from hybrid.model.state import ModelState
+from hybrid.formats.tokenizer import Tokenizer, load_tokenizer
 
 
 class UsageError(ValueError):
@@ -45,7 +45,7 @@ def init_checkpoint(recipe_path: str, out: str, seed: int) -> Path:
 
 def import_published(source: str, out: str, compat: bool) -> Path:
     """A published KVM-paper checkpoint (recursal/KVM-paper format) saved as our checkpoint folder."""
-    from hybrid.published import load_published
+    from hybrid.formats.published import load_published
 
     recipe, model = load_published(source, compat=compat)
     return save_checkpoint(out, recipe, model)
@@ -58,7 +58,7 @@ def open_model(source: str, device: str, dtype: str | None, seed: int, log: Text
     if Path(source).is_dir():
         folder = Path(source)
         if not (folder / "recipe.yaml").is_file():
-            from hybrid.train import latest_checkpoint
+            from hybrid.training.loop import latest_checkpoint
 
             newest = latest_checkpoint(folder)
             if newest is not None:

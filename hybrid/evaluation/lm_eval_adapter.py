@@ -5,7 +5,7 @@
 * ``loglikelihood``: the context is prefilled (chunked, no logits kept), then its last token and the
   continuation run in one forward whose logits score the continuation; ``is_greedy`` says whether
   every continuation token is the argmax.
-* ``loglikelihood_rolling``: the whole text in one stream (``hybrid.evaluate.token_losses``). The
+* ``loglikelihood_rolling``: the whole text in one stream (``hybrid.evaluation.perplexity.token_losses``). The
   state carries any length, so no rolling windows are needed: every token is predicted once from
   all the text before it, which is what lm-eval's windows approximate for fixed-context models.
 * ``generate_until``: greedy (or sampled, when a task asks ``do_sample`` with a temperature)
@@ -16,7 +16,7 @@ for the byte tokenizer (which has none) the newline byte, as a document would fo
 Requests run one at a time (prompts of different lengths are never padded: padding would enter a
 recurrent or KVM state), so lm-eval's ``batch_size`` is accepted and not used.
 
-    from hybrid.lm_eval_adapter import HybridEvalLM, run_lm_eval
+    from hybrid.evaluation.lm_eval_adapter import HybridEvalLM, run_lm_eval
     run_lm_eval(HybridEvalLM("runs/demo"), ["my_task"], include_path="my_tasks/")
 
 ``lm_eval --model hybrid --model_args path=CKPT`` works in any process that imported this module.
@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from hybrid.evaluate import token_losses
-from hybrid.generate import SamplingConfig, prefill, sample
-from hybrid.model import HybridLM
-from hybrid.tokenizer import Tokenizer
+from hybrid.evaluation.perplexity import token_losses
+from hybrid.generation.generate import SamplingConfig, prefill, sample
+from hybrid.model.model import HybridLM
+from hybrid.formats.tokenizer import Tokenizer
 
 
 @register_model("hybrid")
@@ -51,7 +51,7 @@ class HybridEvalLM(LM):
         if (path is None) == (model is None):
             raise ValueError("give either path (checkpoint folder, training run or recipe) or model and tokenizer")
         if path is not None:
-            from hybrid.run import open_model
+            from hybrid.formats.model_source import open_model
 
             _, model, tokenizer = open_model(str(path), device, dtype, 0, sys.stderr)
         if tokenizer is None:

@@ -28,8 +28,8 @@ from blocks.mlp import MLP
 from blocks.projection import ProjectedAttention
 from blocks.registry import get_mixer
 from blocks.state import LayerState
-from hybrid.recipe import BlockConfig, ModelConfig
-from hybrid.state import ModelState
+from hybrid.model.recipe import BlockConfig, ModelConfig
+from hybrid.model.state import ModelState
 
 
 class LMOutput(NamedTuple):

@@ -17,13 +17,13 @@ from blocks.config import ConfigError
 from blocks.registry import UnknownMixerError
 from blocks.state import StateError
 from convert.errors import TeacherError
-from hybrid.checkpoint import CheckpointError
-from hybrid.data import DataError
-from hybrid.published import PublishedCheckpointError
-from hybrid.recipe import RECIPES_DIR, RecipeError, load_recipe
-from hybrid.run import UsageError
-from hybrid.tokenizer import TokenizerError
-from hybrid.train import TrainError
+from hybrid.formats.checkpoint import CheckpointError
+from hybrid.training.data import DataError
+from hybrid.formats.published import PublishedCheckpointError
+from hybrid.model.recipe import RECIPES_DIR, RecipeError, load_recipe
+from hybrid.formats.model_source import UsageError
+from hybrid.formats.tokenizer import TokenizerError
+from hybrid.training.loop import TrainError
 
 USER_ERRORS = (RecipeError, ConfigError, UnknownMixerError, StateError, CheckpointError, TokenizerError,
                UsageError, PublishedCheckpointError, FileNotFoundError, DataError, TrainError, TeacherError)
@@ -57,14 +57,14 @@ def _token_count(text: str) -> int:
 # ----------------------------------------------------------------------------- handlers
 
 def _demo(args: argparse.Namespace) -> int:
-    from hybrid.demo import run_demo
+    from hybrid.cli.demo import run_demo
 
     run_demo(length=args.length, piece=args.piece, seed=args.seed)
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    from hybrid.info import build_for_info, describe
+    from hybrid.model.describe import build_for_info, describe
 
     recipe = load_recipe(args.recipe)
     print(describe(recipe, build_for_info(recipe), args.context, args.batch))
@@ -72,22 +72,22 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from hybrid.run import init_checkpoint
+    from hybrid.formats.model_source import init_checkpoint
 
     print(f"wrote {init_checkpoint(args.recipe, args.out, args.seed)}")
     return 0
 
 
 def _import_published(args: argparse.Namespace) -> int:
-    from hybrid.run import import_published
+    from hybrid.formats.model_source import import_published
 
     print(f"wrote {import_published(args.source, args.out, args.compat)}")
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from hybrid.generate import SamplingConfig
-    from hybrid.run import generate_text, open_model
+    from hybrid.generation.generate import SamplingConfig
+    from hybrid.formats.model_source import generate_text, open_model
 
     if args.prompt is None and args.prompt_file is None:
         raise UsageError("give the text to continue with --prompt TEXT or --prompt-file FILE")
@@ -107,8 +107,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hybrid import distributed
-    from hybrid.train import (
+    from hybrid.training import distributed
+    from hybrid.training.loop import (
         TrainingDiverged,
         config_from_recipe,
         parse_overrides,
@@ -230,7 +230,7 @@ def _output_dir(root: str, name: str) -> Path:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from hybrid.bench import (
+    from hybrid.evaluation.bench import (
         BenchSettings,
         header,
         parse_options,
@@ -240,8 +240,8 @@ def _bench(args: argparse.Namespace) -> int:
         summary,
         write_outputs,
     )
-    from hybrid.model import HybridLM
-    from hybrid.run import DTYPES, open_model
+    from hybrid.model.model import HybridLM
+    from hybrid.formats.model_source import DTYPES, open_model
 
     if (args.mixer is None) == (not args.models):
         raise UsageError("name the models to measure (recipes, checkpoint folders, training runs) or one mixer "
@@ -271,7 +271,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from hybrid.run import open_model
+    from hybrid.formats.model_source import open_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -288,7 +288,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_text(args, model, tokenizer, out: Path) -> int:
     import json
 
-    from hybrid.evaluate import load_texts, score_documents, write_loss_by_position
+    from hybrid.evaluation.perplexity import load_texts, score_documents, write_loss_by_position
 
     texts = load_texts(args.text)
     result = score_documents(model, tokenizer, texts, args.max_len, args.chunk, args.bucket)
@@ -308,7 +308,7 @@ def _eval_text(args, model, tokenizer, out: Path) -> int:
 
 
 def _eval_niah(args, model, tokenizer, out: Path) -> int:
-    from hybrid.evaluate import niah_table, run_niah, write_niah
+    from hybrid.evaluation.niah import niah_table, run_niah, write_niah
 
     try:
         results = run_niah(model, tokenizer, args.styles, args.contexts, args.depths, args.samples, args.seed,
@@ -328,7 +328,7 @@ def _eval_lm_eval(args, model, tokenizer, out: Path) -> int:
     import json
 
     try:
-        from hybrid.lm_eval_adapter import HybridEvalLM, run_lm_eval
+        from hybrid.evaluation.lm_eval_adapter import HybridEvalLM, run_lm_eval
     except ImportError as err:
         raise UsageError(f"--tasks needs lm-evaluation-harness: pip install 'kvm-hybrid[eval]' ({err})") from None
     output = run_lm_eval(HybridEvalLM(model=model, tokenizer=tokenizer, prefill_chunk=args.chunk), args.tasks,
@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "and OUT/loss.png; run it again to continue from the newest checkpoint. "
                                           f"Exit code {DIVERGED_EXIT} when the loss becomes NaN/inf "
                                           "(the last good checkpoint is kept). Started by torchrun "
-                                          "(torchrun --nproc_per_node=N -m hybrid.cli train ...), it trains "
+                                          "(torchrun --nproc_per_node=N -m hybrid train ...), it trains "
                                           "data-parallel (train.parallel: ddp or fsdp; batch_size is the global "
                                           "batch).")
     trn.add_argument("recipe", help="recipe file, or a name under recipes/")
@@ -521,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "bytes by kind over context lengths, for models or one mixer, with the "
                                             "full-attention model of the same size (every mixer replaced by "
                                             "attention with the same heads) measured in the same run. Writes "
-                                            "bench.csv and bench.png. See hybrid/bench.py for the method.")
+                                            "bench.csv and bench.png. See hybrid/evaluation/bench.py for the method.")
     bench.add_argument("models", nargs="*", help="recipes, checkpoint folders or training runs")
     bench.add_argument("--mixer", help="measure one mixer (a one-layer model around it) instead of models")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -550,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(--text; default the built-in corpus's held-out tail), writing "
                                           "loss_by_position.csv/.png. --niah: needle-in-a-haystack retrieval "
                                           "(RULER single-needle styles, generated offline). --tasks: "
-                                          "lm-evaluation-harness tasks (the 'eval' extra). See hybrid/evaluate.py.")
+                                          "lm-evaluation-harness tasks (the 'eval' extra). See hybrid/evaluation/perplexity.py and niah.py.")
     evl.add_argument("model", help="checkpoint folder, training run folder, or a recipe (random weights)")
     mode = evl.add_mutually_exclusive_group()
     mode.add_argument("--niah", action="store_true", help="needle-in-a-haystack retrieval instead of perplexity")

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hybrid.tokenizer import ByteTokenizer, Tokenizer
+from hybrid.formats.tokenizer import ByteTokenizer, Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIX = ".jsonl"

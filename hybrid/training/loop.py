@@ -2,7 +2,7 @@
 
 ``hybrid train RECIPE`` reads ``TrainConfig`` from the recipe's ``train:`` section (``--set
 train.KEY=VALUE`` overrides a value; both go through the same strict checks), tokenizes the data
-once (``hybrid.data``'s cache) and trains::
+once (``hybrid.training.data``'s cache) and trains::
 
     out_dir/
       step_000200/           a checkpoint folder: what ``hybrid generate out_dir/step_000200`` loads
@@ -27,7 +27,7 @@ The learning rate warms up linearly over ``warmup_steps`` and then decays (cosin
 Batches: ``batch_size`` is the number of sequences per optimizer step; ``grad_accum`` splits each
 batch into that many micro-batches whose gradients add up to the whole batch's (a memory knob: the
 data and the maths stay the same, only the float rounding of the sums changes). Batch ``step`` is a
-pure function of (seed, step) (``hybrid.data.PackedBatches``), so the data position a checkpoint
+pure function of (seed, step) (``hybrid.training.data.PackedBatches``), so the data position a checkpoint
 saves is the step.
 
 Resuming (the default) continues from the newest ``step_*`` folder: model, optimizer, schedule
@@ -43,8 +43,8 @@ folder (``init_from``: fine-tuning, e.g. a model ``hybrid convert`` wrote); a re
 A non-finite loss or gradient norm stops the run before the weights are touched
 (``TrainingDiverged``, naming the step and the last good checkpoint, which is kept).
 
-Several processes: ``torchrun --nproc_per_node=N -m hybrid.cli train RECIPE`` trains data-parallel
-(``hybrid.distributed``; ``parallel: ddp`` or ``fsdp``). ``batch_size`` stays the global batch: each
+Several processes: ``torchrun --nproc_per_node=N -m hybrid train RECIPE`` trains data-parallel
+(``hybrid.training.distributed``; ``parallel: ddp`` or ``fsdp``). ``batch_size`` stays the global batch: each
 process takes ``batch_size / N`` of its sequences (and splits them into ``grad_accum`` micro-batches),
 so the losses match a one-process run up to float rounding. Every process computes, but only the
 first (rank 0) prints, writes metrics and checkpoints; a checkpoint has the same files whatever the
@@ -78,13 +78,13 @@ from torch import Tensor, nn
 
 from blocks.config import ConfigError, require, require_choice
 from blocks.state import StateError
-from hybrid import data as datalib
-from hybrid import distributed
-from hybrid.checkpoint import CheckpointError, _fsync_folder, _swap_into_place, load_checkpoint, save_checkpoint
-from hybrid.model import HybridLM
-from hybrid.recipe import Recipe, RecipeError, build_dataclass, deep_merge, model_to_dict
-from hybrid.state import atomic_save_safetensors, read_safetensors
-from hybrid.tokenizer import Tokenizer, load_tokenizer
+from hybrid.training import data as datalib
+from hybrid.training import distributed
+from hybrid.formats.checkpoint import CheckpointError, _fsync_folder, _swap_into_place, load_checkpoint, save_checkpoint
+from hybrid.model.model import HybridLM
+from hybrid.model.recipe import Recipe, RecipeError, build_dataclass, deep_merge, model_to_dict
+from hybrid.model.state import atomic_save_safetensors, read_safetensors
+from hybrid.formats.tokenizer import Tokenizer, load_tokenizer
 
 SCHEDULES = ("cosine", "linear", "constant")
 AUTOCASTS = ("auto", "bf16", "off")
@@ -116,7 +116,7 @@ class TrainConfig:
     """A recipe's ``train:`` section. Exactly one of ``max_steps`` and ``max_tokens`` sets the length."""
 
     data: tuple[str, ...] | None = None  # text/JSONL files and folders (relative paths: from the working
-    # directory); None: the built-in corpus (hybrid.data.builtin_corpus)
+    # directory); None: the built-in corpus (hybrid.training.data.builtin_corpus)
     text_field: str = "text"  # JSONL key that holds the text
     cache_dir: str | None = None  # token cache; None: $XDG_CACHE_HOME/kvm-hybrid/tokens (keyed by content)
     seq_len: int = 256
@@ -392,7 +392,7 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = True, progress: bo
     ``config.out_dir``. ``resume``: continue from the newest checkpoint there (False refuses to touch
     an out_dir that has checkpoints). ``progress``: a progress bar and status lines on stderr.
     ``batches``: train on these instead of ``config.data``'s text, for synthetic tasks
-    (``hybrid.recall.RecallBatches``): ``batches.batch(step)`` returns (inputs, targets) of shape
+    (``hybrid.evaluation.recall.RecallBatches``): ``batches.batch(step)`` returns (inputs, targets) of shape
     (batch_size, seq_len), a pure function of the step so that a resumed run continues the stream;
     a target of -100 takes no loss. Validation reads held-out text, so it needs ``val_every: 0``.
 
@@ -400,11 +400,11 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = True, progress: bo
     next-token loss (``Objective``).
 
     Raises ``TrainError`` for settings or checkpoints that do not fit, ``TrainingDiverged`` for a
-    NaN/inf loss; ``hybrid.data.DataError`` for unusable data. ``config.threads`` sets torch's
+    NaN/inf loss; ``hybrid.training.data.DataError`` for unusable data. ``config.threads`` sets torch's
     CPU thread count for the process.
 
     In a process that ``torchrun`` started, the call joins the launch's other processes
-    (``hybrid.distributed.process_group``) and trains data-parallel with them (``config.parallel``);
+    (``hybrid.training.distributed.process_group``) and trains data-parallel with them (``config.parallel``);
     every process returns the same summary. Synthetic ``batches`` and an ``objective`` train in one
     process only.
     """
@@ -604,7 +604,7 @@ def save_training_checkpoint(out_dir: Path, step: int, recipe: Recipe, config: T
     always complete; a run killed midway leaves at most a hidden folder that the next save removes.
 
     Every process of a data-parallel run calls it and only the main one writes. ``model`` may be
-    wrapped (``hybrid.distributed.wrap``); under FSDP the full weights and optimizer moments are
+    wrapped (``hybrid.training.distributed.wrap``); under FSDP the full weights and optimizer moments are
     gathered from the shards first, so the files are those a one-process run writes."""
     folder = out_dir / f"step_{step:06d}"
     whole = _whole_model(model)

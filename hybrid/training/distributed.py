@@ -1,6 +1,6 @@
-"""Data-parallel training over several processes, as ``torchrun`` starts them (``hybrid.train``).
+"""Data-parallel training over several processes, as ``torchrun`` starts them (``hybrid.training.loop``).
 
-``torchrun --nproc_per_node=N -m hybrid.cli train RECIPE`` starts N copies of ``hybrid train``; each
+``torchrun --nproc_per_node=N -m hybrid train RECIPE`` starts N copies of ``hybrid train``; each
 finds its place in the launch in the environment torchrun sets (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``). ``process_group`` joins them into one
 ``torch.distributed`` group for the run (gloo on CPU, NCCL on CUDA, one GPU per process:
@@ -18,7 +18,7 @@ single-process path is the plain one.
   one device.
 
 Every process trains on its own ``batch_size / world_size`` rows of the global batch
-(``hybrid.data.PackedBatches(rank=, world_size=)``); DDP and FSDP average the gradients, so an
+(``hybrid.training.data.PackedBatches(rank=, world_size=)``); DDP and FSDP average the gradients, so an
 optimizer step is that of the global batch, as in one process up to float rounding.
 """
 
@@ -92,7 +92,7 @@ def process_group(device: torch.device) -> Iterator[None]:
     missing = [name for name in LAUNCH_VARIABLES + ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
         raise DistributedError(f"WORLD_SIZE is {launch_size()} but {', '.join(missing)} is not set: start several "
-                               "processes with torchrun (see hybrid/distributed.py), not by hand")
+                               "processes with torchrun (see hybrid/training/distributed.py), not by hand")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)

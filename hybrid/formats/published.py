@@ -28,7 +28,7 @@ Traps, each handled here and worth knowing when reading published configs:
   (so layer 0 is alt in the hybrids); alt layers use ``alt_rope_partial_dim`` / ``alt_rope_theta``.
 * Value residual: ``v_first`` is the first main layer's ``c_v(ln_attn(x0))`` on the embedding stream
   (layer 1 in a hybrid), alt layers take theirs from layer 0, ``alt_share_v0=1`` gives everyone
-  layer 0's. Our model computes exactly that per value-residual group (hybrid/model.py), so the two
+  layer 0's. Our model computes exactly that per value-residual group (hybrid/model/model.py), so the two
   families simply get two groups (one when shared).
 * KVM zeroes ``rope_partial_dim`` key dims (all of them when it is 0) before ``ln_s_k``, taken from the
   *main* RoPE setting even in an alt layer (kvm.md B4): passed explicitly as ``state_key_zero_dims``.
@@ -65,8 +65,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from blocks.registry import get_mixer
-from hybrid.model import HybridLM
-from hybrid.recipe import Recipe, RecipeError, recipe_from_dict
+from hybrid.model.model import HybridLM
+from hybrid.model.recipe import Recipe, RecipeError, recipe_from_dict
 
 PUBLISHED_COMMIT = "1932b9ca449c99be1067a6014c72892e377563ab"
 MODEL_CLASS_PATH = "model.rwkv7_backbone.RWKV7BackboneForCausalLM"

@@ -42,7 +42,7 @@ import yaml
 from blocks.config import ConfigError, require, require_choice, require_positive
 from blocks.registry import UnknownMixerError, get_mixer
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("relu2", "swiglu", "gelu")
 INITS = ("kvm_paper", "normal")

@@ -21,7 +21,7 @@ length, the answers must come out of the compressed memory even at the training 
 Sequences are a pure function of (seed, stream, index): training batch ``step`` is stream 0,
 evaluation at length ``T`` its own stream per length, so evaluation never reuses a training sequence.
 
-``python -m hybrid.recall`` runs the experiment (``--help``): trains the recipes of
+``python -m hybrid.evaluation.recall`` runs the experiment (``--help``): trains the recipes of
 ``recipes/recall/`` one after the other, evaluates each at every length and writes a markdown table,
 a CSV and a plot of accuracy against length.
 """
@@ -40,9 +40,9 @@ import torch
 from torch import Tensor
 
 from blocks.config import require
-from hybrid.checkpoint import load_checkpoint
-from hybrid.recipe import RECIPES_DIR, load_recipe
-from hybrid.train import config_from_recipe, read_metrics, train
+from hybrid.formats.checkpoint import load_checkpoint
+from hybrid.model.recipe import RECIPES_DIR, load_recipe
+from hybrid.training.loop import config_from_recipe, read_metrics, train
 
 IGNORE = -100
 """Target id that takes no loss (``torch.nn.functional.cross_entropy``'s default ``ignore_index``)."""
@@ -129,7 +129,7 @@ class RecallTask:
 
 
 class RecallBatches:
-    """Training batches of the task for ``hybrid.train.train(..., batches=)``: ``batch(step)`` is a pure
+    """Training batches of the task for ``hybrid.training.loop.train(..., batches=)``: ``batch(step)`` is a pure
     function of (seed, step), so a resumed run continues the same stream."""
 
     def __init__(self, task: RecallTask, seq_len: int, batch_size: int, seed: int):
@@ -270,7 +270,7 @@ def plot(results: list[ModelResult], lengths: list[int], task: RecallTask, train
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m hybrid.recall",
+        prog="python -m hybrid.evaluation.recall",
         description="Train the recipes of recipes/recall/ one after the other on multi-query associative recall "
                     "at the training length, evaluate each at several lengths, and write results.md (the table), "
                     "results.csv and recall.png into --out. A model whose run folder already holds a finished run "

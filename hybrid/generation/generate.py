@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from hybrid.model import HybridLM
-from hybrid.state import ModelState
+from hybrid.model.model import HybridLM
+from hybrid.model.state import ModelState
 
 # ----------------------------------------------------------------------------- prefill
 

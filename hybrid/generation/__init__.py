@@ -1,0 +1,1 @@
+"""Generating text with a model: prefill, sampling, and batched generation without padding."""

@@ -74,15 +74,10 @@ from hybrid.formats.checkpoint import load_checkpoint, save_checkpoint
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import Recipe, build_dataclass
 from hybrid.formats.tokenizer import Tokenizer, load_tokenizer
-from hybrid.training.loop import (
-    TRAINER_JSON,
-    Objective,
-    TrainConfig,
-    TrainSummary,
-    _default_cache_dir,
-    latest_checkpoint,
-    train,
-)
+from hybrid.formats.run_folder import TRAINER_JSON, latest_checkpoint
+from hybrid.training.config import TrainConfig
+from hybrid.training.data import default_cache_dir
+from hybrid.training.loop import Objective, TrainSummary, train
 
 STAGES = ("stage1", "stage2", "stage3")
 HELD_OUT = ("tragedies/hamlet.md",)  # plays of the built-in corpus kept out of the default distillation data
@@ -411,7 +406,7 @@ def run_conversion(settings: ConversionSettings, progress: bool = True) -> Conve
             config = stage_config(stage, settings.budgets[stage], {**common, "out_dir": str(stages_dir / stage)},
                                   settings.stage_overrides.get(stage))
             check_reaches_past_window(stage, target.student, target.converted, config)
-    cache = Path(settings.cache_dir) if settings.cache_dir else _default_cache_dir()
+    cache = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
     selection = None
     if settings.keep_attention is not None:
         from convert.layer_scores import check_keep

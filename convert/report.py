@@ -30,7 +30,8 @@ from convert.evaluate import long_range_perplexity, state_bytes
 from convert.teacher import load_teacher
 from hybrid.formats.checkpoint import load_checkpoint
 from hybrid.model.describe import human_bytes
-from hybrid.training.loop import TRAINER_JSON, latest_checkpoint, read_metrics
+from hybrid.formats.run_folder import TRAINER_JSON, latest_checkpoint
+from hybrid.training.metrics import read_metrics
 
 DEFAULT_CONTEXTS = (1024, 4096, 16384)
 

@@ -27,7 +27,9 @@ from convert.teacher import load_teacher
 from hybrid.training import data as datalib
 from hybrid.formats.checkpoint import load_checkpoint, save_checkpoint
 from hybrid.cli.main import main
-from hybrid.training.loop import TRAINER_JSON, read_metrics, train
+from hybrid.formats.run_folder import TRAINER_JSON
+from hybrid.training.loop import train
+from hybrid.training.metrics import read_metrics
 from tests.test_convert import TINY, random_teacher_tensors, write_hf_folder
 
 KVM = {"kvm": {"chunk_len": 8, "n_bswa_chunks": 2}}  # a 16-token window

@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 
 from hybrid.training import distributed
 from hybrid.model.recipe import RecipeError, load_recipe
-from hybrid.training.loop import TrainError, config_from_recipe, read_metrics, train
+from hybrid.training.config import TrainError, config_from_recipe
+from hybrid.training.loop import train
+from hybrid.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-5  # measured: at most 2e-7 relative (the gradient all-reduce adds in another order)

@@ -23,7 +23,8 @@ from hybrid.evaluation.recall import (
     run_model,
 )
 from hybrid.model.recipe import load_recipe
-from hybrid.training.loop import TrainError, accumulate_gradients, config_from_recipe, train
+from hybrid.training.config import TrainError, config_from_recipe
+from hybrid.training.loop import accumulate_gradients, train
 
 TASK = RecallTask(n_pairs=4, n_queries=3, n_keys=10, n_values=12, n_filler=5)
 

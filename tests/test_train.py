@@ -1,4 +1,4 @@
-"""Training (hybrid/train.py, ``hybrid train``): parameter groups, the schedule, gradient accumulation,
+"""Training (hybrid/training/, ``hybrid train``): parameter groups, the schedule, gradient accumulation,
 a loss that falls, checkpoints that resume bitwise after a real SIGKILL, NaN stops that keep the last
 good checkpoint, clear errors for corrupt or mismatched checkpoints and bad settings."""
 
@@ -22,21 +22,11 @@ from hybrid.formats.checkpoint import load_checkpoint
 from hybrid.cli.main import main
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import RecipeError, load_recipe, recipe_from_dict
-from hybrid.training.loop import (
-    TrainConfig,
-    TrainError,
-    TrainingDiverged,
-    accumulate_gradients,
-    build_optimizer,
-    config_from_recipe,
-    enable_activation_checkpointing,
-    lr_at,
-    parameter_groups,
-    parse_overrides,
-    read_metrics,
-    step_folders,
-    train,
-)
+from hybrid.formats.run_folder import step_folders
+from hybrid.training.config import TrainConfig, TrainError, config_from_recipe, parse_overrides
+from hybrid.training.loop import TrainingDiverged, accumulate_gradients, enable_activation_checkpointing, train
+from hybrid.training.metrics import read_metrics
+from hybrid.training.optimizer import build_optimizer, lr_at, parameter_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = {"vocab_size": 256, "d_model": 32, "n_layers": 2, "layers": "GK",

@@ -23,7 +23,7 @@ from hybrid.formats.published import PublishedCheckpointError
 from hybrid.model.recipe import RECIPES_DIR, RecipeError, load_recipe
 from hybrid.formats.model_source import UsageError
 from hybrid.formats.tokenizer import TokenizerError
-from hybrid.training.loop import TrainError
+from hybrid.training.config import TrainError
 
 USER_ERRORS = (RecipeError, ConfigError, UnknownMixerError, StateError, CheckpointError, TokenizerError,
                UsageError, PublishedCheckpointError, FileNotFoundError, DataError, TrainError, TeacherError)
@@ -108,12 +108,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from hybrid.training import distributed
-    from hybrid.training.loop import (
-        TrainingDiverged,
-        config_from_recipe,
-        parse_overrides,
-        train,
-    )
+    from hybrid.training.config import config_from_recipe, parse_overrides
+    from hybrid.training.loop import TrainingDiverged, train
 
     recipe = load_recipe(args.recipe)
     overrides = parse_overrides(args.set)
@@ -407,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     trn = commands.add_parser("train", help="train a recipe's model (resumes from the last checkpoint)",
                               description="Train the model a recipe describes with the settings of its train: "
-                                          "section (see hybrid/train.py for every key). Writes checkpoint folders "
+                                          "section (see hybrid/training/config.py for every key). Writes checkpoint folders "
                                           "(OUT/step_NNNNNN, loadable by generate), OUT/latest, OUT/metrics.jsonl "
                                           "and OUT/loss.png; run it again to continue from the newest checkpoint. "
                                           f"Exit code {DIVERGED_EXIT} when the loss becomes NaN/inf "

@@ -42,7 +42,9 @@ from torch import Tensor
 from blocks.config import require
 from hybrid.formats.checkpoint import load_checkpoint
 from hybrid.model.recipe import RECIPES_DIR, load_recipe
-from hybrid.training.loop import config_from_recipe, read_metrics, train
+from hybrid.training.config import config_from_recipe
+from hybrid.training.loop import train
+from hybrid.training.metrics import read_metrics
 
 IGNORE = -100
 """Target id that takes no loss (``torch.nn.functional.cross_entropy``'s default ``ignore_index``)."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from blocks.state import StateError
+from hybrid.formats.atomic import fsync_folder, swap_into_place
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import Recipe, RecipeError, load_recipe
 from hybrid.model.state import read_safetensors
@@ -77,31 +77,12 @@ def save_checkpoint(folder: str | Path, recipe: Recipe, model: HybridLM, tokeniz
         metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
                     "model_fingerprint": recipe.model.fingerprint(), "aliases": json.dumps(aliases)}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
-        _fsync_folder(tmp)
-        _swap_into_place(tmp, folder)
+        fsync_folder(tmp)
+        swap_into_place(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return folder
-
-
-def _swap_into_place(new: Path, folder: Path) -> None:
-    """Rename ``new`` to ``folder``; an existing ``folder`` is moved aside first and restored on failure."""
-    if not folder.exists():
-        os.replace(new, folder)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-    try:
-        os.replace(folder, old)  # a directory may replace an empty one, atomically
-    except BaseException:
-        old.rmdir()
-        raise
-    try:
-        os.replace(new, folder)
-    except BaseException:
-        os.replace(old, folder)
-        raise
-    shutil.rmtree(old)
 
 
 def _unique_tensors(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -118,18 +99,6 @@ def _unique_tensors(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], d
             seen[key] = name
             tensors[name] = value.detach().contiguous().cpu()
     return tensors, aliases
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Flush the files and the folder entry to disk, so a rename never publishes unwritten data."""
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_checkpoint(folder: Path) -> bool:

@@ -58,7 +58,7 @@ def open_model(source: str, device: str, dtype: str | None, seed: int, log: Text
     if Path(source).is_dir():
         folder = Path(source)
         if not (folder / "recipe.yaml").is_file():
-            from hybrid.training.loop import latest_checkpoint
+            from hybrid.formats.run_folder import latest_checkpoint
 
             newest = latest_checkpoint(folder)
             if newest is not None:

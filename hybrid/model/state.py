@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from blocks.state import LayerState, StateError
+from hybrid.formats.atomic import save_safetensors
 
 FORMAT = "kvm-hybrid-state"
 FORMAT_VERSION = 1
@@ -74,7 +73,7 @@ class ModelState:
                 tensors[f"mlp_tails.{i}"] = tail.detach().contiguous().cpu()
         metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "model_fingerprint": fingerprint,
                     "seq_len": str(self.seq_len), "layer_states": json.dumps([type(s).__name__ for s in self.layers])}
-        atomic_save_safetensors(tensors, Path(path), metadata)
+        save_safetensors(tensors, Path(path), metadata)
 
     @classmethod
     def load(cls, path: str | Path, fingerprint: str, state_classes: list[type[LayerState]],
@@ -99,19 +98,6 @@ class ModelState:
             tail = tensors.get(f"mlp_tails.{i}")
             tails.append(None if tail is None else tail.to(device))
         return cls(layers, tails, int(metadata["seq_len"]))
-
-
-def atomic_save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_safetensors(path: Path, what: str) -> tuple[dict[str, str], dict[str, Tensor]]:

@@ -192,6 +192,12 @@ def tokenizer_identity(tokenizer: Tokenizer) -> dict:
             "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
 
 
+def default_cache_dir() -> Path:
+    """Where token caches go unless a run names its own: ``$XDG_CACHE_HOME/kvm-hybrid/tokens``
+    (``~/.cache/kvm-hybrid/tokens``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvm-hybrid" / "tokens"
+
+
 def build_token_cache(sources: Sequence[str | Path], tokenizer: Tokenizer, cache_dir: str | Path, *,
                       text_field: str = "text", append_eos: bool = True, progress: bool = True) -> TokenFile:
     """Tokenize ``sources`` once into ``<cache_dir>/<key>.tokens`` and return it memory-mapped.

@@ -1,0 +1,77 @@
+"""Atomic writes: a reader, or the next run after a crash, finds the old file or folder or the new one,
+never half of one.
+
+A file is written under a hidden temporary name in its own folder (``.<name>.<random><suffix>``)
+and renamed over its path: ``os.replace`` is atomic within a filesystem. A folder is assembled
+under a temporary name, flushed to disk (``fsync_folder``) and swapped into place
+(``swap_into_place``), the folder it replaces kept aside until the new one is in place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+
+def replace_file(path: Path, write: Callable[[str], None], suffix: str = ".tmp") -> None:
+    """Create or replace ``path`` with the file ``write(temporary path)`` writes. The temporary file
+    ends in ``suffix`` (for writers that choose the format by the name), is readable by all like any
+    result file, and is removed if ``write`` fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    """``path.write_text(text)``, atomically."""
+    replace_file(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file of ``tensors`` with ``metadata``, written atomically."""
+    replace_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush the files and the folder entry to disk, so a rename never publishes unwritten data."""
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def swap_into_place(new: Path, folder: Path) -> None:
+    """Rename ``new`` to ``folder``; an existing ``folder`` is moved aside first (as ``.<name>.old-*``),
+    restored on failure, and deleted once ``new`` is in place."""
+    if not folder.exists():
+        os.replace(new, folder)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+    try:
+        os.replace(folder, old)  # a directory may replace an empty one, atomically
+    except BaseException:
+        old.rmdir()
+        raise
+    try:
+        os.replace(new, folder)
+    except BaseException:
+        os.replace(old, folder)
+        raise
+    shutil.rmtree(old)

@@ -1,18 +1,14 @@
 """Distillation: a converted student trained towards its teacher in resumable stages (conversion.md §1.2).
 
-* **stage1, alignment.** Each converted layer's new mixer reads the teacher's normed hidden state
-  at that layer and learns to output what the teacher's attention outputs there. One teacher pass
-  gives every layer's input and target, so all layers train at once and independently of each
-  other. Loss: the mean over converted layers of the MSE divided by the mean square of the teacher's
-  output (a relative error, so deep layers with large activations do not dominate). Only the
-  converted layers' mixer parameters train; every other parameter stays bitwise the teacher's.
+* **stage1, alignment.** Each converted layer's new mixer learns to output what the teacher's
+  attention outputs at that layer (``convert.losses.alignment_objective``). Only the converted
+  layers' mixer parameters train; every other parameter stays bitwise the teacher's.
 * **stage2, logit distillation.** KL(teacher || student) of the next-token distributions at a
-  temperature T (times T², so gradients keep their scale), averaged over tokens; the whole
-  student trains.
+  temperature (``convert.losses.kl_objective``); the whole student trains.
 * **stage3, fine-tuning (optional).** Next-token cross-entropy, no teacher, at a longer context.
 
-Every stage is a ``hybrid.training.loop.train`` run with an ``Objective``: the same optimizer groups,
-schedule, progress bar, ``metrics.jsonl``/``loss.png``, atomic ``step_*`` checkpoints and bitwise
+Every stage is a ``hybrid.training.loop.train`` run with an ``Objective``: the same optimizer
+groups, schedule, progress bar, ``metrics.jsonl``/``loss.png``, atomic ``step_*`` checkpoints and bitwise
 resume as ``hybrid train``. A stage starts (``train.init_from``) from the previous stage's final
 checkpoint, the first from the converted-at-init student. ``STAGE_DEFAULTS`` holds each stage's
 settings: the RADLADS ones (stage 1: lr 1e-3 cosine to 1e-5, sequences of 512; stage 2: constant
@@ -55,28 +51,27 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from convert.errors import TeacherError
 from convert.evaluate import window_len
 from convert.init import convert_teacher
-from convert.plan import plan_student
+from convert.layer_scores import DEFAULT_SEQUENCES, as_sequences, check_keep, layer_scores
+from convert.losses import alignment_objective, kl_objective
+from convert.plan import LayerPlan, plan_student
 from convert.teacher import Teacher, load_teacher
-from hybrid.training import data as datalib
 from hybrid.formats.checkpoint import load_checkpoint, save_checkpoint
+from hybrid.formats.run_folder import TRAINER_JSON, latest_checkpoint
+from hybrid.formats.tokenizer import Tokenizer
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import Recipe, build_dataclass
-from hybrid.formats.tokenizer import Tokenizer, load_tokenizer
-from hybrid.formats.run_folder import TRAINER_JSON, latest_checkpoint
+from hybrid.training import data as datalib
 from hybrid.training.config import TrainConfig
-from hybrid.training.data import default_cache_dir
 from hybrid.training.loop import Objective, TrainSummary, train
 
 STAGES = ("stage1", "stage2", "stage3")
@@ -91,106 +86,6 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "stage3": {"seq_len": 1024, "batch_size": 8, "lr": 1e-5, "min_lr_ratio": 0.1, "schedule": "cosine"},
 }
 MAX_WARMUP = 50  # warm-up steps: 10% of a stage's steps, at most this many (unless set)
-
-
-# ----------------------------------------------------------------------------- losses
-
-def teacher_mixer_io(teacher: HybridLM, inputs: Tensor, layers: Sequence[int]) -> dict[int, tuple[Tensor, Tensor]]:
-    """``{layer: (mixer input, mixer output)}`` of the teacher on ``inputs`` (B, T): the normed
-    residual stream each listed layer's attention reads and what it adds back. The teacher runs only
-    up to the last listed layer (no head)."""
-    captured: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def hook(index: int):
-        def record(module, args, output):
-            captured[index] = (args[0], output[0])
-        return record
-
-    handles = [teacher.blocks[i].mixer.register_forward_hook(hook(i)) for i in layers]
-    try:
-        x = teacher.embed(inputs)
-        if teacher.embed_norm is not None:
-            x = teacher.embed_norm(x)
-        ctx: dict = {}
-        for block in teacher.blocks[:max(layers) + 1]:
-            x, _, _ = block(x, None, None, ctx)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-def relative_mse(output: Tensor, target: Tensor) -> Tensor:
-    """MSE of ``output`` against ``target`` divided by the mean square of ``target`` (fp32)."""
-    target = target.float()
-    return (output.float() - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
-
-
-def _alignment_terms(teacher: HybridLM, student: HybridLM, inputs: Tensor, layers: Sequence[int],
-                     autocast: torch.dtype | None) -> dict[int, Tensor]:
-    with torch.no_grad(), _autocast(inputs, autocast):
-        io = teacher_mixer_io(teacher, inputs, layers)
-    with _autocast(inputs, autocast):
-        outputs = {i: student.blocks[i].mixer(x, None, {})[0] for i, (x, _) in io.items()}
-    return {i: relative_mse(outputs[i], io[i][1]) for i in layers}
-
-
-@torch.no_grad()
-def alignment_losses(teacher: HybridLM, student: HybridLM, inputs: Tensor, layers: Sequence[int]) -> dict[int, float]:
-    """Stage 1's loss per converted layer (relative MSE of the student mixer against the teacher's
-    attention, both reading the teacher's hidden states) on ``inputs`` (B, T)."""
-    return {i: v.item() for i, v in _alignment_terms(teacher, student, inputs, layers, None).items()}
-
-
-def alignment_objective(teacher: HybridLM, layers: Sequence[int]) -> Objective:
-    """Stage 1: the mean of ``alignment_losses`` over ``layers``, training only their mixers."""
-    layers = tuple(layers)
-    prefixes = tuple(f"blocks.{i}.mixer." for i in layers)
-
-    def loss(model: HybridLM, inputs: Tensor, targets: Tensor, grad_accum: int, autocast) -> float:
-        total = 0.0
-        for x in inputs.chunk(grad_accum):
-            terms = _alignment_terms(teacher, model, x, layers, autocast)
-            value = torch.stack(list(terms.values())).mean() / grad_accum
-            value.backward()
-            total += value.item()
-        return total
-
-    return Objective(loss, trainable=lambda name: name.startswith(prefixes))
-
-
-def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Mean over tokens of KL(teacher || student) of the softened distributions, times T²."""
-    t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
-    s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
-
-
-def kl_objective(teacher: HybridLM, temperature: float = 1.0) -> Objective:
-    """Stage 2: ``kl_divergence`` of the whole student against the teacher."""
-    def loss(model: HybridLM, inputs: Tensor, targets: Tensor, grad_accum: int, autocast) -> float:
-        total = 0.0
-        for x in inputs.chunk(grad_accum):
-            with torch.no_grad(), _autocast(x, autocast):
-                teacher_logits = teacher(x).logits
-            with _autocast(x, autocast):
-                student_logits = model(x).logits
-            value = kl_divergence(student_logits, teacher_logits, temperature) / grad_accum
-            value.backward()
-            total += value.item()
-        return total
-
-    return Objective(loss)
-
-
-@torch.no_grad()
-def mean_kl(teacher: HybridLM, student: HybridLM, inputs: Tensor, temperature: float = 1.0) -> float:
-    """Stage 2's loss on ``inputs`` (B, T), without gradients."""
-    return kl_divergence(student(inputs).logits, teacher(inputs).logits, temperature).item()
-
-
-def _autocast(x: Tensor, dtype: torch.dtype | None):
-    return torch.autocast(x.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- stage settings
@@ -382,23 +277,14 @@ def run_conversion(settings: ConversionSettings, progress: bool = True) -> Conve
         torch.set_num_threads(settings.threads)
     out = Path(settings.out)
     stages_dir = out / "stages"
-    record_path = stages_dir / CONVERSION_FILE
-    if out.exists() and not record_path.is_file() and any(out.iterdir()):
-        raise TeacherError(f"{out} exists and is not a conversion folder (no stages/{CONVERSION_FILE}): "
-                           "choose a new output folder")
-    recorded = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    if recorded:
-        changed = [f"{k}: {recorded['identity'].get(k)!r} there, {v!r} now"
-                   for k, v in settings.identity().items() if recorded["identity"].get(k) != v]
-        if changed:
-            raise TeacherError(f"{out} holds another conversion ({'; '.join(changed)}): choose a new output folder")
+    recorded = _recorded_conversion(out, settings)
 
     teacher = load_teacher(settings.teacher, n_layers=settings.teacher_layers)
     target = plan_student(teacher.recipe, settings.plan, settings.mixers)
     held_out = held_out_files()
     sources = list(settings.data) if settings.data is not None else default_sources()
     check_disjoint(sources, held_out)
-    tokenizer = _tokenizer(teacher, teacher.recipe)
+    tokenizer = teacher.text_tokenizer()
     common = {"out_dir": None, "seed": settings.seed, "threads": settings.threads, "device": settings.device,
               "cache_dir": settings.cache_dir, "data": list(sources)}
     for stage in STAGES:  # every stage's settings checked before any work
@@ -406,11 +292,9 @@ def run_conversion(settings: ConversionSettings, progress: bool = True) -> Conve
             config = stage_config(stage, settings.budgets[stage], {**common, "out_dir": str(stages_dir / stage)},
                                   settings.stage_overrides.get(stage))
             check_reaches_past_window(stage, target.student, target.converted, config)
-    cache = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+    cache = Path(settings.cache_dir) if settings.cache_dir else datalib.default_cache_dir()
     selection = None
     if settings.keep_attention is not None:
-        from convert.layer_scores import check_keep
-
         check_keep(settings.keep_attention, target)
         selection = recorded.get("layer_selection") or select_layers(
             settings, teacher, datalib.build_token_cache(sources, tokenizer, cache, progress=progress), progress)
@@ -431,13 +315,37 @@ def run_conversion(settings: ConversionSettings, progress: bool = True) -> Conve
               "data": sources, "held_out": [str(p) for p in held_out], "budgets": settings.budgets,
               "stage_overrides": settings.stage_overrides, "temperature": settings.temperature,
               "window": window_len(plan.student.model), "layer_selection": selection}
-    record_path.write_text(json.dumps(record, indent=1) + "\n")
-
+    (stages_dir / CONVERSION_FILE).write_text(json.dumps(record, indent=1) + "\n")
     init_dir = stages_dir / "init"
     if not (init_dir / "model.safetensors").is_file():
         save_checkpoint(init_dir, plan.student, student, tokenizer)
     del student
-    previous, summaries = str(init_dir), {}
+    return _distil(settings, plan, teacher.model, common, started, say, progress)
+
+
+def _recorded_conversion(out: Path, settings: ConversionSettings) -> dict:
+    """The record of the conversion ``out`` already holds ({} for a new folder); refuses a folder that
+    is not a conversion, or holds another conversion than ``settings`` describe."""
+    record_path = out / "stages" / CONVERSION_FILE
+    if out.exists() and not record_path.is_file() and any(out.iterdir()):
+        raise TeacherError(f"{out} exists and is not a conversion folder (no stages/{CONVERSION_FILE}): "
+                           "choose a new output folder")
+    recorded = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if recorded:
+        changed = [f"{k}: {recorded['identity'].get(k)!r} there, {v!r} now"
+                   for k, v in settings.identity().items() if recorded["identity"].get(k) != v]
+        if changed:
+            raise TeacherError(f"{out} holds another conversion ({'; '.join(changed)}): choose a new output folder")
+    return recorded
+
+
+def _distil(settings: ConversionSettings, plan: LayerPlan, teacher: HybridLM, common: dict[str, Any],
+            started: float, say: Callable[[str], None], progress: bool) -> ConversionResult:
+    """Train the stages with a budget, each from the previous one's final checkpoint (the first from
+    ``stages/init``), then export the last as ``OUT``; stops early at the time limit."""
+    out = Path(settings.out)
+    stages_dir = out / "stages"
+    previous, summaries = str(stages_dir / "init"), {}
     for stage in STAGES:
         tokens = settings.budgets.get(stage, 0)
         if not tokens:
@@ -450,7 +358,7 @@ def run_conversion(settings: ConversionSettings, progress: bool = True) -> Conve
         config = stage_config(stage, tokens, {**common, "out_dir": str(stages_dir / stage), "init_from": previous,
                                               "time_limit_s": left}, settings.stage_overrides.get(stage))
         say(f"{stage}: {tokens:,} tokens, {config.total_steps} steps of {config.batch_size}x{config.seq_len}")
-        summary = run_stage(stage, plan.student, teacher.model, plan.converted, config, settings.temperature, progress)
+        summary = run_stage(stage, plan.student, teacher, plan.converted, config, settings.temperature, progress)
         summaries[stage] = summary
         if summary.stopped == "time_limit":
             return ConversionResult(out, summaries, False)
@@ -466,19 +374,12 @@ def select_layers(settings: ConversionSettings, teacher: Teacher, data_tokens, p
     ``settings.plan`` with its best layers kept as attention), measured on the first
     ``DEFAULT_SEQUENCES`` sequences of stage 2's length of the distillation data (``data_tokens``,
     1-D ids), not on the held-out text, which the report scores."""
-    from convert.layer_scores import DEFAULT_SEQUENCES, as_sequences, layer_scores
-
     seq_len = {**STAGE_DEFAULTS["stage2"], **settings.stage_overrides.get("stage2", {})}["seq_len"]
     ids = as_sequences(np.asarray(data_tokens[:DEFAULT_SEQUENCES * seq_len]).astype(np.int64), seq_len,
                        "the distillation data")
     teacher.model.to(_device(settings.device))
     scores = layer_scores(teacher, settings.plan, settings.mixers, ids, progress=progress)
     return scores.to_dict(keep=settings.keep_attention)
-
-
-def _tokenizer(teacher: Teacher, recipe: Recipe) -> Tokenizer:
-    """The teacher's tokenizer, or the one its recipe names (bytes, for a folder without tokenizer.json)."""
-    return teacher.tokenizer if teacher.tokenizer is not None else load_tokenizer(recipe.tokenizer)
 
 
 def export_final(out: Path, checkpoint: Path, recipe: Recipe, fine_tune: TrainConfig) -> Path:

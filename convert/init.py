@@ -58,6 +58,8 @@ than no state at all. Hence the default; distillation may still learn a better `
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -129,24 +131,19 @@ def _copy_gla(source, target) -> list[str]:
     return _copy_weights({f"{p}_proj.weight": getattr(source, f"{p}_proj").weight for p in "qkvo"}, target)
 
 
-def _copy_gated_deltanet(source, target) -> list[str]:
+def _copy_with_kv_repeated(source, target, query: str) -> list[str]:
+    """Mixers without key groups (Gated DeltaNet, RWKV-7): the teacher's q as ``query``, k and v
+    repeated over each GQA group, and o."""
     h, hkv = source.num_heads, source.num_kv_heads
-    return _copy_weights({"q_proj.weight": source.q_proj.weight,
-                          "k_proj.weight": _repeat_groups(source.k_proj.weight, h, hkv),
-                          "v_proj.weight": _repeat_groups(source.v_proj.weight, h, hkv),
-                          "o_proj.weight": source.o_proj.weight}, target)
-
-
-def _copy_rwkv7(source, target) -> list[str]:
-    h, hkv = source.num_heads, source.num_kv_heads
-    return _copy_weights({"r_proj.weight": source.q_proj.weight,
+    return _copy_weights({f"{query}.weight": source.q_proj.weight,
                           "k_proj.weight": _repeat_groups(source.k_proj.weight, h, hkv),
                           "v_proj.weight": _repeat_groups(source.v_proj.weight, h, hkv),
                           "o_proj.weight": source.o_proj.weight}, target)
 
 
 _COPIERS = {"kvm": _copy_projected, "bswa": _copy_projected, "gla": _copy_gla,
-            "gated_deltanet": _copy_gated_deltanet, "rwkv7": _copy_rwkv7}
+            "gated_deltanet": functools.partial(_copy_with_kv_repeated, query="q_proj"),
+            "rwkv7": functools.partial(_copy_with_kv_repeated, query="r_proj")}
 
 
 def convert_teacher(teacher: Teacher | str, layers, mixers: dict[str, dict] | None = None, to: str | None = None,

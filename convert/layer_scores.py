@@ -8,7 +8,7 @@
 
 The target plan's student at init (``convert.init``) is measured against the teacher, once fully
 converted and once per converted layer ``i`` with only that layer restored to the teacher's
-attention. The measure is ``convert.distill.kl_divergence`` (KL(teacher || student), mean per token)
+attention. The measure is ``convert.losses.kl_divergence`` (KL(teacher || student), mean per token)
 at the query positions **beyond the student's window** (``convert.evaluate.window_len``): inside it
 a KVM / BSWA student equals the teacher, so those positions carry no signal and sequences that do
 not reach past the window are refused. ``score_i = KL_all - KL_restored_i``: how much keeping
@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
-from convert.distill import _tokenizer, kl_divergence
 from convert.errors import TeacherError
 from convert.evaluate import window_len
 from convert.init import init_student
+from convert.losses import kl_divergence
 from convert.plan import KEEP, LayerPlan, parse_layers, plan_student
 from convert.teacher import Teacher
 from hybrid.model.model import HybridLM
@@ -200,7 +200,7 @@ def as_sequences(ids, seq_len: int, source: str) -> torch.Tensor:
 def eval_token_ids(teacher: Teacher, files: Sequence[str | Path], n_tokens: int, seq_len: int) -> torch.Tensor:
     """The first ``n_tokens`` tokens of ``files`` (joined by newlines; the teacher's tokenizer) as
     (n_tokens // seq_len, seq_len) int64."""
-    tokenizer = _tokenizer(teacher, teacher.recipe)
+    tokenizer = teacher.text_tokenizer()
     text = "\n".join(Path(f).read_text(encoding="utf-8") for f in files)
     return as_sequences(tokenizer.encode(text)[:n_tokens], seq_len, ", ".join(str(f) for f in files))
 

@@ -1,7 +1,7 @@
 """The conversion report: how close each stage got to the teacher, and what the student's state costs.
 
-``python -m convert.report OUT`` (or ``hybrid convert-report OUT``) reads a ``hybrid convert`` output
-folder and writes ``OUT/report.md`` and ``OUT/report.json``:
+``hybrid convert-report OUT`` (``write_report``) reads a ``hybrid convert`` output folder and writes
+``OUT/report.md`` and ``OUT/report.json``:
 
 * perplexity **beyond the window** (``convert.evaluate.long_range_perplexity``: segments of
   ``segment_len`` tokens, each read from an empty state, scored at query positions >= the
@@ -128,13 +128,3 @@ def write_report(out: str | Path, **options) -> tuple[dict, str]:
     (Path(out) / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (Path(out) / "report.md").write_text(text)
     return report, text
-
-
-def main(argv: list[str] | None = None) -> int:
-    from hybrid.cli.main import main as cli_main
-
-    return cli_main(["convert-report", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

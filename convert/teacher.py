@@ -44,7 +44,7 @@ from convert.errors import TeacherError
 from convert.gguf_reader import GGUFTeacherFile
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import Recipe, RecipeError, recipe_from_dict
-from hybrid.formats.tokenizer import HFTokenizer, Tokenizer
+from hybrid.formats.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTENTION, SLIDING = "attention", "swa"  # the teacher recipe's mixer names
@@ -60,6 +60,11 @@ class Teacher:
     tokenizer: Tokenizer | None
     config: dict
     source: str
+
+    def text_tokenizer(self) -> Tokenizer:
+        """The tokenizer to read text with: the source's own, or the one its recipe names (bytes, for a
+        folder without tokenizer.json)."""
+        return self.tokenizer if self.tokenizer is not None else load_tokenizer(self.recipe.tokenizer)
 
 
 # ----------------------------------------------------------------------------- config -> recipe

@@ -14,8 +14,6 @@ import torch.nn.functional as F
 from convert.distill import (
     STAGE_DEFAULTS,
     ConversionSettings,
-    alignment_losses,
-    mean_kl,
     parse_set_options,
     run_conversion,
     run_stage,
@@ -23,6 +21,7 @@ from convert.distill import (
 )
 from convert.errors import TeacherError
 from convert.init import convert_teacher
+from convert.losses import alignment_losses, mean_kl
 from convert.teacher import load_teacher
 from hybrid.training import data as datalib
 from hybrid.formats.checkpoint import load_checkpoint, save_checkpoint

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from convert.distill import kl_divergence
 from convert.errors import TeacherError
 from convert.init import convert_teacher
 from convert.layer_scores import LayerScores, choose_plan, layer_scores, restore_layers
+from convert.losses import kl_divergence
 from convert.teacher import load_teacher
 from hybrid.formats.checkpoint import load_checkpoint
 from hybrid.cli.main import main

@@ -55,7 +55,7 @@ import yaml
 from blocks.attention import AttentionConfig
 from blocks.projection import ProjectionConfig
 from blocks.registry import get_mixer
-from hybrid.generation.generate import _synchronize, prefill
+from hybrid.generation.generate import prefill, synchronize
 from hybrid.model.describe import KINDS, human_bytes
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import LayerConfig, ModelConfig, RecipeError, recipe_from_dict
@@ -153,10 +153,10 @@ def repeat(repeats: int, fn: Callable[..., float], *args) -> Timing:
 def prefill_seconds(model: HybridLM, context: int, chunk: int | None, generator: torch.Generator) -> float:
     """Seconds to prefill ``context`` random tokens (one forward, or ``chunk`` tokens per forward)."""
     tokens = torch.randint(0, model.config.vocab_size, (1, context), generator=generator).to(model.device)
-    _synchronize(model.device)
+    synchronize(model.device)
     start = time.perf_counter()
     prefill(model, tokens, chunk_size=chunk or context)
-    _synchronize(model.device)
+    synchronize(model.device)
     return time.perf_counter() - start
 
 
@@ -167,13 +167,13 @@ def decode_seconds(model: HybridLM, context: int, steps: int, generator: torch.G
     state = state_at(model, context)
     token = torch.randint(0, model.config.vocab_size, (1, 1), generator=generator).to(model.device)
     model(token, state)  # warm-up (allocator, lazy init); its state is discarded
-    _synchronize(model.device)
+    synchronize(model.device)
     start = time.perf_counter()
     for _ in range(steps):
         out = model(token, state, last_only=True)
         state = out.state
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-    _synchronize(model.device)
+    synchronize(model.device)
     return (time.perf_counter() - start) / steps
 
 

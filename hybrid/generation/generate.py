@@ -156,25 +156,43 @@ def generate(model: HybridLM, prompts: Sequence[Sequence[int]], config: Sampling
             raise ValueError(f"state holds {state.batch_size} rows but there are {batch} prompts "
                              "(pass a state of batch 1 to share it, or one row per prompt)")
         state = state.select([0] * batch)
-    generator = None
-    if config.seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(config.seed)
-    stop = set(config.stop_tokens)
 
     common = min(len(p) for p in prompts)
     start = time.perf_counter()
     logits, state = prefill(model, torch.tensor([p[:common] for p in prompts], device=model.device), state,
                             chunk_size=prefill_chunk_size)  # logits: (B, vocab)
-    _synchronize(model.device)
+    synchronize(model.device)
     prefill_seconds = time.perf_counter() - start
 
+    start = time.perf_counter()
+    out, final, reasons, steps = _decode(model, prompts, common, logits, state, config, on_token)
+    synchronize(model.device)
+    decode_seconds = time.perf_counter() - start
+
+    state_bytes: dict[str, int] = {}
+    for s in final:
+        for kind, n in s.bytes_by_kind().items():
+            state_bytes[kind] = state_bytes.get(kind, 0) + n
+    stats = GenerationStats(common, prefill_seconds, steps, decode_seconds, sum(map(len, out)), state_bytes)
+    return GenerationResult(out, final, reasons, stats)
+
+
+def _decode(model: HybridLM, prompts: list[list[int]], common: int, logits: Tensor, state: ModelState,
+            config: SamplingConfig, on_token: Callable[[int, int], None] | None
+            ) -> tuple[list[list[int]], list[ModelState], list[str], int]:
+    """The one-token steps of ``generate`` after the ``common`` prompt tokens every row prefilled:
+    (new tokens per row, final state per row, finish reason per row, steps taken)."""
+    generator = None
+    if config.seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(config.seed)
+    stop = set(config.stop_tokens)
+    batch = len(prompts)
     out: list[list[int]] = [[] for _ in prompts]
     fed = [common] * batch  # how many of row i's tokens (prompt, then output) the state holds
     final: list[ModelState | None] = [None] * batch
     reasons = [""] * batch
     rows = list(range(batch))  # the prompt index of each row of `state` and `logits`
     steps = 0
-    start = time.perf_counter()
     while True:
         # A row whose tokens are all in the state either is finished (it leaves the batch with its
         # state) or samples its next token from the logits after its last one.
@@ -189,7 +207,7 @@ def generate(model: HybridLM, prompts: Sequence[Sequence[int]], config: Sampling
                 keep.append(j)
                 sampling.append(j)
         if not keep:
-            break
+            return out, final, reasons, steps
         if len(keep) < len(rows):
             sampling = [keep.index(j) for j in sampling]
             rows, state, logits = [rows[j] for j in keep], state.select(keep), logits[keep]
@@ -205,18 +223,9 @@ def generate(model: HybridLM, prompts: Sequence[Sequence[int]], config: Sampling
         for i in rows:
             fed[i] += 1
         steps += 1
-    _synchronize(model.device)
-    decode_seconds = time.perf_counter() - start
-
-    state_bytes: dict[str, int] = {}
-    for s in final:
-        for kind, n in s.bytes_by_kind().items():
-            state_bytes[kind] = state_bytes.get(kind, 0) + n
-    stats = GenerationStats(common, prefill_seconds, steps, decode_seconds, sum(map(len, out)), state_bytes)
-    return GenerationResult(out, final, reasons, stats)
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so the timings measure the work and not just its launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -43,7 +43,6 @@ from the teacher (prompts: 16-token snippets of the data; temperature 1, top-p 0
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -68,6 +67,7 @@ from convert.teacher import Teacher, load_teacher
 from hybrid.formats.checkpoint import load_checkpoint, save_checkpoint
 from hybrid.formats.run_folder import TRAINER_JSON, latest_checkpoint
 from hybrid.formats.tokenizer import Tokenizer
+from hybrid.model.device import resolve_device
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import Recipe, build_dataclass
 from hybrid.training import data as datalib
@@ -136,7 +136,7 @@ def run_stage(stage: str, recipe: Recipe, teacher: HybridLM, converted: Sequence
             raise TeacherError(f"{config.out_dir} started from {started_from}, but the stage before it now ends at "
                                f"{config.init_from}: delete {config.out_dir} to redo {stage} from the new weights, "
                                "or keep the earlier stage's budget")
-    device = _device(config.device)
+    device = resolve_device(config.device)
     teacher.to(device)
     return train(recipe, config, resume=True, progress=progress,
                  objective=stage_objective(stage, teacher, converted, temperature))
@@ -150,12 +150,6 @@ def check_reaches_past_window(stage: str, recipe: Recipe, converted: Sequence[in
             hasattr(recipe.model.layers[i].options, "n_bswa_chunks") for i in converted):
         raise TeacherError(f"{stage}.seq_len {config.seq_len} is within the student's window of {window} tokens, "
                            "where it already equals the teacher: nothing to learn; use a longer seq_len")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------- data
@@ -377,7 +371,7 @@ def select_layers(settings: ConversionSettings, teacher: Teacher, data_tokens, p
     seq_len = {**STAGE_DEFAULTS["stage2"], **settings.stage_overrides.get("stage2", {})}["seq_len"]
     ids = as_sequences(np.asarray(data_tokens[:DEFAULT_SEQUENCES * seq_len]).astype(np.int64), seq_len,
                        "the distillation data")
-    teacher.model.to(_device(settings.device))
+    teacher.model.to(resolve_device(settings.device))
     scores = layer_scores(teacher, settings.plan, settings.mixers, ids, progress=progress)
     return scores.to_dict(keep=settings.keep_attention)
 
@@ -395,30 +389,3 @@ def export_final(out: Path, checkpoint: Path, recipe: Recipe, fine_tune: TrainCo
             os.replace(staging / name, out / name)
     shutil.rmtree(staging)
     return out
-
-
-def parse_set_options(items: Sequence[str]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """``hybrid convert --set`` items -> (student mixer options, stage settings).
-
-    ``kvm.chunk_len=64`` sets an option of the student's ``kvm`` mixer; ``stage2.lr=3e-5`` a setting
-    of a stage (any ``train:`` key). Values are read as YAML; ``3e-5`` (YAML 1.1 reads it as a string)
-    is taken as the number it is."""
-    import yaml
-
-    mixers: dict[str, dict] = {}
-    stages: dict[str, dict] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or len(parts) != 2 or not all(parts):
-            raise TeacherError(f"--set {item}: expected MIXER.OPTION=VALUE (kvm.chunk_len=64) or "
-                               f"STAGE.SETTING=VALUE (stage2.lr=3e-5)")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise TeacherError(f"--set {item}: the value is not valid YAML: {err}") from None
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        (stages if parts[0] in STAGES else mixers).setdefault(parts[0], {})[parts[1]] = value
-    return mixers, stages

@@ -14,18 +14,18 @@ import torch.nn.functional as F
 from convert.distill import (
     STAGE_DEFAULTS,
     ConversionSettings,
-    parse_set_options,
     run_conversion,
     run_stage,
     stage_config,
 )
-from convert.errors import TeacherError
 from convert.init import convert_teacher
 from convert.losses import alignment_losses, mean_kl
 from convert.teacher import load_teacher
 from hybrid.training import data as datalib
 from hybrid.formats.checkpoint import load_checkpoint, save_checkpoint
+from hybrid.cli.convert import parse_set_options
 from hybrid.cli.main import main
+from hybrid.cli.options import UsageError
 from hybrid.formats.run_folder import TRAINER_JSON
 from hybrid.training.loop import train
 from hybrid.training.metrics import read_metrics
@@ -256,5 +256,5 @@ def test_set_options_split_into_mixers_and_stages():
     mixers, stages = parse_set_options(["kvm.chunk_len=64", "stage2.lr=3e-5", "stage1.data=[a.txt, b/]"])
     assert mixers == {"kvm": {"chunk_len": 64}}
     assert stages == {"stage2": {"lr": 3e-5}, "stage1": {"data": ["a.txt", "b/"]}}
-    with pytest.raises(TeacherError, match="expected MIXER.OPTION=VALUE"):
+    with pytest.raises(UsageError, match="expected MIXER.OPTION=VALUE"):
         parse_set_options(["chunk_len=64"])

@@ -20,10 +20,11 @@ from torch import nn
 
 from hybrid.formats.checkpoint import load_checkpoint
 from hybrid.cli.main import main
+from hybrid.cli.train import parse_overrides
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import RecipeError, load_recipe, recipe_from_dict
 from hybrid.formats.run_folder import step_folders
-from hybrid.training.config import TrainConfig, TrainError, config_from_recipe, parse_overrides
+from hybrid.training.config import TrainConfig, TrainError, config_from_recipe
 from hybrid.training.loop import TrainingDiverged, accumulate_gradients, enable_activation_checkpointing, train
 from hybrid.training.metrics import read_metrics
 from hybrid.training.optimizer import build_optimizer, lr_at, parameter_groups

@@ -8,17 +8,34 @@ carries against the KV cache a full-attention layer of the same shape would need
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
 
 from blocks.kvm import KVMAttention, KVMConfig, slots_after
+from hybrid.cli.options import add_seed, positive_int
 
 D_MODEL, HEADS = 768, 6
 BUDGETS = {
     "fixed-256": {"budget": "fixed", "state_min_len": 256},
     "16*sqrt(T)": {"budget": "power_law", "growth_factor": 16.0, "state_min_len": 256},
 }
+
+
+def add_demo(commands) -> None:
+    demo = commands.add_parser("demo", help="stream a long sequence through KVM layers: state size vs context",
+                               description="Stream a long random sequence through KVM layers (fixed and "
+                                           "16*sqrt(T) budgets) and print their state against a full KV cache.")
+    demo.add_argument("--length", type=positive_int, default=16384, help="tokens to stream (default 16384)")
+    demo.add_argument("--piece", type=positive_int, default=2048, help="tokens per call; each call continues the state")
+    add_seed(demo)
+    demo.set_defaults(run=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    run_demo(length=args.length, piece=args.piece, seed=args.seed)
+    return 0
 
 
 def run_demo(length: int = 16384, piece: int = 2048, seed: int = 0) -> None:

@@ -50,15 +50,15 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
-import yaml
 
 from blocks.attention import AttentionConfig
 from blocks.projection import ProjectionConfig
 from blocks.registry import get_mixer
+from blocks.state import STATE_KINDS
 from hybrid.generation.generate import prefill, synchronize
-from hybrid.model.describe import KINDS, human_bytes
+from hybrid.model.describe import human_bytes
 from hybrid.model.model import HybridLM
-from hybrid.model.recipe import LayerConfig, ModelConfig, RecipeError, recipe_from_dict
+from hybrid.model.recipe import LayerConfig, ModelConfig, recipe_from_dict
 from hybrid.model.state_shapes import state_at
 
 DEFAULT_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -100,18 +100,6 @@ def single_mixer_config(mixer: str, options: dict, d_model: int) -> ModelConfig:
     data = {"model": {"vocab_size": SINGLE_MIXER_VOCAB, "d_model": d_model, "n_layers": 1, "layers": [mixer],
                       "mixers": {mixer: dict(options)}, "block": {"mlp_hidden": SINGLE_MIXER_MLP}}}
     return recipe_from_dict(data, source=f"--mixer {mixer}").model
-
-
-def parse_options(pairs: Sequence[str]) -> dict:
-    """``["budget=power_law", "growth_factor=16"]`` -> ``{"budget": "power_law", "growth_factor": 16}``
-    (each value read as YAML)."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise RecipeError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set budget=power_law")
-        options[key.strip()] = yaml.safe_load(value)
-    return options
 
 
 def describe_layers(config: ModelConfig) -> str:
@@ -241,7 +229,7 @@ class BenchRow:
                   "decode_ms_max": fmt(self.decode.max * 1e3), "decode_ms_spread": fmt(self.decode.spread * 1e3),
                   "decode_tokens_per_s": fmt(1 / self.decode.median),
                   "state_bytes": self.total_bytes}
-        record.update({f"state_bytes_{kind}": self.state_bytes.get(kind, 0) for kind in KINDS})
+        record.update({f"state_bytes_{kind}": self.state_bytes.get(kind, 0) for kind in STATE_KINDS})
         record.update({"prefill_speedup": fmt(self.prefill_speedup), "decode_speedup": fmt(self.decode_speedup),
                        "state_fraction": fmt(self.state_fraction)})
         return record

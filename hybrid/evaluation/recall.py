@@ -41,6 +41,7 @@ from torch import Tensor
 
 from blocks.config import require
 from hybrid.formats.checkpoint import load_checkpoint
+from hybrid.model.device import resolve_device
 from hybrid.model.recipe import RECIPES_DIR, load_recipe
 from hybrid.training.config import config_from_recipe
 from hybrid.training.loop import train
@@ -206,7 +207,7 @@ def run_model(name: str, task: RecallTask, lengths: list[int], out_dir: Path, *,
             f"{name}: the task uses {task.vocab_size} token ids, the model has {recipe.model.vocab_size}")
     summary = train(recipe, config, progress=progress,
                     batches=RecallBatches(task, config.seq_len, config.batch_size, config.seed))
-    _, model, _ = load_checkpoint(summary.checkpoint, device=_device(config.device))
+    _, model, _ = load_checkpoint(summary.checkpoint, device=resolve_device(config.device, "train.device"))
     accuracy, state_kib = {}, {}
     for length in lengths:
         accuracy[length], state_bytes = evaluate_length(model, task, length, eval_sequences, config.batch_size,
@@ -323,12 +324,6 @@ def _claim_out_dir(out: Path, task: RecallTask, seed: int) -> None:
         raise SystemExit(f"{out} holds runs of another task or seed ({path.read_text().strip()}); "
                          "choose another --out")
     path.write_text(json.dumps(identity) + "\n")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 if __name__ == "__main__":

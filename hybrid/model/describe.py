@@ -1,4 +1,5 @@
-"""``hybrid info``: what a recipe builds: its layers, parameters and decode state against context.
+"""What a recipe builds, for people to read (``hybrid info``): its layers, parameters and decode state
+against context; and the byte and count formats the toolkit prints.
 
 State bytes come from ``state_at`` on the meta device: exact shapes after T tokens, nothing
 allocated, so a 32k (or 1M) context costs nothing to report.
@@ -9,11 +10,10 @@ from __future__ import annotations
 import torch
 
 from blocks.registry import get_mixer
+from blocks.state import STATE_KINDS
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import Recipe
 from hybrid.model.state_shapes import state_at
-
-KINDS = ("recurrent", "kvm", "window", "kv")
 
 
 def human_bytes(n: float) -> str:
@@ -47,10 +47,10 @@ def describe(recipe: Recipe, model: HybridLM, contexts: list[int], batch_size: i
                   f"{human_count(model.num_parameters(include_head=False))} without the head, "
                   f"{human_count(model.num_parameters(include_embeddings=False, include_head=False))} non-embedding")]
     lines += ["", f"decode state (batch {batch_size}, {next(model.parameters()).dtype}):",
-              f"{'context':>9}  " + "".join(f"{k:>12}" for k in KINDS) + f"{'total':>12}"]
+              f"{'context':>9}  " + "".join(f"{k:>12}" for k in STATE_KINDS) + f"{'total':>12}"]
     for n in contexts:
         nbytes = state_at(model, n, batch_size, device="meta").bytes_by_kind()
-        lines.append(f"{n:>9}  " + "".join(f"{human_bytes(nbytes.get(k, 0)) if k in nbytes else '-':>12}" for k in KINDS)
+        lines.append(f"{n:>9}  " + "".join(f"{human_bytes(nbytes[k]) if k in nbytes else '-':>12}" for k in STATE_KINDS)
                      + f"{human_bytes(sum(nbytes.values())):>12}")
     return "\n".join(lines)
 

@@ -1,7 +1,7 @@
 """A run's settings: a recipe's ``train:`` section, read strictly into a ``TrainConfig``.
 
-``hybrid train RECIPE`` reads ``TrainConfig`` from the recipe's ``train:`` section; ``--set
-train.KEY=VALUE`` overrides a value, and both go through the same strict checks: an unknown key
+``hybrid train RECIPE`` reads ``TrainConfig`` from the recipe's ``train:`` section; overrides (``--set
+train.KEY=VALUE``, ``hybrid.cli.train``) go through the same strict checks: an unknown key
 gets a did-you-mean, a wrong type or range names the YAML path. Every key is documented on the
 fields of ``TrainConfig``.
 """
@@ -12,8 +12,6 @@ import dataclasses
 import math
 import re
 from typing import Any
-
-import yaml
 
 from blocks.config import ConfigError, require, require_choice
 from hybrid.model.recipe import Recipe, RecipeError, build_dataclass, deep_merge
@@ -130,28 +128,3 @@ def config_from_recipe(recipe: Recipe, overrides: dict[str, Any] | None = None) 
     except ConfigError as err:
         where = f"{recipe.source}{' with the --set overrides' if overrides else ''}"
         raise RecipeError(f"{where}: {err}") from None
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.lr=3e-4", "train.data=[a.txt, b/]"]`` -> ``{"lr": 0.0003, "data": ["a.txt", "b/"]}``.
-
-    Values are read as YAML (so lists, null and numbers work as in a recipe)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item}", "expected train.KEY=VALUE, e.g. --set train.lr=3e-4")
-        path = key.strip().split(".")
-        if path[0] != "train" or len(path) < 2:
-            raise ConfigError(f"--set {item}", f"only the train: section can be set here: write "
-                                               f"train.{key.strip()}=... (model changes belong in a recipe "
-                                               "that extends this one)")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {item}", f"the value is not valid YAML: {err}") from None
-        node = out
-        for part in path[1:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return out

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from hybrid.formats.run_folder import METRICS_FILE, PLOT_FILE, latest_checkpoint, remove_leftovers
 from hybrid.formats.tokenizer import Tokenizer, load_tokenizer
+from hybrid.model.device import DeviceError, resolve_device
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import Recipe
 from hybrid.training import data as datalib
@@ -191,10 +192,10 @@ def train(recipe: Recipe, config: TrainConfig, resume: bool = True, progress: bo
     process only.
     """
     try:
-        device = distributed.local_device(_device(config.device))
+        device = distributed.local_device(resolve_device(config.device, "train.device"))
         with distributed.process_group(device):
             return _train(recipe, config, resume, progress, batches, objective, device)
-    except distributed.DistributedError as err:
+    except (DeviceError, distributed.DistributedError) as err:
         raise TrainError(str(err)) from None
 
 
@@ -411,14 +412,6 @@ def _validate_and_save(run: _Run, record: dict[str, Any], finished: bool, bar, t
         if run.metrics is not None:
             plot_metrics(run.metrics.path, run.out_dir / PLOT_FILE)
         distributed.barrier()  # the checkpoint is complete before any process goes on or ends
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError(f"train.device is {name!r} but torch sees no CUDA device; use auto or cpu")
-    return torch.device(name)
 
 
 def _autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:

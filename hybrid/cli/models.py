@@ -1,0 +1,88 @@
+"""``hybrid info``, ``init``, ``import-published`` and ``recipes``: what a recipe builds, and checkpoint
+folders made from a recipe (random weights) or from a published KVM-paper checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+from hybrid.cli.options import add_seed, positive_int, token_count
+from hybrid.model.recipe import RECIPES_DIR, load_recipe
+
+
+def add_info(commands) -> None:
+    info = commands.add_parser("info", help="layers, parameters and decode state bytes of a recipe",
+                               description="Show a recipe's layer table, parameter counts and its decode state "
+                                           "bytes per kind at chosen context lengths (exact shapes, nothing run "
+                                           "at that length).")
+    info.add_argument("recipe", help="recipe file, or a name under recipes/ (see `hybrid recipes`)")
+    info.add_argument("--context", type=token_count, nargs="+", default=[1024, 4096, 16384, 32768],
+                      help="context lengths to report state bytes at (e.g. 1k 4k 32k)")
+    info.add_argument("--batch", type=positive_int, default=1, help="sequences decoded at once (default 1)")
+    info.set_defaults(run=_info)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from hybrid.model.describe import build_for_info, describe
+
+    recipe = load_recipe(args.recipe)
+    print(describe(recipe, build_for_info(recipe), args.context, args.batch))
+    return 0
+
+
+def add_init(commands) -> None:
+    init = commands.add_parser("init", help="create a checkpoint folder with freshly initialised weights",
+                               description="Build the model a recipe describes with random weights and save it "
+                                           "as a checkpoint folder (recipe.yaml, model.safetensors, tokenizer).")
+    init.add_argument("recipe", help="recipe file, or a name under recipes/")
+    init.add_argument("out", help="checkpoint folder to write (an existing checkpoint there is replaced)")
+    add_seed(init)
+    init.set_defaults(run=_init)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from hybrid.formats.checkpoint import save_checkpoint
+    from hybrid.formats.model_source import build_from_recipe
+
+    recipe = load_recipe(args.recipe)
+    model, tokenizer = build_from_recipe(recipe, args.seed)
+    print(f"wrote {save_checkpoint(args.out, recipe, model, tokenizer)}")
+    return 0
+
+
+def add_import_published(commands) -> None:
+    imp = commands.add_parser("import-published",
+                              help="convert a published KVM-paper checkpoint to a checkpoint folder",
+                              description="Read a checkpoint in the published KVM code's format (recursal/KVM-paper: "
+                                          "config.json or config.yaml + model.safetensors) and save it as a "
+                                          "checkpoint folder that generate and train load.")
+    imp.add_argument("source", help="published checkpoint folder, or its .safetensors file")
+    imp.add_argument("out", help="checkpoint folder to write")
+    imp.add_argument("--compat", action="store_true",
+                     help="reproduce the published code's bf16 rounding of RoPE cos/sin and KVM state values "
+                          "(what the released models were trained with; off: exact fp32 math)")
+    imp.set_defaults(run=_import_published)
+
+
+def _import_published(args: argparse.Namespace) -> int:
+    from hybrid.formats.checkpoint import save_checkpoint
+    from hybrid.formats.published import load_published
+
+    recipe, model = load_published(args.source, compat=args.compat)
+    print(f"wrote {save_checkpoint(args.out, recipe, model)}")
+    return 0
+
+
+def add_recipes(commands) -> None:
+    recipes = commands.add_parser("recipes", help="list the shipped recipes",
+                                  description="List the recipes shipped under recipes/ with their first comment line.")
+    recipes.set_defaults(run=_recipes)
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    for path in sorted(RECIPES_DIR.rglob("*.yaml")):
+        if path.name.startswith("_"):
+            continue
+        first = path.read_text().lstrip().splitlines()[0] if path.read_text().strip() else ""
+        summary = first.lstrip("# ").strip() if first.startswith("#") else ""
+        print(f"{path.relative_to(RECIPES_DIR).with_suffix('')!s:<44} {summary}")
+    return 0

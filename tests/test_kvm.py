@@ -1,4 +1,4 @@
-"""KVM attention: references, decode equivalence, the budget schedule, state invariants (kvm.md §7)."""
+"""KVM attention: references, decode equivalence, the budget schedule, state invariants (docs/kvm.md)."""
 
 from __future__ import annotations
 

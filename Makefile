@@ -38,7 +38,7 @@ test: $(STAMP)
 # hybrid bench: the 120M all-KVM and GLA+KVM models against the full-attention model of the same size
 # (measured in the same run) at 1k..32k; prefill up to 4k (full attention beyond takes minutes on a
 # CPU: raise --max-prefill to measure it); 64 decode steps per run (full attention at 32k decodes at
-# ~1.4 s/token here). Writes bench_out/paper_120m_kvm_fixed256/bench.csv/.png. The README's figures.
+# ~1.4 s/token here). Writes bench_out/paper_120m_kvm_fixed256/bench.csv/.png. docs/benchmarks.md has their figures.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kvm.py
 	$(VENV)/bin/hybrid bench paper/120m/kvm_fixed256 hybrids/gla_kvm --max-prefill 4k --steps 64 --threads 2

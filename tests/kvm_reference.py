@@ -1,4 +1,4 @@
-"""A literal, unoptimised transcription of the published KVM prefill (kvm.md §2.4–2.7), used as an
+"""A literal, unoptimised transcription of the published KVM prefill (docs/kvm.md §3, §5–§7), used as an
 independent oracle for ``blocks.kvm``: one query chunk at a time, state updates between chunks,
 one SDPA call over [state ; window] per chunk. It shares no code with the implementation under test
 (its bugs would have to be the same bugs by accident)."""

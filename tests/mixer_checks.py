@@ -1,4 +1,4 @@
-"""Reusable contract checks for any token mixer (imported by the per-mixer test files).
+"""The contract every token mixer keeps, as checks and as a test suite the per-mixer test files run.
 
 Every mixer follows ``forward(x, state=None, ctx=None) -> (y, state)`` (see blocks/registry.py).
 Each check below runs a mixer on a small fp32 input ``x`` [B, T, d_model] and raises
@@ -13,14 +13,20 @@ Each check below runs a mixer on a small fp32 input ``x`` [B, T, d_model] and ra
 
 The checks never rely on a state being left unmodified by ``forward``; they snapshot it themselves.
 Tolerances are for fp32: the worst absolute difference, relative to the largest reference value.
+
+``MixerContract`` runs the five checks as tests: a test file lists its mixer configurations as
+``ContractCase``s in a subclass named ``Test...``, and pytest collects one test per check and run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import ClassVar
 
+import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from blocks.state import LayerState, StateError
 
@@ -183,3 +189,65 @@ def check_state_roundtrip(mixer, x: Tensor, rtol: float = RTOL) -> None:
             pass
         else:
             raise AssertionError("load_state_dict accepted tensors of the wrong shape")
+
+
+# ----------------------------------------------------------------------------- the checks as a test suite
+
+@dataclasses.dataclass(frozen=True)
+class ContractCase:
+    """One mixer configuration and the runs of each check on it. A run gives the input's batch rows
+    B and what the check needs besides; a check with no runs here is run by another case."""
+
+    name: str
+    make: Callable[[], nn.Module]  # builds the mixer, with the same weights at every call
+    d_model: int
+    seed: int = 0  # of the inputs: torch.randn(B, T, d_model) from a generator with this seed
+    decode_equals_forward: Sequence[tuple[int, int, Sequence[int]]] = ()  # (B, T, prefill lengths)
+    continue_by_chunks: Sequence[tuple[int, Sequence[int]]] = ()  # (B, call lengths), T = their sum
+    batch_independent: Sequence[tuple[int, int]] = ()  # (B >= 2, T)
+    gradients: Sequence[tuple[int, int, int | None]] = ()  # (B, T, prefill split or None for T // 2)
+    state_roundtrip: Sequence[tuple[int, int]] = ()  # (B >= 2, T)
+
+    def inputs(self, b: int, t: int) -> Tensor:
+        return torch.randn(b, t, self.d_model, generator=torch.Generator().manual_seed(self.seed))
+
+
+class MixerContract:
+    """The five checks as a pytest class. A test file runs them for its mixer with
+
+        class TestContract(MixerContract):
+            cases = [ContractCase("default", make_default, d_model=32, decode_equals_forward=[...]), ...]
+
+    and pytest collects ``test_<check>[<case>]`` for each run of each case (``[<case>-<i>]`` where a
+    case has several runs of a check). Every check needs at least one run: a mixer passes all five."""
+
+    cases: ClassVar[Sequence[ContractCase]] = ()
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        check = metafunc.function.__name__.removeprefix("test_")
+        params = []
+        for case in self.cases:
+            runs = getattr(case, check)
+            params += [pytest.param(case, run, id=case.name if len(runs) == 1 else f"{case.name}-{i}")
+                       for i, run in enumerate(runs)]
+        if not params:
+            raise ValueError(f"{type(self).__name__}: no case runs {check}; every mixer must pass every check")
+        metafunc.parametrize("case, run", params)
+
+    def test_decode_equals_forward(self, case: ContractCase, run) -> None:
+        b, t, prefill_lens = run
+        check_decode_equals_forward(case.make(), case.inputs(b, t), prefill_lens)
+
+    def test_continue_by_chunks(self, case: ContractCase, run) -> None:
+        b, splits = run
+        check_continue_by_chunks(case.make(), case.inputs(b, sum(splits)), splits)
+
+    def test_batch_independent(self, case: ContractCase, run) -> None:
+        check_batch_independent(case.make(), case.inputs(*run))
+
+    def test_gradients(self, case: ContractCase, run) -> None:
+        b, t, prefill = run
+        check_gradients(case.make().train(), case.inputs(b, t), prefill=prefill)
+
+    def test_state_roundtrip(self, case: ContractCase, run) -> None:
+        check_state_roundtrip(case.make(), case.inputs(*run))

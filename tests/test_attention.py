@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,8 +12,7 @@ from blocks import attention
 from blocks.attention import BlockSlidingWindowAttention, CausalAttention, SlidingWindowAttention
 from blocks.config import ConfigError
 from blocks.kvm import KVMConfig, kvm_attention
-from mixer_checks import (assert_close, check_batch_independent, check_continue_by_chunks,
-                                check_decode_equals_forward, check_gradients, check_state_roundtrip)
+from mixer_checks import ContractCase, MixerContract, assert_close
 
 D_MODEL = 32
 LAYERS = {
@@ -32,15 +33,12 @@ def inputs(t: int, b: int = 2) -> torch.Tensor:
     return torch.randn(b, t, D_MODEL, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("kind", LAYERS)
-def test_mixer_contract(kind):
-    layer = make(kind, token_shift=True)
-    with torch.no_grad():
-        check_decode_equals_forward(layer, inputs(30), [1, 3, 4, 8, 9, 29])
-        check_continue_by_chunks(layer, inputs(30), [5, 1, 12, 12])
-        check_batch_independent(layer, inputs(20, b=3))
-        check_state_roundtrip(layer, inputs(20, b=3))
-    check_gradients(layer.train(), inputs(20))
+class TestContract(MixerContract):
+    cases = [ContractCase(kind, functools.partial(make, kind, token_shift=True), D_MODEL, seed=1,
+                          decode_equals_forward=[(2, 30, [1, 3, 4, 8, 9, 29])],
+                          continue_by_chunks=[(2, [5, 1, 12, 12])], batch_independent=[(3, 20)],
+                          gradients=[(2, 20, None)], state_roundtrip=[(3, 20)])
+             for kind in LAYERS]
 
 
 @pytest.mark.parametrize("kind", LAYERS)

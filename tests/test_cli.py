@@ -8,7 +8,6 @@ import pytest
 
 from hybrid.cli.main import build_parser, main
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "kvm_published_tiny"
 COMMANDS = ["info", "init", "generate", "import-published", "train", "convert", "convert-report", "convert-scores",
             "recipes", "demo", "bench", "eval"]
 
@@ -73,10 +72,9 @@ def test_generate_from_a_recipe_says_weights_are_random(capsys):
     assert "random weights" in err
 
 
-@pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture {FIXTURE} not present")
-def test_import_published_then_generate(tmp_path, capsys):
+def test_import_published_then_generate(published_tiny, tmp_path, capsys):
     out = tmp_path / "pub"
-    assert main(["import-published", str(FIXTURE), str(out), "--compat"]) == 0
+    assert main(["import-published", str(published_tiny), str(out), "--compat"]) == 0
     capsys.readouterr()
     _, err = _generate(out, capsys, "--prompt", "abc", "--max-new-tokens", "4")
     assert "kvm" in err

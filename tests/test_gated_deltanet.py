@@ -4,6 +4,7 @@ fla.layers.GatedDeltaNet (its real kernels, through Triton's interpreter)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,7 @@ from blocks.config import ConfigError
 from blocks.gated_deltanet import GatedDeltaNet, GatedDeltaNetState
 from blocks.registry import build_mixer, get_mixer, get_mixer_by_symbol
 from fla_interpreter import requires_fla_interpreter, requires_triton, run_with_fla_kernels
-from mixer_checks import (assert_close, check_batch_independent, check_continue_by_chunks,
-                          check_decode_equals_forward, check_gradients, check_state_roundtrip)
+from mixer_checks import ContractCase, MixerContract, assert_close
 
 D_MODEL = 32
 CHUNK = 8  # a small op chunk so that short inputs cross chunk boundaries
@@ -51,35 +51,16 @@ def inputs(B=2, T=T_LONG, seed=0) -> Tensor:
     return torch.randn(B, T, D_MODEL, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("options", CONFIGS.values(), ids=CONFIGS.keys())
-def test_decode_and_chunked_continuation_equal_the_full_forward(options):
-    layer = make_layer(**options)
-    x = inputs()
-    check_decode_equals_forward(layer, x, prefill_lens=[0, 1, CHUNK - 1, CHUNK, T_LONG - 2])
-    check_continue_by_chunks(layer, x, splits=[1, CHUNK - 1, CHUNK, 3])
-    check_continue_by_chunks(layer, x, splits=[CHUNK + 2, T_LONG - CHUNK - 2])
-
-
-def test_default_op_chunk_is_crossed_too():
-    layer = make_layer(chunk_size=64, **CONFIGS["defaults-grouped-values"])
-    x = inputs(B=1, T=2 * 64 + 3)
-    check_continue_by_chunks(layer, x, splits=[1, 63, 64, 3])
-    check_decode_equals_forward(layer, x, prefill_lens=[2 * 64])
-
-
-@pytest.mark.parametrize("options", CONFIGS.values(), ids=CONFIGS.keys())
-def test_batch_rows_are_independent(options):
-    check_batch_independent(make_layer(**options), inputs(B=3, T=CHUNK + 3))
-
-
-@pytest.mark.parametrize("options", CONFIGS.values(), ids=CONFIGS.keys())
-def test_gradients_reach_every_parameter_and_the_prefix(options):
-    check_gradients(make_layer(**options), inputs(), prefill=CHUNK + 1)
-
-
-@pytest.mark.parametrize("options", CONFIGS.values(), ids=CONFIGS.keys())
-def test_state_roundtrip(options):
-    check_state_roundtrip(make_layer(**options), inputs(B=3, T=12))
+class TestContract(MixerContract):
+    cases = [*(ContractCase(name, functools.partial(make_layer, **options), D_MODEL,
+                            decode_equals_forward=[(2, T_LONG, [0, 1, CHUNK - 1, CHUNK, T_LONG - 2])],
+                            continue_by_chunks=[(2, [1, CHUNK - 1, CHUNK, 3]), (2, [CHUNK + 2, T_LONG - CHUNK - 2])],
+                            batch_independent=[(3, CHUNK + 3)], gradients=[(2, T_LONG, CHUNK + 1)],
+                            state_roundtrip=[(3, 12)])
+               for name, options in CONFIGS.items()),
+             ContractCase("op-chunk-64",  # fla's default op chunk
+                          functools.partial(make_layer, chunk_size=64, **CONFIGS["defaults-grouped-values"]), D_MODEL,
+                          decode_equals_forward=[(1, 2 * 64 + 3, [2 * 64])], continue_by_chunks=[(1, [1, 63, 64, 3])])]
 
 
 def test_state_holds_the_recurrent_matrix_and_the_conv_tails():

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -15,8 +16,7 @@ from blocks.ops.gla import CHUNK_SIZE_PER_KEY as CHUNK
 from blocks.registry import build_mixer, get_mixer, get_mixer_by_symbol
 from blocks.state import StateError
 from fla_interpreter import REPO_ROOT, requires_fla_interpreter, requires_triton, run_with_fla_kernels
-from mixer_checks import (assert_close, check_batch_independent, check_continue_by_chunks, check_decode_equals_forward,
-                          check_gradients, check_state_roundtrip)
+from mixer_checks import ContractCase, MixerContract, assert_close
 
 D_MODEL = 64
 CONFIGS = {
@@ -36,30 +36,14 @@ def make_x(B=2, T=2 * CHUNK + 3, seed=1):
     return torch.randn(B, T, D_MODEL, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_prefill_then_decode_equals_forward(name):
-    check_decode_equals_forward(make_mixer(CONFIGS[name]), make_x(), prefill_lens=[0, 1, CHUNK - 1, CHUNK, 2 * CHUNK + 2])
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize("splits", [[1, CHUNK - 1, CHUNK, 3], [CHUNK + 1, 1, CHUNK + 1], [4 * CHUNK + 3, 64]])
-def test_continue_by_chunks_equals_forward(name, splits):
-    check_continue_by_chunks(make_mixer(CONFIGS[name]), make_x(T=sum(splits)), splits)
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_batch_rows_are_independent(name):
-    check_batch_independent(make_mixer(CONFIGS[name]), make_x(B=3))
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_gradients_flow(name):
-    check_gradients(make_mixer(CONFIGS[name]), make_x())
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_state_roundtrip(name):
-    check_state_roundtrip(make_mixer(CONFIGS[name]), make_x())
+class TestContract(MixerContract):
+    cases = [ContractCase(name, functools.partial(make_mixer, options), D_MODEL, seed=1,
+                          decode_equals_forward=[(2, 2 * CHUNK + 3, [0, 1, CHUNK - 1, CHUNK, 2 * CHUNK + 2])],
+                          continue_by_chunks=[(2, [1, CHUNK - 1, CHUNK, 3]), (2, [CHUNK + 1, 1, CHUNK + 1]),
+                                              (2, [4 * CHUNK + 3, 64])],
+                          batch_independent=[(3, 2 * CHUNK + 3)], gradients=[(2, 2 * CHUNK + 3, None)],
+                          state_roundtrip=[(2, 2 * CHUNK + 3)])
+             for name, options in CONFIGS.items()]
 
 
 def test_state_layout_and_size():

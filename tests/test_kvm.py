@@ -1,8 +1,9 @@
-"""KVM attention: references, decode equivalence, the budget schedule, state invariants (kvm.md §7)."""
+"""KVM attention: references, decode equivalence, the budget schedule, state invariants (docs/kvm.md)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -11,8 +12,7 @@ import torch.nn.functional as F
 from blocks.config import ConfigError
 from blocks.kvm import KVMAttention, KVMConfig, _KVMCore, _max_over_slots, kvm_attention, slots_after, target_slots
 from kvm_reference import reference_prefill
-from mixer_checks import (assert_close, check_batch_independent, check_continue_by_chunks,
-                                check_decode_equals_forward, check_gradients, check_state_roundtrip)
+from mixer_checks import ContractCase, MixerContract, assert_close
 
 C = 8  # chunk_len of the tiny configs; window = 2 chunks = 16 tokens
 D_MODEL = 32
@@ -146,15 +146,30 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("budget", BUDGETS)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_prefill_then_decode_equals_full_forward(budget, variant):
-    layer = make(**BUDGETS[budget], **VARIANTS[variant])
+CONTINUATIONS = ([3, 5, 8, 9, 17, 1, 24], [C, 2 * C, 2 * C + 1, 2 * C + 4], [2 * C + 5, 3, 4 * C])
+
+
+def contract_layer(**options):
+    """A layer for the contract checks; with value residual, called with a fresh ctx each time."""
+    layer = make(**options)
+    return _with_ctx(layer) if options.get("value_residual") else layer
+
+
+def contract_case(budget: str, variant: str) -> ContractCase:
+    """Prefill + decode for every budget and variant; continuation by several tokens for every budget;
+    batch rows, gradients and state round trips with the growing power_law budget."""
     t = 8 * C + 3
-    prefill_lens = [1, C - 1, C, 2 * C, 2 * C + 1, 3 * C, 4 * C + 1, t - 1]
-    ctx_layer = _with_ctx(layer) if VARIANTS[variant].get("value_residual") else layer
-    with torch.no_grad():
-        check_decode_equals_forward(ctx_layer, inputs(t), prefill_lens)
+    paper, grows = variant == "paper", variant == "paper" and budget == "power_law"
+    return ContractCase(
+        f"{variant}-{budget}", functools.partial(contract_layer, **BUDGETS[budget], **VARIANTS[variant]), D_MODEL,
+        seed=1, decode_equals_forward=[(2, t, [1, C - 1, C, 2 * C, 2 * C + 1, 3 * C, 4 * C + 1, t - 1])],
+        continue_by_chunks=[(2, splits) for splits in CONTINUATIONS] if paper else [],
+        batch_independent=[(3, 6 * C + 1)] if grows else [], gradients=[(2, 6 * C + 2, 3 * C + 2)] if grows else [],
+        state_roundtrip=[(3, 6 * C + 1)] if grows else [])
+
+
+class TestContract(MixerContract):
+    cases = [contract_case(budget, variant) for variant in VARIANTS for budget in BUDGETS]
 
 
 def test_decode_appends_to_the_window_in_place_and_branches_copy():
@@ -191,29 +206,6 @@ def test_decode_reads_the_slots_once_per_chunk_and_again_when_the_norm_changes()
         expected, _ = layer(x[:, 4 * C + 3:4 * C + 4], fresh)
     assert_close(y, expected, 1e-6, "after the norm changed")
     assert layer(x[:, 3:4], layer(x[:, :3])[1])[1].read_view is None, "with autograd the read is not kept"
-
-
-@pytest.mark.parametrize("budget", BUDGETS)
-def test_continuing_by_several_tokens_equals_full_forward(budget):
-    layer = make(**BUDGETS[budget])
-    with torch.no_grad():
-        for splits in ([3, 5, 8, 9, 17, 1, 24], [C, 2 * C, 2 * C + 1, 2 * C + 4], [2 * C + 5, 3, 4 * C]):
-            check_continue_by_chunks(layer, inputs(sum(splits)), splits)
-
-
-def test_batch_rows_are_independent_and_state_round_trips():
-    layer = make(**BUDGETS["power_law"])
-    with torch.no_grad():
-        check_batch_independent(layer, inputs(6 * C + 1, b=3))
-        check_state_roundtrip(layer, inputs(6 * C + 1, b=3))
-
-
-def test_gradients_reach_gate_temperatures_and_state_norm():
-    layer = make(**BUDGETS["power_law"]).train()
-    check_gradients(layer, inputs(6 * C + 2),
-                    ["merge_gate_proj.weight", "window_temp", "state_temp", "state_key_norm.weight",
-                     "state_key_norm.bias", "q_proj.weight", "k_proj.weight", "v_proj.weight"],
-                    prefill=3 * C + 2)
 
 
 def test_train_mode_equals_eval_mode():

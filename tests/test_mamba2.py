@@ -4,6 +4,7 @@ through the interpreter)."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -17,8 +18,7 @@ from blocks.ops.gla import CHUNK_SIZE_PER_HEAD as CHUNK
 from blocks.registry import get_mixer, get_mixer_by_symbol
 from blocks.state import StateError
 from fla_interpreter import REPO_ROOT, requires_fla_interpreter, requires_triton, run_with_fla_kernels
-from mixer_checks import (assert_close, check_batch_independent, check_continue_by_chunks, check_decode_equals_forward,
-                          check_gradients, check_state_roundtrip)
+from mixer_checks import ContractCase, MixerContract, assert_close
 
 D_MODEL = 32
 SMALL = {"head_dim": 16, "state_size": 8}
@@ -70,30 +70,13 @@ def test_forward_equals_ssm_recurrence(name, T):
     assert_close(y, ssm_oracle(mixer, x), what=f"{name}, T={T}")
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_prefill_then_decode_equals_forward(name):
-    check_decode_equals_forward(make_mixer(CONFIGS[name]), make_x(T=70), prefill_lens=[0, 1, CHUNK - 1, CHUNK, 69])
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize("splits", [[1, CHUNK - 1, CHUNK, 3], [CHUNK + 1, 2, 5], [2 * CHUNK + 3, 1]])
-def test_continue_by_chunks_equals_forward(name, splits):
-    check_continue_by_chunks(make_mixer(CONFIGS[name]), make_x(T=sum(splits)), splits)
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_batch_rows_are_independent(name):
-    check_batch_independent(make_mixer(CONFIGS[name]), make_x(B=3))
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_gradients_flow(name):
-    check_gradients(make_mixer(CONFIGS[name]), make_x())
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_state_roundtrip(name):
-    check_state_roundtrip(make_mixer(CONFIGS[name]), make_x())
+class TestContract(MixerContract):
+    cases = [ContractCase(name, functools.partial(make_mixer, options), D_MODEL, seed=1,
+                          decode_equals_forward=[(2, 70, [0, 1, CHUNK - 1, CHUNK, 69])],
+                          continue_by_chunks=[(2, [1, CHUNK - 1, CHUNK, 3]), (2, [CHUNK + 1, 2, 5]),
+                                              (2, [2 * CHUNK + 3, 1])],
+                          batch_independent=[(3, 40)], gradients=[(2, 40, None)], state_roundtrip=[(2, 40)])
+             for name, options in CONFIGS.items()]
 
 
 def test_state_layout_and_size():

@@ -3,7 +3,7 @@ prefill, continuation and decode, so every way of splitting a sequence must give
 logits; the model-level state selects rows, saves and loads; bad input is refused clearly; a
 training step reaches every parameter.
 
-The paper's init zeroes every output projection (kvm.md §3), which would make the mixers invisible
+The paper's init zeroes every output projection (docs/kvm.md §2), which would make the mixers invisible
 in the logits and these checks vacuous; the models here get random weights everywhere instead.
 """
 
@@ -201,7 +201,7 @@ def no_gradient_expected(model: HybridLM) -> set[str]:
     """Parameters that a forward never uses, so they get no gradient (by design, not a bug): the
     value-residual gate of layer 0 when layer 0 starts a value-residual group. Its own values *are*
     the group's v_first, so it has nothing to mix towards; the published backbone keeps the gate on
-    every layer too (its parameter count includes them, kvm.md §2.1). A group starting deeper takes
+    every layer too (its parameter count includes them, docs/kvm.md §2). A group starting deeper takes
     v_first from the embedding stream (hybrid/model/model.py), so its first layer does use its gate."""
     mixer = model.blocks[0].mixer
     if isinstance(mixer, ProjectedAttention) and mixer.config.value_residual:

@@ -1,6 +1,6 @@
 """Recipes: the shipped YAML files, the layer-pattern grammar, ``extends:``, strict validation with
 errors that name the file and the YAML path, the dict/YAML round trip, and the paper's parameter
-counts (kvm.md §3), which the models must reach exactly with the published block layout."""
+counts (docs/kvm.md §2), which the models must reach exactly with the published block layout."""
 
 from __future__ import annotations
 
@@ -101,14 +101,14 @@ def test_paper_recipes_keep_the_published_knobs():
     assert ablation.sink_len == 0 and ablation.budget == "fixed"
 
 
-# kvm.md §3: "total minus lm_head" is what the names 120M and 350M count.
+# docs/kvm.md §2: the names 120M and 350M count the parameters without the head.
 @pytest.mark.parametrize("name, millions", [("paper/120m/kvm_fixed256", 124.3), ("paper/350m/kvm_fixed256", 355.5)])
 def test_paper_parameter_counts(name, millions):
     config = load_recipe(name).model
     with torch.device("meta"):
         model = HybridLM(config)
     assert round(model.num_parameters(include_head=False) / 1e6, 1) == millions
-    # The published KVM layer adds 2H + 2d + D*H parameters to the full-attention baseline (kvm.md §2.1).
+    # The published KVM layer adds 2H + 2d + D*H parameters to the full-attention baseline (docs/kvm.md §2).
     baseline = load_recipe(name.replace("kvm_fixed256", "gptalpha")).model
     with torch.device("meta"):
         extra = model.num_parameters() - HybridLM(baseline).num_parameters()

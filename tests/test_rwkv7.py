@@ -4,6 +4,7 @@ with fla.layers.RWKV7Attention (its real kernels, through Triton's interpreter).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,7 @@ from blocks.registry import build_mixer, get_mixer, get_mixer_by_symbol
 from blocks.rwkv7 import RWKV7Attention, RWKV7State
 from blocks.state import LayerState
 from fla_interpreter import requires_fla_interpreter, requires_triton, run_with_fla_kernels
-from mixer_checks import (assert_close, check_batch_independent, check_continue_by_chunks,
-                          check_decode_equals_forward, check_gradients, check_state_roundtrip)
+from mixer_checks import ContractCase, MixerContract, assert_close
 
 D_MODEL, HEAD_DIM = 32, 8
 CHUNK = 16  # a small op chunk so that short inputs cross chunk boundaries
@@ -94,37 +94,24 @@ def inputs(B=2, T=T_LONG, seed=0) -> Tensor:
     return torch.randn(B, T, D_MODEL, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("options", CONFIGS.values(), ids=CONFIGS.keys())
-def test_decode_and_chunked_continuation_equal_the_full_forward(options):
-    stack = RWKV7Stack(**options)
-    x = inputs()
-    check_decode_equals_forward(stack, x, prefill_lens=[0, 1, CHUNK - 1, CHUNK, T_LONG - 2])
-    check_continue_by_chunks(stack, x, splits=[1, CHUNK - 1, CHUNK, 3])
-    check_continue_by_chunks(stack, x, splits=[CHUNK + 2, T_LONG - CHUNK - 2])
-    check_continue_by_chunks(make_layer(0, **options), x, splits=[CHUNK - 1, 1, T_LONG - CHUNK])
-
-
-def test_default_op_chunk_is_crossed_too():
-    stack = RWKV7Stack(chunk_size=64)
-    x = inputs(B=1, T=2 * 64 + 3)
-    check_continue_by_chunks(stack, x, splits=[1, 63, 64, 3])
-    check_decode_equals_forward(stack, x, prefill_lens=[2 * 64])
-
-
-@pytest.mark.parametrize("options", CONFIGS.values(), ids=CONFIGS.keys())
-def test_batch_rows_are_independent(options):
-    check_batch_independent(RWKV7Stack(**options), inputs(B=3, T=CHUNK + 3))
-
-
-def test_gradients_reach_every_parameter_and_the_prefix():
-    stack = RWKV7Stack()
-    check_gradients(stack, inputs(T=T_LONG), prefill=CHUNK + 1)
-
-
-@pytest.mark.parametrize("layer_idx", [0, 1])
-def test_state_roundtrip(layer_idx):
-    mixer = RWKV7Stack() if layer_idx else make_layer(0)
-    check_state_roundtrip(mixer, inputs(B=3, T=20))
+class TestContract(MixerContract):
+    # Layers 0 and 1 as a stack (v_first through ctx) and layer 0 alone; gradients and state round
+    # trips with the defaults; fla's default op chunk (64) crossed too.
+    cases = [
+        *(ContractCase(f"stack-{name}", functools.partial(RWKV7Stack, **options), D_MODEL,
+                       decode_equals_forward=[(2, T_LONG, [0, 1, CHUNK - 1, CHUNK, T_LONG - 2])],
+                       continue_by_chunks=[(2, [1, CHUNK - 1, CHUNK, 3]), (2, [CHUNK + 2, T_LONG - CHUNK - 2])],
+                       batch_independent=[(3, CHUNK + 3)],
+                       gradients=[(2, T_LONG, CHUNK + 1)] if name == "defaults" else [],
+                       state_roundtrip=[(3, 20)] if name == "defaults" else [])
+          for name, options in CONFIGS.items()),
+        *(ContractCase(f"layer0-{name}", functools.partial(make_layer, 0, **options), D_MODEL,
+                       continue_by_chunks=[(2, [CHUNK - 1, 1, T_LONG - CHUNK])],
+                       state_roundtrip=[(3, 20)] if name == "defaults" else [])
+          for name, options in CONFIGS.items()),
+        ContractCase("stack-op-chunk-64", functools.partial(RWKV7Stack, chunk_size=64), D_MODEL,
+                     decode_equals_forward=[(1, 2 * 64 + 3, [2 * 64])], continue_by_chunks=[(1, [1, 63, 64, 3])]),
+    ]
 
 
 def test_state_holds_the_recurrent_matrix_and_the_shift_tail():

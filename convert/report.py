@@ -29,8 +29,8 @@ from convert.distill import CONVERSION_FILE, STAGES, check_disjoint
 from convert.evaluate import long_range_perplexity, state_bytes
 from convert.teacher import load_teacher
 from hybrid.formats.checkpoint import load_checkpoint
-from hybrid.model.describe import human_bytes
 from hybrid.formats.run_folder import TRAINER_JSON, latest_checkpoint
+from hybrid.model.describe import human_bytes
 from hybrid.training.metrics import read_metrics
 
 DEFAULT_CONTEXTS = (1024, 4096, 16384)

@@ -42,9 +42,9 @@ from torch import Tensor
 
 from convert.errors import TeacherError
 from convert.gguf_reader import GGUFTeacherFile
+from hybrid.formats.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import Recipe, RecipeError, recipe_from_dict
-from hybrid.formats.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTENTION, SLIDING = "attention", "swa"  # the teacher recipe's mixer names

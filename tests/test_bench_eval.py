@@ -11,9 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybrid.evaluation.bench import full_attention_config, subjects_for
-from hybrid.formats.checkpoint import load_checkpoint
 from hybrid.cli.main import main
+from hybrid.evaluation.bench import full_attention_config, subjects_for
 from hybrid.evaluation.niah import (
     NEEDLE,
     NIAH_STYLES,
@@ -24,10 +23,11 @@ from hybrid.evaluation.niah import (
     value_kind,
 )
 from hybrid.evaluation.perplexity import heldout_text, score_documents, token_losses
+from hybrid.formats.checkpoint import load_checkpoint
+from hybrid.formats.tokenizer import ByteTokenizer
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import load_recipe, recipe_from_dict
 from hybrid.model.state_shapes import state_at
-from hybrid.formats.tokenizer import ByteTokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TEXT = ("When shall we three meet again\nIn thunder, lightning, or in rain?\n"

@@ -17,9 +17,9 @@ from hybrid.formats.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from hybrid.formats.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import recipe_from_dict
-from hybrid.formats.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 RECIPE = {"model": {"vocab_size": 260, "d_model": 32, "n_layers": 2, "layers": "GK",
                     "mixers": {"gla": {"num_heads": 2}, "kvm": {"num_heads": 2, "chunk_len": 4}}}}

@@ -11,6 +11,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from hybrid.formats.tokenizer import ByteTokenizer, HFTokenizer
 from hybrid.training.data import (
     DataError,
     Document,
@@ -24,7 +25,6 @@ from hybrid.training.data import (
     split_train_val,
     token_dtype,
 )
-from hybrid.formats.tokenizer import ByteTokenizer, HFTokenizer
 
 
 class CountingTokenizer(ByteTokenizer):

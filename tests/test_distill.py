@@ -21,12 +21,12 @@ from convert.distill import (
 from convert.init import convert_teacher
 from convert.losses import alignment_losses, mean_kl
 from convert.teacher import load_teacher
-from hybrid.training import data as datalib
-from hybrid.formats.checkpoint import load_checkpoint, save_checkpoint
 from hybrid.cli.convert import parse_set_options
 from hybrid.cli.main import main
 from hybrid.cli.options import UsageError
+from hybrid.formats.checkpoint import load_checkpoint, save_checkpoint
 from hybrid.formats.run_folder import TRAINER_JSON
+from hybrid.training import data as datalib
 from hybrid.training.loop import train
 from hybrid.training.metrics import read_metrics
 from tests.test_convert import TINY, random_teacher_tensors, write_hf_folder

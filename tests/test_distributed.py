@@ -13,8 +13,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from hybrid.training import distributed
 from hybrid.model.recipe import RecipeError, load_recipe
+from hybrid.training import distributed
 from hybrid.training.config import TrainError, config_from_recipe
 from hybrid.training.loop import train
 from hybrid.training.metrics import read_metrics

@@ -12,8 +12,8 @@ from convert.init import convert_teacher
 from convert.layer_scores import LayerScores, choose_plan, layer_scores, restore_layers
 from convert.losses import kl_divergence
 from convert.teacher import load_teacher
-from hybrid.formats.checkpoint import load_checkpoint
 from hybrid.cli.main import main
+from hybrid.formats.checkpoint import load_checkpoint
 from tests.test_convert import TINY, random_teacher_tensors, tokens, write_hf_folder
 
 KVM = {"kvm": {"chunk_len": 8, "n_bswa_chunks": 2}}  # a 16-token window

@@ -16,7 +16,6 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from hybrid.model.model import HybridLM
 from hybrid.formats.published import (
     PublishedCheckpointError,
     load_published,
@@ -24,6 +23,7 @@ from hybrid.formats.published import (
     read_published_config,
     recipe_from_published,
 )
+from hybrid.model.model import HybridLM
 
 TOL = 1e-4  # max |logit difference|; measured: 1.6e-5 (full, compat), 2.4e-6 (decode, compat; full, no compat)
 

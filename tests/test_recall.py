@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from blocks.config import ConfigError
-from hybrid.model.model import HybridLM
 from hybrid.evaluation.recall import (
     IGNORE,
     MODELS,
@@ -22,6 +21,7 @@ from hybrid.evaluation.recall import (
     main,
     run_model,
 )
+from hybrid.model.model import HybridLM
 from hybrid.model.recipe import load_recipe
 from hybrid.training.config import TrainError, config_from_recipe
 from hybrid.training.loop import accumulate_gradients, train

@@ -18,12 +18,12 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from hybrid.formats.checkpoint import load_checkpoint
 from hybrid.cli.main import main
 from hybrid.cli.train import parse_overrides
+from hybrid.formats.checkpoint import load_checkpoint
+from hybrid.formats.run_folder import step_folders
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import RecipeError, load_recipe, recipe_from_dict
-from hybrid.formats.run_folder import step_folders
 from hybrid.training.config import TrainConfig, TrainError, config_from_recipe
 from hybrid.training.loop import TrainingDiverged, accumulate_gradients, enable_activation_checkpointing, train
 from hybrid.training.metrics import read_metrics

@@ -34,9 +34,9 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from hybrid.evaluation.perplexity import token_losses
+from hybrid.formats.tokenizer import Tokenizer
 from hybrid.generation.generate import SamplingConfig, prefill, sample
 from hybrid.model.model import HybridLM
-from hybrid.formats.tokenizer import Tokenizer
 
 
 @register_model("hybrid")

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hybrid.training.data import builtin_corpus, find_documents
-from hybrid.model.model import HybridLM
 from hybrid.formats.tokenizer import Tokenizer
+from hybrid.model.model import HybridLM
+from hybrid.training.data import builtin_corpus, find_documents
 
 HELDOUT_FRACTION = 0.005
 

@@ -31,10 +31,10 @@ from torch import Tensor
 
 from blocks.state import StateError
 from hybrid.formats.atomic import fsync_folder, swap_into_place
+from hybrid.formats.tokenizer import Tokenizer, TokenizerError, check_fits, load_tokenizer
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import Recipe, RecipeError, load_recipe
 from hybrid.model.state import read_safetensors
-from hybrid.formats.tokenizer import Tokenizer, TokenizerError, check_fits, load_tokenizer
 
 FORMAT = "kvm-hybrid-checkpoint"
 FORMAT_VERSION = 1

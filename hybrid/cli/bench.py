@@ -15,6 +15,8 @@ from hybrid.cli.options import (
     add_seed,
     add_threads,
     default_output_dir,
+    integer,
+    output_folder,
     parse_set,
     positive_int,
     token_count,
@@ -38,8 +40,9 @@ def add_bench(commands) -> None:
     bench.add_argument("--d-model", type=positive_int, default=768, help="model width for --mixer (default 768)")
     bench.add_argument("--contexts", type=token_count, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768],
                        help="context lengths T (default 1k 2k 4k 8k 16k 32k)")
-    bench.add_argument("--repeats", type=positive_int, default=3, help="runs per measurement (median, min, max)")
-    bench.add_argument("--steps", type=positive_int, default=256,
+    bench.add_argument("--repeats", type=integer(1, 1000, "a repeat count in [1, 1000]"), default=3,
+                       help="runs per measurement (median, min, max)")
+    bench.add_argument("--steps", type=token_count, default=256,
                        help="decode steps averaged per run (default 256: a whole paper-sized KVM chunk)")
     bench.add_argument("--max-prefill", type=token_count_or_zero, default=None,
                        metavar="T", help="measure prefill only up to this context (0: never; default: always)")
@@ -48,7 +51,7 @@ def add_bench(commands) -> None:
     bench.add_argument("--no-baseline", action="store_true", help="do not measure the full-attention baseline")
     add_threads(bench, "torch threads (default: torch's)")
     add_seed(bench)
-    bench.add_argument("--out", help="output folder (default bench_out/<first model>)")
+    bench.add_argument("--out", type=output_folder, help="output folder (default bench_out/<first model>)")
     add_device(bench)
     add_dtype(bench)
     bench.set_defaults(run=_bench)

@@ -5,6 +5,9 @@ prompt, a decode step is that call on one token per row. Nothing pads: a state h
 number of tokens in every row (``ModelState.seq_len``), and padding fed into a recurrent or KVM
 state would change it for good. Prompts of different lengths are therefore batched by *teacher
 forcing* (see ``generate``), which keeps every row's state exactly what that prompt alone gives.
+
+Logits that become NaN or infinite (broken weights, a corrupted state) stop generation with a
+``GenerationError`` naming the step, instead of sampling garbage from them.
 """
 
 from __future__ import annotations
@@ -16,8 +19,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from blocks.errors import InputError
 from hybrid.model.model import HybridLM
 from hybrid.model.state import ModelState
+
+
+class GenerationError(InputError):
+    """Generation cannot go on: the model's logits became NaN or infinite (the message says where)."""
+
 
 # ----------------------------------------------------------------------------- prefill
 
@@ -212,6 +221,7 @@ def _decode(model: HybridLM, prompts: list[list[int]], common: int, logits: Tens
             sampling = [keep.index(j) for j in sampling]
             rows, state, logits = [rows[j] for j in keep], state.select(keep), logits[keep]
         if sampling:
+            _require_finite(logits[sampling], [rows[j] for j in sampling], out, steps)
             for j, token in zip(sampling, sample(logits[sampling], config, generator).tolist()):
                 out[rows[j]].append(token)
                 if on_token is not None:
@@ -223,6 +233,17 @@ def _decode(model: HybridLM, prompts: list[list[int]], common: int, logits: Tens
         for i in rows:
             fed[i] += 1
         steps += 1
+
+
+def _require_finite(logits: Tensor, rows: list[int], out: list[list[int]], steps: int) -> None:
+    """Raise ``GenerationError`` when a row's logits (B, vocab) hold a NaN or an infinity."""
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    if all(finite):
+        return
+    row = rows[finite.index(False)]
+    raise GenerationError(f"the logits became NaN or infinite at new token {len(out[row]) + 1} of prompt {row + 1} "
+                          f"(decode step {steps}): the weights, or the state being continued, give non-finite "
+                          "values; generation stopped there. Check the checkpoint (a diverged run?) and the state")
 
 
 def synchronize(device: torch.device) -> None:

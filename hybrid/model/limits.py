@@ -1,0 +1,100 @@
+"""Sane limits on what a recipe may ask for, checked before anything is allocated.
+
+A recipe is a few numbers, and a few wrong digits ask for petabytes: ``vocab_size: 1000000000000``,
+``layers: "G*99999999999"``, a KVM ``chunk_len`` longer than any context. Torch would fail deep
+inside an allocation (or the machine would swap for minutes), so ``check_model_size`` estimates
+what the model needs first, without building it (each distinct mixer is built once on the meta
+device, which holds shapes and no data), and refuses with the estimate in the message:
+
+* at most ``MAX_LAYERS`` layers, and a pattern is never expanded beyond that;
+* no window (KVM and block sliding-window chunks times their count, sliding-window attention's
+  ``window``) longer than ``MAX_CONTEXT``, the longest context the toolkit sizes or runs;
+* the weights in fp32, plus the decode buffers of every window (batch 1), must fit this machine's
+  memory: every model is built on the CPU first.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from blocks.config import ConfigError, check_heads
+from blocks.registry import get_mixer
+
+MAX_LAYERS = 4096
+MAX_CONTEXT = 1 << 24
+"""The longest context (tokens) that commands size, measure or run: 16M."""
+FP32_BYTES = 4
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def gib(n: float) -> str:
+    """A byte count in GiB, for the messages here (which may be about petabytes)."""
+    return f"{n / 2 ** 30:,.1f} GiB"
+
+
+def check_model_size(config: Any) -> None:
+    """Refuse a ``ModelConfig`` whose windows exceed ``MAX_CONTEXT`` or whose weights and window
+    buffers would not fit in memory; a ``ConfigError`` names the recipe path and the estimate."""
+    d, vocab = config.d_model, config.vocab_size
+    parts = {f"embedding (vocab_size {vocab} x d_model {d})": vocab * d}
+    if not config.tie_embeddings:
+        parts[f"untied head (vocab_size {vocab} x d_model {d})"] = vocab * d
+    hidden = config.block.hidden_size(d)
+    parts[f"{config.n_layers} MLPs (d_model {d} x hidden {hidden})"] = config.n_layers * _mlp_weights(config, hidden)
+    window_bytes = 0
+    built: dict[str, tuple[int, int]] = {}
+    for layer in config.layers:
+        if layer.name not in built:
+            built[layer.name] = _mixer_size(layer, d, config.n_layers)
+        weights, window = built[layer.name]
+        parts[f"mixers {layer.name}"] = parts.get(f"mixers {layer.name}", 0) + weights
+        window_bytes += window
+    weight_bytes = FP32_BYTES * sum(parts.values())
+    available = memory_bytes()
+    if weight_bytes + window_bytes > available:
+        largest = sorted(parts.items(), key=lambda item: -item[1])[:2]
+        detail = ", ".join(f"{name} {gib(FP32_BYTES * n)}" for name, n in largest)
+        windows = f", and the decode windows {gib(window_bytes)}" if window_bytes else ""
+        raise ConfigError("model", f"the weights would need {gib(weight_bytes)} in fp32 ({detail}){windows}: more "
+                                   f"than this machine's {gib(available)} of memory; choose smaller sizes")
+
+
+def _mlp_weights(config: Any, hidden: int) -> int:
+    block, d = config.block, config.d_model
+    projections = 3 if block.mlp == "swiglu" else 2
+    biases = (projections - 1) * hidden + d if block.mlp_bias else 0
+    return projections * d * hidden + biases + (d if block.mlp_token_shift else 0)
+
+
+def _mixer_size(layer: Any, d_model: int, n_layers: int) -> tuple[int, int]:
+    """(parameters of one such mixer, bytes of its decode window buffers at batch 1)."""
+    path = f"model.mixers.{layer.name}"
+    options = layer.options
+    window = getattr(options, "window", None)
+    chunk = getattr(options, "chunk_len", None)
+    if chunk is not None:
+        window = chunk * options.n_bswa_chunks
+        if window > MAX_CONTEXT:
+            raise ConfigError(f"{path}.chunk_len", f"chunk_len {chunk} x n_bswa_chunks {options.n_bswa_chunks} is "
+                                                   f"a window of {window:,} tokens, longer than any context "
+                                                   f"(at most {MAX_CONTEXT:,}): choose a smaller chunk_len")
+    elif window is not None and window > MAX_CONTEXT:
+        raise ConfigError(f"{path}.window", f"{window:,} tokens is longer than any context (at most "
+                                            f"{MAX_CONTEXT:,}): choose a smaller window")
+    try:
+        with torch.device("meta"):
+            mixer = get_mixer(layer.mixer).cls(options, d_model=d_model, layer_idx=0, n_layers=n_layers)
+    except ConfigError as err:  # a rule that needs d_model (head sizes)
+        raise ConfigError(f"{path}.{err.field}", err.reason) from None
+    weights = sum(p.numel() for p in mixer.parameters())
+    if window is None:
+        return weights, 0
+    _, kv_heads, head_dim = check_heads(d_model, options.num_heads, options.num_kv_heads, options.head_dim)
+    return weights, 2 * window * kv_heads * head_dim * FP32_BYTES  # keys and values (the buffer holds more)

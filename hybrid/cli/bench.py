@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -14,6 +15,7 @@ from hybrid.cli.options import (
     add_dtype,
     add_seed,
     add_threads,
+    check_output_folder,
     default_output_dir,
     integer,
     output_folder,
@@ -74,6 +76,8 @@ def _bench(args: argparse.Namespace) -> int:
                          "with --mixer NAME, not both")
     if args.set and args.mixer is None:
         raise UsageError("--set gives options of the --mixer being measured; for a model, edit its recipe")
+    first = " ".join([args.mixer, *args.set]) if args.mixer is not None else args.models[0]
+    out = check_output_folder(Path(args.out) if args.out else default_output_dir("bench_out", first))
     named = []
     if args.mixer is not None:
         pairs = parse_set(args.set, "KEY=VALUE, e.g. --set budget=power_law")
@@ -81,7 +85,7 @@ def _bench(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         model = HybridLM(config).eval().to(device=resolve_device(args.device),
                                            dtype=DTYPES[args.dtype] if args.dtype else None)
-        named.append((" ".join([args.mixer, *args.set]), model))
+        named.append((first, model))
     else:
         for source in args.models:
             _, model, _ = open_model(source, args.device, args.dtype, args.seed, sys.stderr)
@@ -92,6 +96,5 @@ def _bench(args: argparse.Namespace) -> int:
     rows = run_bench(subjects_for(named, with_baseline=not args.no_baseline), settings,
                      log=lambda line: print(line, flush=True))
     print("\n" + summary(rows))
-    write_outputs(rows, args.out or default_output_dir("bench_out", named[0][0]), ", ".join(n for n, _ in named),
-                  sys.stdout)
+    write_outputs(rows, out, ", ".join(n for n, _ in named), sys.stdout)
     return 0

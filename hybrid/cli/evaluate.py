@@ -17,6 +17,7 @@ from hybrid.cli.options import (
     add_dtype,
     add_seed,
     add_threads,
+    check_output_folder,
     count,
     default_output_dir,
     integer,
@@ -67,8 +68,8 @@ def add_eval(commands) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    out = check_output_folder(Path(args.out) if args.out else default_output_dir("eval_out", args.model))
     _, model, tokenizer = open_model(args.model, args.device, args.dtype, args.seed, sys.stderr)
-    out = Path(args.out) if args.out else default_output_dir("eval_out", args.model)
     with torch.inference_mode():
         if args.tasks:
             return _eval_lm_eval(args, model, tokenizer, out)

@@ -87,7 +87,8 @@ def _generate(args: argparse.Namespace) -> int:
             raise UsageError(f"--stop {text!r} is {len(ids)} tokens; a stop must be exactly one token")
         stop += ids
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                              max_new_tokens=args.max_new_tokens, stop_tokens=tuple(stop), seed=args.seed)
+                              max_new_tokens=args.max_new_tokens, stop_tokens=tuple(stop), seed=args.seed,
+                              vocab_limit=tokenizer.vocab_size)
     with torch.inference_mode():
         generate_text(model, tokenizer, prompt, sampling, args.state, args.save_state, args.prefill_chunk,
                       allow_other_weights=args.allow_other_weights)

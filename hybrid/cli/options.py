@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -118,33 +118,48 @@ def device(name: str) -> str:
 
 
 def output_file(path: str) -> str:
-    """A file a command will write: not a folder, in a folder that exists (or can be made) and is
-    writable. Checked before the work, so no result is lost at the end."""
+    """A file a command will write: not a folder, in a folder that can be written (made now if it is
+    missing). Checked before the work, so no result is lost at the end."""
     target = Path(path)
     if not path.strip() or target.is_dir():
         raise argparse.ArgumentTypeError(f"{path!r} is a folder: name the file to write")
-    _require_writable_folder(target.parent, path)
+    try:
+        check_writable_folder(target.parent, path)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return path
 
 
 def output_folder(path: str) -> str:
-    """A folder a command will write into: a folder (or nothing yet) in a writable place."""
-    target = Path(path)
-    if not path.strip() or (target.exists() and not target.is_dir()):
-        raise argparse.ArgumentTypeError(f"{path!r} is a file: name a folder to write into")
-    _require_writable_folder(target if target.is_dir() else target.parent, path)
+    """A folder a command will write into: a folder or nothing yet, in a folder that can be written
+    (made now if it is missing)."""
+    try:
+        check_output_folder(Path(path))
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return path
 
 
-def _require_writable_folder(folder: Path, path: str) -> None:
-    """The nearest existing folder at or above ``folder`` must be writable (the rest is created)."""
-    existing = folder.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise argparse.ArgumentTypeError(f"cannot write {path!r}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"cannot write {path!r}: the folder {existing} is not writable")
+def check_output_folder(folder: Path) -> Path:
+    """``output_folder`` for a folder a command chose itself (a default): a ``UsageError`` if it cannot be written."""
+    if not str(folder).strip() or (folder.exists() and not folder.is_dir()):
+        raise UsageError(f"{str(folder)!r} is a file: name a folder to write into")
+    check_writable_folder(folder if folder.is_dir() else folder.parent, str(folder))
+    return folder
+
+
+def check_writable_folder(folder: Path, path: str) -> None:
+    """Make ``folder`` (and those above it) if missing, then write and remove a probe file in it; a
+    ``UsageError`` says why ``path`` cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in (folder, *folder.parents) if p.exists())
+        raise UsageError(f"cannot write {path!r}: {blocker} is a file, not a folder") from None
+    except OSError as err:
+        raise UsageError(f"cannot write {path!r}: {err.strerror} ({err.filename or folder})") from None
 
 
 # ----------------------------------------------------------------------------- shared options

@@ -52,7 +52,7 @@ FORMAT = "kvm-hybrid-checkpoint"
 FORMAT_VERSION = 1
 RECIPE_FILE = "recipe.yaml"
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
+NO_FILE = "none"  # the tokenizer_sha256 of a tokenizer without a file (bytes)
 
 
 class CheckpointError(InputError):
@@ -90,8 +90,8 @@ def save_checkpoint(folder: str | Path, recipe: Recipe, model: HybridLM, tokeniz
         metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
                     "model_fingerprint": recipe.model.fingerprint(), "aliases": json.dumps(aliases),
                     "content_sha256": tensors_sha256(tensors)}
-        if (tmp / TOKENIZER_FILE).is_file():
-            metadata["tokenizer_sha256"] = file_sha256(tmp / TOKENIZER_FILE)
+        has_file = spec.get("type") == "file"
+        metadata["tokenizer_sha256"] = file_sha256(tmp / spec["path"]) if has_file else NO_FILE
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         fsync_folder(tmp)
         swap_into_place(tmp, folder)
@@ -205,9 +205,16 @@ def _read_weights(weights: Path) -> tuple[dict[str, str], dict[str, Tensor], str
 
 
 def _check_tokenizer_file(folder: Path, recipe: Recipe, metadata: dict[str, str]) -> None:
-    """Refuse a tokenizer file other than the one the checkpoint was saved with (by its sha256)."""
+    """Refuse a tokenizer other than the one the checkpoint was saved with (a file by its sha256)."""
     recorded = metadata.get("tokenizer_sha256")
-    if recorded is None or recipe.tokenizer.get("type") != "file":
+    if recorded is None:
+        return
+    has_file = recipe.tokenizer.get("type") == "file"
+    if has_file != (recorded != NO_FILE):
+        kinds = ("the byte tokenizer", "a tokenizer file")
+        raise CheckpointError(f"{folder / RECIPE_FILE} names {kinds[has_file]}, but the checkpoint was saved with "
+                              f"{kinds[not has_file]}: restore {RECIPE_FILE}")
+    if not has_file:
         return
     path = folder / recipe.tokenizer["path"]
     if not path.is_file():

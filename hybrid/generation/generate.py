@@ -66,6 +66,8 @@ class SamplingConfig:
     top_p (1.0: all). Ties are broken towards the lower id everywhere, so top_k=1 and a tiny top_p
     are exactly greedy. A row ends after ``max_new_tokens`` or when it emits one of ``stop_tokens``
     (the stop token is kept in its output). ``seed``: a fixed seed makes sampling reproducible.
+    ``vocab_limit``: only ids below it are chosen (a tokenizer with fewer ids than the model's padded
+    vocabulary: the ids beyond it decode to no text).
     """
 
     temperature: float = 1.0
@@ -74,6 +76,7 @@ class SamplingConfig:
     max_new_tokens: int = 64
     stop_tokens: tuple[int, ...] = ()
     seed: int | None = None
+    vocab_limit: int | None = None
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -84,15 +87,22 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.vocab_limit is not None and self.vocab_limit < 1:
+            raise ValueError(f"vocab_limit must be >= 1 or None, got {self.vocab_limit}")
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
 
 
 def sample(logits: Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> Tensor:
     """logits (B, vocab) -> token ids (B,) drawn as ``config`` says (computed in fp32)."""
+    if config.vocab_limit is not None:
+        logits = logits[:, :config.vocab_limit]  # the same ids, without those beyond the limit
     if config.temperature == 0:
         return logits.argmax(dim=-1)  # the first maximum: ties go to the lower id
+    scaled = logits.float() / config.temperature
+    if not torch.isfinite(scaled).all():  # a temperature so small that logits overflow: shift them to <= 0 first
+        scaled = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / config.temperature
     # Sort once (stable, so equal logits keep id order) and filter in sorted order.
-    sorted_logits, order = torch.sort(logits.float() / config.temperature, dim=-1, descending=True, stable=True)
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
     if config.top_k is not None and config.top_k < sorted_logits.shape[-1]:
         sorted_logits[:, config.top_k:] = float("-inf")
     probs = sorted_logits.softmax(dim=-1)  # (B, vocab), renormalised over the top-k

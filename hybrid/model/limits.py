@@ -61,7 +61,7 @@ def check_model_size(config: Any) -> None:
     if weight_bytes + window_bytes > available:
         largest = sorted(parts.items(), key=lambda item: -item[1])[:2]
         detail = ", ".join(f"{name} {gib(FP32_BYTES * n)}" for name, n in largest)
-        windows = f", and the decode windows {gib(window_bytes)}" if window_bytes else ""
+        windows = f", and the decode windows {gib(window_bytes)}" if window_bytes >= 2 ** 26 else ""
         raise ConfigError("model", f"the weights would need {gib(weight_bytes)} in fp32 ({detail}){windows}: more "
                                    f"than this machine's {gib(available)} of memory; choose smaller sizes")
 

@@ -164,7 +164,7 @@ def resolve_recipe_path(path: str | Path, relative_to: Path | None = None) -> Pa
     text = str(path)
     where = f"{relative_to}: extends: " if relative_to is not None else ""
     if not text.strip() or "\0" in text:
-        raise RecipeError(f"{where}{text!r} is not a recipe path or name: name a recipe file, or one under "
+        raise RecipeError(f"{where}{_shown(text)} is not a recipe path or name: name a recipe file, or one under "
                           f"{RECIPES_DIR} (see `hybrid recipes`)")
     candidates = [Path(text)]
     if relative_to is not None:
@@ -182,7 +182,7 @@ def resolve_recipe_path(path: str | Path, relative_to: Path | None = None) -> Pa
     known = sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
     close = difflib.get_close_matches(text.removesuffix(".yaml"), known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise RecipeError(f"{where}recipe {text!r} not found (looked in the current directory"
+    raise RecipeError(f"{where}recipe {_shown(text)} not found (looked in the current directory"
                       f"{', next to the extending recipe' if relative_to else ''} and in {RECIPES_DIR}).{hint} "
                       f"Shipped recipes: {', '.join(known) or 'none'}")
 
@@ -388,7 +388,7 @@ def expand_pattern(pattern: str, path: str = "pattern") -> list[str]:
     pos = 0
 
     def fail(message: str) -> ConfigError:
-        return ConfigError(path, f"bad pattern {pattern!r} at position {pos}: {message}")
+        return ConfigError(path, f"bad pattern {_shown(pattern)} at position {pos}: {message}")
 
     def skip_spaces() -> None:
         nonlocal pos
@@ -525,7 +525,7 @@ def _coerce(value: Any, hint: Any, path: str, infinite_ok: bool = False) -> Any:
                 raise ConfigError(path, f"{_shown(value)} does not fit in 64 bits")
             return value
         if option is float and isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value) if abs(value) < 2.0 ** 1023 else math.inf  # a huge int: too large anyway
+            number = float(value) if isinstance(value, float) or abs(value) < 2 ** 1023 else math.inf  # a huge int
             if math.isnan(number) or (math.isinf(number) and not infinite_ok):
                 raise ConfigError(path, f"must be a finite number, got {_shown(value)}")
             return number

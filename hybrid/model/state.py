@@ -78,10 +78,10 @@ class ModelState:
             if tail is not None:
                 tensors[f"mlp_tails.{i}"] = tail.detach().contiguous().cpu()
         metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "model_fingerprint": fingerprint,
-                    "seq_len": str(self.seq_len), "layer_states": json.dumps([type(s).__name__ for s in self.layers]),
-                    "content_sha256": tensors_sha256(tensors)}
+                    "seq_len": str(self.seq_len), "layer_states": json.dumps([type(s).__name__ for s in self.layers])}
         if weights is not None:
             metadata["weights_sha256"] = weights
+        metadata["content_sha256"] = tensors_sha256(tensors, metadata)
         save_safetensors(tensors, Path(path), metadata)
 
     @classmethod
@@ -124,7 +124,8 @@ def _check_contents(path: Path, metadata: dict[str, str], tensors: dict[str, Ten
     """Refuse a state whose tensors differ from the content hash recorded with them, hold NaN or
     infinite values, or whose token count is unreadable."""
     recorded = metadata.get("content_sha256")
-    if recorded is not None and recorded != tensors_sha256(tensors):
+    others = {k: v for k, v in metadata.items() if k != "content_sha256"}
+    if recorded is not None and recorded != tensors_sha256(tensors, others):
         raise StateError(f"{path}: its contents do not match the hash recorded when it was saved (corrupted or "
                          "edited); save the state again")
     bad = first_nonfinite(tensors)

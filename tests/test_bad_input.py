@@ -282,14 +282,16 @@ def header_length(path: Path) -> int:
     return 8 + int.from_bytes(path.read_bytes()[:8], "little")
 
 
-def resave(path: Path, change) -> None:
-    """Rewrite a safetensors file with ``change(tensors)`` applied and its content hash recomputed,
-    as the toolkit would have written those tensors (not corruption: the values themselves are bad)."""
+def resave(path: Path, change, with_metadata: bool = False) -> None:
+    """Rewrite a safetensors file with ``change(tensors)`` applied and its content hash recomputed
+    (over its other metadata too: ``with_metadata``, as for a state), as the toolkit would have written
+    those tensors: not corruption, the values themselves are bad."""
     tensors = load_file(path)
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata())
     change(tensors)
-    metadata["content_sha256"] = tensors_sha256(tensors)
+    others = {k: v for k, v in metadata.items() if k != "content_sha256"}
+    metadata["content_sha256"] = tensors_sha256(tensors, others if with_metadata else None)
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -299,154 +301,128 @@ def poison(tensors: dict) -> None:
         tensors[name].shape)
 
 
-def corruptions(rng: random.Random, root: Path, work: Path):
-    """Generated file corruptions: (description, argv, expected text)."""
-    def ckpt() -> Path:
-        target = work / f"ckpt_{rng.randrange(10 ** 9)}"
-        shutil.copytree(root / "ckpt", target)
+class Corruptions:
+    """Generated file corruptions, each made on a fresh copy of an original in ``work``: every
+    ``damage_*`` method returns (description, argv that reads the damaged file, expected text)."""
+
+    def __init__(self, rng: random.Random, root: Path, work: Path):
+        self.rng, self.root, self.work = rng, root, work
+
+    def __iter__(self):
+        makers = [getattr(self, name) for name in sorted(dir(self)) if name.startswith("damage_")]
+        for i in range(FILE_CASES):
+            yield makers[i % len(makers)]()
+
+    def copy(self, name: str) -> Path:
+        source, target = self.root / name, self.work / f"{self.rng.randrange(10 ** 9)}_{name}"
+        (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
         return target
 
-    def state() -> Path:
-        target = work / f"s_{rng.randrange(10 ** 9)}.state"
-        shutil.copyfile(root / "s.state", target)
-        return target
-
-    def run_copy() -> Path:
-        target = work / f"run_{rng.randrange(10 ** 9)}"
-        shutil.copytree(root / "run", target)
-        return target
-
-    def generate(folder, *more):
+    def generate(self, folder: Path, *more) -> list[str]:
         return ["generate", str(folder), "--prompt", "the cat", "--max-new-tokens", "2", *map(str, more)]
 
-    def train(run):
-        return ["train", str(root / "recipe.yaml"), "--out", str(run), "--no-progress"]
+    def train(self, run: Path) -> list[str]:
+        return ["train", str(self.root / "recipe.yaml"), "--out", str(run), "--no-progress"]
 
-    makers = []
+    def flip_data(self, path: Path) -> Path:
+        flip(path, self.rng, begin=header_length(path))
+        return path
 
-    def maker(fn):
-        makers.append(fn)
-        return fn
+    def flip_header(self, path: Path) -> Path:
+        flip(path, self.rng, begin=8, end=header_length(path), mask=0x80)
+        return path
 
-    @maker
-    def weights_data_byte():
-        folder = ckpt()
-        weights = folder / "model.safetensors"
-        flip(weights, rng, begin=header_length(weights))
-        return "a flipped byte in the weights", generate(folder), "content hash"
+    def truncate(self, path: Path) -> Path:
+        path.write_bytes(path.read_bytes()[:self.rng.randrange(path.stat().st_size)])
+        return path
 
-    @maker
-    def weights_header_byte():
-        folder = ckpt()
-        weights = folder / "model.safetensors"
-        flip(weights, rng, begin=8, end=header_length(weights), mask=0x80)
-        return "a flipped byte in the weights' header", generate(folder), "model.safetensors"
+    def damage_weights_data(self):
+        folder = self.copy("ckpt")
+        self.flip_data(folder / "model.safetensors")
+        return "a flipped byte in the weights", self.generate(folder), "content hash"
 
-    @maker
-    def weights_truncated():
-        folder = ckpt()
-        weights = folder / "model.safetensors"
-        weights.write_bytes(weights.read_bytes()[:rng.randrange(weights.stat().st_size)])
-        return "truncated weights", generate(folder), "model.safetensors"
+    def damage_weights_header(self):
+        folder = self.copy("ckpt")
+        self.flip_header(folder / "model.safetensors")
+        return "a flipped byte in the weights' header", self.generate(folder), "model.safetensors"
 
-    @maker
-    def weights_nan():
-        folder = ckpt()
+    def damage_weights_truncated(self):
+        folder = self.copy("ckpt")
+        self.truncate(folder / "model.safetensors")
+        return "truncated weights", self.generate(folder), "model.safetensors"
+
+    def damage_weights_nan(self):
+        folder = self.copy("ckpt")
         resave(folder / "model.safetensors", poison)
-        return "a NaN weight", generate(folder), "holds NaN or infinite values"
+        return "a NaN weight", self.generate(folder), "holds NaN or infinite values"
 
-    @maker
-    def recipe_byte():
-        folder = ckpt()
-        flip(folder / "recipe.yaml", rng, mask=0x80)
-        return "a flipped byte in recipe.yaml", generate(folder), "not UTF-8"
+    def damage_recipe_byte(self):
+        folder = self.copy("ckpt")
+        flip(folder / "recipe.yaml", self.rng, mask=0x80)
+        return "a flipped byte in recipe.yaml", self.generate(folder), "not UTF-8"
 
-    @maker
-    def recipe_truncated():
-        folder = ckpt()
+    def damage_recipe_truncated(self):
+        folder = self.copy("ckpt")
         text = (folder / "recipe.yaml").read_text()
         end = text.index("  mixers:")  # a cut before the layer list ends always loses something the weights need
-        (folder / "recipe.yaml").write_text(text[:rng.randrange(1, end)])
-        return "a truncated recipe.yaml", generate(folder), "recipe.yaml"
+        (folder / "recipe.yaml").write_text(text[:self.rng.randrange(1, end)])
+        return "a truncated recipe.yaml", self.generate(folder), "recipe.yaml"
 
-    @maker
-    def tokenizer_byte():
-        folder = ckpt()
-        flip(folder / "tokenizer.json", rng)
-        return "a flipped byte in tokenizer.json", generate(folder), "not the tokenizer this checkpoint was saved with"
+    def damage_tokenizer_byte(self):
+        folder = self.copy("ckpt")
+        flip(folder / "tokenizer.json", self.rng)
+        return "a flipped byte in tokenizer.json", self.generate(folder), "not the tokenizer this checkpoint was saved"
 
-    @maker
-    def tokenizer_swapped():
-        folder = ckpt()
-        shutil.copyfile(root / "other.json", folder / "tokenizer.json")
-        return "a swapped tokenizer.json", generate(folder), "not the tokenizer this checkpoint was saved with"
+    def damage_tokenizer_swapped(self):
+        folder = self.copy("ckpt")
+        shutil.copyfile(self.root / "other.json", folder / "tokenizer.json")
+        return "a swapped tokenizer.json", self.generate(folder), "not the tokenizer this checkpoint was saved with"
 
-    @maker
-    def state_byte():
-        path = state()
-        flip(path, rng, begin=header_length(path))
-        return "a flipped byte in a state", generate(root / "ckpt", "--state", path), "hash recorded"
+    def damage_state_data(self):
+        path = self.flip_data(self.copy("s.state"))
+        return "a flipped byte in a state", self.generate(self.root / "ckpt", "--state", path), "hash recorded"
 
-    @maker
-    def state_header():
-        path = state()
-        flip(path, rng, begin=8, end=header_length(path), mask=0x80)
-        return "a flipped byte in a state's header", generate(root / "ckpt", "--state", path), "s_"
+    def damage_state_header(self):
+        path = self.flip_header(self.copy("s.state"))
+        return "a flipped byte in a state's header", self.generate(self.root / "ckpt", "--state", path), "s.state"
 
-    @maker
-    def state_truncated():
-        path = state()
-        path.write_bytes(path.read_bytes()[:rng.randrange(path.stat().st_size)])
-        return "a truncated state", generate(root / "ckpt", "--state", path), "s_"
+    def damage_state_truncated(self):
+        path = self.truncate(self.copy("s.state"))
+        return "a truncated state", self.generate(self.root / "ckpt", "--state", path), "s.state"
 
-    @maker
-    def state_nan():
-        path = state()
-        tensors = load_file(path)
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata())
-        poison(tensors)
-        metadata["content_sha256"] = tensors_sha256(tensors, {k: v for k, v in metadata.items()
-                                                              if k != "content_sha256"})
-        save_file(tensors, str(path), metadata=metadata)
-        return "a NaN in a state", generate(root / "ckpt", "--state", path), "holds NaN or infinite values"
+    def damage_state_nan(self):
+        path = self.copy("s.state")
+        resave(path, poison, with_metadata=True)
+        return "a NaN in a state", self.generate(self.root / "ckpt", "--state", path), "holds NaN or infinite values"
 
-    @maker
-    def trainer_json():
-        run = run_copy()
-        flip(run / "step_000002" / "trainer.json", rng, mask=0x80)
-        return "a flipped byte in trainer.json", train(run), "trainer.json"
+    def damage_trainer_json_byte(self):
+        run = self.copy("run")
+        flip(run / "step_000002" / "trainer.json", self.rng, mask=0x80)
+        return "a flipped byte in trainer.json", self.train(run), "trainer.json"
 
-    @maker
-    def trainer_json_number():
-        run = run_copy()
+    def damage_trainer_json_number(self):
+        run = self.copy("run")
         path = run / "step_000002" / "trainer.json"
         info = json.loads(path.read_text())
-        info["tokens_seen"] += rng.randint(1, 1000)
+        info["tokens_seen"] += self.rng.randint(1, 1000)
         path.write_text(json.dumps(info))
-        return "an edited number in trainer.json", train(run), "hash recorded in it"
+        return "an edited number in trainer.json", self.train(run), "hash recorded in it"
 
-    @maker
-    def trainer_tensors():
-        run = run_copy()
-        path = run / "step_000002" / "trainer.safetensors"
-        flip(path, rng, begin=header_length(path))
-        return "a flipped byte in trainer.safetensors", train(run), "trainer.safetensors"
+    def damage_trainer_tensors(self):
+        run = self.copy("run")
+        self.flip_data(run / "step_000002" / "trainer.safetensors")
+        return "a flipped byte in trainer.safetensors", self.train(run), "trainer.safetensors"
 
-    @maker
-    def trainer_weights_swapped():
-        run = run_copy()
+    def damage_trainer_weights_swapped(self):
+        run = self.copy("run")
         shutil.copyfile(run / "step_000001" / "model.safetensors", run / "step_000002" / "model.safetensors")
-        return "another step's weights", train(run), "not the one its trainer state was saved with"
-
-    for i in range(FILE_CASES):
-        yield makers[i % len(makers)]()
+        return "another step's weights", self.train(run), "not the one its trainer state was saved with"
 
 
 def test_corrupted_files_are_refused_cleanly(originals, tmp_path, capsys):
     rng = random.Random(SEED + 1)
     start = time.monotonic()
-    cases = list(corruptions(rng, originals, tmp_path))
+    cases = list(Corruptions(rng, originals, tmp_path))
     failures = check_all(cases, capsys)
     assert not failures, f"{len(failures)} of {len(cases)} corrupted files:\n" + "\n".join(failures)
     assert time.monotonic() - start < 60

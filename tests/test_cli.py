@@ -212,3 +212,18 @@ def test_a_model_key_in_train_set_points_to_a_recipe(tmp_path, capsys):
     assert main(["train", "tiny/gla_kvm", "--set", "model.d_model=32", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "model: changes belong in a recipe that extends this one" in err and "train.model" not in err
+
+
+def test_eval_refuses_text_without_a_token_to_predict(tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("x")
+    assert main(["eval", "tiny/gla_kvm", "--text", str(tmp_path / "one.txt"), "--out", str(tmp_path / "out")]) == 2
+    assert "the texts hold no token to predict" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # lm-eval indexes its task catalogue first (~12 s)
+def test_eval_refuses_an_unknown_lm_eval_task(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    assert main(["eval", "tiny/gla_kvm", "--tasks", "no_such_task_xyz", "--limit", "1",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--tasks: Spec 'no_such_task_xyz' is not a registered task" in err and "Traceback" not in err

@@ -447,3 +447,22 @@ def test_the_tokenizer_section_is_checked_when_the_recipe_is_read(tmp_path):
     assert "tokenizer.type: '[1]' is not a tokenizer type" in load_error(tmp_path, {**SMALL, "tokenizer": {"type": [1]}})
     assert "tokenizer.path: a 'file' tokenizer needs the path" in load_error(
         tmp_path, {**SMALL, "tokenizer": {"type": "file", "path": ""}})
+
+
+@pytest.mark.parametrize("layers, mixers, expected", [
+    ("K", {"kvm": {"num_heads": 2, "head_dim": 5}},
+     "model.mixers.kvm.rope_partial_dim: RoPE rotates pairs of dims, and it is null: all 5 dims of an odd head_dim"),
+    ("R", {"rwkv7": {"head_dim": 1}}, "model.mixers.rwkv7.head_dim: the output GroupNorm needs at least 2 values"),
+    ("RR", {"rwkv7": {"head_dim": 16, "v_first_source": False}},
+     "model.mixers.rwkv7.v_first_source: the first RWKV-7 layer starts the v_first stream"),
+    ("D", {"gated_deltanet": {"head_dim": 16, "num_heads": 2, "expand_v": 1e30}},
+     "model.mixers.gated_deltanet.expand_v: 1e+30 makes sizes beyond what torch can hold"),
+    ("G", {"gla": {"num_heads": 2, "expand_k": 1e6}},  # 4 GB of weights, but a state and activations far beyond
+     "model.mixers.gla: its weight q_proj.weight would be (32000000, 32), wider than any layer may be"),
+])
+def test_options_that_would_fail_in_the_forward_are_refused_when_read(layers, mixers, expected):
+    """Rules the layers only met when they ran (or when torch allocated) are checked with the recipe."""
+    data = {"model": {"vocab_size": 256, "d_model": 32, "n_layers": len(layers), "layers": layers, "mixers": mixers}}
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(data)
+    assert expected in str(err.value)

@@ -120,8 +120,14 @@ def _eval_lm_eval(args, model, tokenizer, out: Path) -> int:
         from hybrid.evaluation.lm_eval_adapter import HybridEvalLM, run_lm_eval
     except ImportError as err:
         raise UsageError(f"--tasks needs lm-evaluation-harness: pip install 'kvm-hybrid[eval]' ({err})") from None
-    output = run_lm_eval(HybridEvalLM(model=model, tokenizer=tokenizer, prefill_chunk=args.chunk), args.tasks,
-                         args.include_path, args.limit, args.num_fewshot)
+    try:
+        output = run_lm_eval(HybridEvalLM(model=model, tokenizer=tokenizer, prefill_chunk=args.chunk), args.tasks,
+                             args.include_path, args.limit, args.num_fewshot)
+    except KeyError as err:  # lm-eval's answer to a task name it does not know, and only that
+        if "is not a registered task" not in str(err):
+            raise
+        raise UsageError(f"--tasks: {err.args[0]}; `lm-eval ls tasks` lists them, --include-path adds a folder of "
+                         "task YAMLs") from None
     for task, metrics in output["results"].items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float))
                           and not isinstance(v, bool) and k != "sample_len")

@@ -7,6 +7,8 @@ what the model needs first, without building it (each distinct mixer is built on
 device, which holds shapes and no data), and refuses with the estimate in the message:
 
 * at most ``MAX_LAYERS`` layers, and a pattern is never expanded beyond that;
+* no weight wider than ``MAX_WIDTH`` in any dimension (an expansion factor of a million makes a
+  layer whose activations and state no machine holds, even where its weights would fit);
 * no window (KVM and block sliding-window chunks times their count, sliding-window attention's
   ``window``) longer than ``MAX_CONTEXT``, the longest context the toolkit sizes or runs;
 * the weights in fp32, plus the decode buffers of every window (batch 1), must fit this machine's
@@ -15,6 +17,7 @@ device, which holds shapes and no data), and refuses with the estimate in the me
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -26,6 +29,8 @@ from blocks.registry import get_mixer
 MAX_LAYERS = 4096
 MAX_CONTEXT = 1 << 24
 """The longest context (tokens) that commands size, measure or run: 16M."""
+MAX_WIDTH = 1 << 24
+"""The widest any weight may be in any dimension (the vocabulary, d_model, a layer's projections)."""
 FP32_BYTES = 4
 
 
@@ -49,11 +54,11 @@ def check_model_size(config: Any) -> None:
     hidden = config.block.hidden_size(d)
     parts[f"{config.n_layers} MLPs (d_model {d} x hidden {hidden})"] = config.n_layers * _mlp_weights(config, hidden)
     window_bytes = 0
-    built: dict[str, tuple[int, int]] = {}
+    built: dict[str, tuple[int, int, str]] = {}
     for layer in config.layers:
         if layer.name not in built:
             built[layer.name] = _mixer_size(layer, d, config.n_layers)
-        weights, window = built[layer.name]
+        weights, window, _ = built[layer.name]
         parts[f"mixers {layer.name}"] = parts.get(f"mixers {layer.name}", 0) + weights
         window_bytes += window
     weight_bytes = FP32_BYTES * sum(parts.values())
@@ -64,6 +69,10 @@ def check_model_size(config: Any) -> None:
         windows = f", and the decode windows {gib(window_bytes)}" if window_bytes >= 2 ** 26 else ""
         raise ConfigError("model", f"the weights would need {gib(weight_bytes)} in fp32 ({detail}){windows}: more "
                                    f"than this machine's {gib(available)} of memory; choose smaller sizes")
+    for name, (_, _, too_wide) in built.items():
+        if too_wide:
+            raise ConfigError(f"model.mixers.{name}", f"{too_wide}, wider than any layer may be (at most "
+                                                      f"{MAX_WIDTH:,} in each dimension): an option is too large")
 
 
 def _mlp_weights(config: Any, hidden: int) -> int:
@@ -73,8 +82,9 @@ def _mlp_weights(config: Any, hidden: int) -> int:
     return projections * d * hidden + biases + (d if block.mlp_token_shift else 0)
 
 
-def _mixer_size(layer: Any, d_model: int, n_layers: int) -> tuple[int, int]:
-    """(parameters of one such mixer, bytes of its decode window buffers at batch 1)."""
+def _mixer_size(layer: Any, d_model: int, n_layers: int) -> tuple[int, int, str]:
+    """(parameters of one such mixer, bytes of its decode window buffers at batch 1, and what of it is
+    wider than ``MAX_WIDTH``: '' when nothing is)."""
     path = f"model.mixers.{layer.name}"
     options = layer.options
     window = getattr(options, "window", None)
@@ -93,8 +103,17 @@ def _mixer_size(layer: Any, d_model: int, n_layers: int) -> tuple[int, int]:
             mixer = get_mixer(layer.mixer).cls(options, d_model=d_model, layer_idx=0, n_layers=n_layers)
     except ConfigError as err:  # a rule that needs d_model (head sizes)
         raise ConfigError(f"{path}.{err.field}", err.reason) from None
+    except (OverflowError, TypeError, RuntimeError):  # torch refuses a size: caused by a huge option, or a bug
+        large = [name for name, value in dataclasses.asdict(options).items()
+                 if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) >= 2 ** 31]
+        if not large:
+            raise
+        raise ConfigError(f"{path}.{large[0]}", f"{getattr(options, large[0])!r} makes sizes beyond what torch can "
+                                                "hold; choose a smaller value") from None
+    too_wide = next((f"its weight {name} would be {tuple(weight.shape)}" for name, weight in mixer.named_parameters()
+                     if max(weight.shape, default=0) > MAX_WIDTH), "")
     weights = sum(p.numel() for p in mixer.parameters())
     if window is None:
-        return weights, 0
+        return weights, 0, too_wide
     _, kv_heads, head_dim = check_heads(d_model, options.num_heads, options.num_kv_heads, options.head_dim)
-    return weights, 2 * window * kv_heads * head_dim * FP32_BYTES  # keys and values (the buffer holds more)
+    return weights, 2 * window * kv_heads * head_dim * FP32_BYTES, too_wide  # keys and values (the buffer holds more)

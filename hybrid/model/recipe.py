@@ -279,6 +279,11 @@ def model_from_dict(data: Any) -> ModelConfig:
         built[name] = LayerConfig(name, entry.mixer, build_dataclass(
             get_mixer(entry.mixer).config_cls, entry.options, f"model.mixers.{name}."))
     config = ModelConfig(layers=tuple(built[n] for n in names), block=block, **dataclasses.asdict(head))
+    first_rwkv7 = next((layer for layer in config.layers if layer.mixer == "rwkv7"), None)
+    if first_rwkv7 is not None and first_rwkv7.options.v_first_source is False:
+        raise ConfigError(f"model.mixers.{first_rwkv7.name}.v_first_source",
+                          "the first RWKV-7 layer starts the v_first stream that later ones mix towards: set it "
+                          "true, or null (the first one starts it)")
     check_model_size(config)
     return config
 

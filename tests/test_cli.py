@@ -8,7 +8,7 @@ import pytest
 
 from hybrid.cli.main import build_parser, main
 
-COMMANDS = ["info", "init", "generate", "import-published", "train", "convert", "convert-report", "convert-scores",
+COMMANDS = ["info", "init", "generate", "import-published", "export-hf", "train", "convert", "convert-report", "convert-scores",
             "recipes", "demo", "bench", "eval"]
 
 

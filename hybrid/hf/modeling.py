@@ -20,6 +20,7 @@ from torch import Tensor
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from blocks.rope import RotaryEmbedding
 from hybrid.hf.cache import HybridCache, RowGroup
 from hybrid.hf.config import KVMHybridConfig
 from hybrid.model.model import Block, HybridLM
@@ -39,16 +40,12 @@ class KVMHybridForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = HybridLM(config.model_config())
         self.post_init()
 
-    @classmethod
-    def get_init_context(cls, *args, **kwargs) -> list:
-        """transformers' contexts for building the model, without its meta device: ``HybridLM`` computes
-        buffers that are not saved (RoPE frequencies) when it is built, and on the meta device they
-        would never be filled."""
-        contexts = super().get_init_context(*args, **kwargs)
-        return [c for c in contexts if not (isinstance(c, torch.device) and c.type == "meta")]
-
     def _init_weights(self, module) -> None:
-        """Nothing: ``HybridLM`` initialises every weight when it is built, as its recipe says."""
+        """Only what loading leaves empty: the RoPE frequencies, which are not saved (transformers
+        allocates such buffers empty and calls this). ``HybridLM`` initialises every weight itself, as
+        its recipe says, and loading then replaces them all."""
+        if isinstance(module, RotaryEmbedding):
+            module.reset_frequencies()
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

@@ -282,7 +282,7 @@ DOCS = [{"text": "The cat sat on the", "choices": [" mat", " moon"], "label": 0,
         {"text": "One, two, three,", "choices": [" four", " banana"], "label": 0, "answer": "four"}]
 
 
-def _local_tasks(folder: Path) -> Path:
+def local_tasks(folder: Path) -> Path:
     """A folder of tiny lm-eval task YAMLs over one local JSONL file (nothing is downloaded)."""
     import yaml
 
@@ -334,7 +334,7 @@ def test_lm_eval_adapter_matches_the_model_on_a_local_task(checkpoint, tmp_path,
                 break
     assert generated == greedy_text.split("e")[0]
 
-    results = run_lm_eval(lm, list(TASKS), include_path=_local_tasks(tmp_path))["results"]
+    results = run_lm_eval(lm, list(TASKS), include_path=local_tasks(tmp_path))["results"]
     assert set(results) == set(TASKS)
     texts = [d["text"] for d in DOCS]
     nll = sum(float(_direct_losses(model, [lm.prefix_token_id] + tokenizer.encode(t)).sum()) for t in texts)

@@ -35,7 +35,7 @@ USER_ERRORS = (RecipeError, ConfigError, UnknownMixerError, StateError, Checkpoi
 COMMANDS = (models.add_info, models.add_init, generate.add_generate, models.add_import_published, models.add_export_hf,
             train.add_train,
             convert.add_convert, convert.add_convert_scores, convert.add_convert_report, models.add_recipes,
-            demo.add_demo, bench.add_bench, evaluate.add_eval)
+            demo.add_demo, bench.add_bench, evaluate.add_eval, evaluate.add_lm_eval)
 """Each adds one command's parser, in the order ``hybrid --help`` lists them."""
 
 

@@ -4,7 +4,9 @@ A ``tokenizer.json`` tokenizer is copied as it is. The byte tokenizer becomes a 
 no merges: GPT-2's byte-level alphabet (one printable character per byte, ``byte_level_alphabet``)
 as its vocabulary, character i of the alphabet being id i, so text encodes to its UTF-8 bytes as ids
 0..255 exactly as ``ByteTokenizer`` does, and decoding turns invalid UTF-8 into U+FFFD as it does.
-It has no end-of-text token; byte 0 pads (``hybrid.formats.hf_config.pad_token_id``).
+It has no end-of-text token; byte 0 pads (``hybrid.formats.hf_config.pad_token_id``), and the newline
+is its beginning-of-text token, which nothing adds to encoded text: tools that predict a text's first
+token from one (lm-eval) start from a line break, as ``hybrid.evaluation.lm_eval_adapter`` does.
 """
 
 from __future__ import annotations
@@ -61,4 +63,6 @@ def write_hf_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
                 "pad_token": files.id_to_token(pad_token_id(tokenizer))}
     if tokenizer.eos_id is not None:
         settings["eos_token"] = files.id_to_token(tokenizer.eos_id)
+    else:  # what texts start from, for tools that need one (lm-eval): the newline, as hybrid's own lm-eval model does
+        settings["bos_token"] = files.id_to_token(tokenizer.encode("\n")[-1])
     (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps(settings, indent=1) + "\n")

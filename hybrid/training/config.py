@@ -30,9 +30,9 @@ class TrainError(ValueError):
 class TrainConfig:
     """A recipe's ``train:`` section. Exactly one of ``max_steps`` and ``max_tokens`` sets the length."""
 
-    data: tuple[str, ...] | None = None  # text/JSONL files and folders (relative paths: from the working
-    # directory); None: the built-in corpus (hybrid.training.data.builtin_corpus)
-    text_field: str = "text"  # JSONL key that holds the text
+    data: tuple[str, ...] | None = None  # text/JSONL/Parquet files, folders saved by datasets, folders (relative
+    # paths: from the working directory); None: the built-in corpus (hybrid.training.data.builtin_corpus)
+    text_field: str = "text"  # the JSONL key, or the Parquet / saved-dataset column, that holds the text
     cache_dir: str | None = None  # token cache; None: $XDG_CACHE_HOME/kvm-hybrid/tokens (keyed by content)
     seq_len: int = 256
     batch_size: int = 16  # sequences per optimizer step, over all processes

@@ -63,6 +63,8 @@ class TrainConfig:
     # gradients and optimizer state sharded across them) | none (refuses several processes)
     threads: int | None = None  # torch CPU threads; None: torch's default. Bitwise resume needs the same count
     time_limit_s: float | None = None  # stop cleanly (with a checkpoint) after this many seconds
+    tensorboard: bool = False  # also write the metrics as TensorBoard events to out_dir/tensorboard (the
+    # 'tensorboard' extra): tensorboard --logdir out_dir
 
     def __post_init__(self):
         positive = ("seq_len", "batch_size", "grad_accum", "val_batches", "ckpt_every", "keep_last", "log_every")

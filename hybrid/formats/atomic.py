@@ -17,7 +17,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -81,6 +81,23 @@ def fsync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def new_folder(folder: Path) -> Iterator[Path]:
+    """A temporary folder beside ``folder`` to fill in the ``with`` block; when the block ends without
+    an error it is made readable (``share``), flushed and swapped into place, and when it fails it is
+    deleted: ``folder`` is then as it was."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        yield tmp
+        share(tmp)
+        fsync_folder(tmp)
+        swap_into_place(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def swap_into_place(new: Path, folder: Path) -> None:

@@ -20,13 +20,12 @@ made of the toolkit's own mixers export: the folder's modeling file knows no oth
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from blocks.registry import get_mixer
-from hybrid.formats.atomic import fsync_folder, share, swap_into_place
+from hybrid.formats.atomic import new_folder
 from hybrid.formats.checkpoint import CheckpointError, load_checkpoint
 from hybrid.formats.hf_config import ARCHITECTURE, hf_config, write_hf_config
 from hybrid.formats.hf_tokenizer import write_hf_tokenizer
@@ -60,9 +59,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
                           "nothing (choose another OUT, or remove this one)")
     recipe, model, tokenizer = load_checkpoint(checkpoint)
     check_exportable(recipe.model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with new_folder(out) as tmp:
         tensors = {f"model.{name}": value.detach().contiguous() for name, value in model.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         config = hf_config(recipe.model, tokenizer, next(iter(tensors.values())).dtype)
@@ -71,10 +68,4 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
         write_hf_config(tmp, config)
         write_hf_tokenizer(tokenizer, tmp)
         shutil.copyfile(REMOTE_CODE, tmp / MODELING_FILE)
-        share(tmp)
-        fsync_folder(tmp)
-        swap_into_place(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out

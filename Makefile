@@ -30,11 +30,11 @@ demo: $(STAMP)
 	$(VENV)/bin/hybrid generate runs/demo --prompt "ROMEO." --max-new-tokens 300 --temperature 0.7 --seed 0
 
 # One test process per core, at most 4 (each holds its own torch and test data); TEST_WORKERS=0 runs
-# them in this process. Tests are handed out one at a time, so the long ones spread over the workers.
+# them in this process. -m "wheel or not wheel": every test, the wheel install too (plain pytest skips it). Tests are handed out one at a time, so the long ones spread over the workers.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "wheel or not wheel"
 
 # hybrid bench: the 120M all-KVM and GLA+KVM models against the full-attention model of the same size
 # (measured in the same run) at 1k..32k; prefill up to 4k (full attention beyond takes minutes on a

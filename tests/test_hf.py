@@ -89,6 +89,8 @@ def test_checkpoint_folders_load_with_auto_classes_after_import(checkpoints):
         ids = torch.tensor(_ids(tokenizer))
         with torch.no_grad():
             assert (hf(ids).logits - model(ids).logits).abs().max() <= 1e-5
+            loss = torch.nn.functional.cross_entropy(model(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            assert hf(ids, labels=ids).loss.item() == pytest.approx(loss.item(), rel=1e-5)
         rope = [m for m in hf.modules() if type(m).__name__ == "RotaryEmbedding"]
         assert rope and all(torch.isfinite(m.inv_freq).all() and m.inv_freq.max() == 1 for m in rope)
 

@@ -1,7 +1,7 @@
 """lm-evaluation-harness from its own command line: ``hybrid lm-eval --model hybrid`` (lm-eval's command line
 with our model registered) on a checkpoint, and lm-eval's ``lm_eval --model hf`` on the folder
-``hybrid export-hf`` wrote, score a tiny local task as ``hybrid eval --tasks`` does. Each runs in its
-own interpreter, as from a shell."""
+``hybrid export-hf`` wrote, score a tiny local task as ``hybrid eval --tasks`` does. The two command
+lines run in their own interpreters, as from a shell."""
 
 import json
 import os
@@ -31,8 +31,10 @@ def _lm_eval_results(output: Path) -> dict:
     return json.loads(path.read_text())["results"]
 
 
-@pytest.mark.slow  # three interpreters importing lm-eval, datasets and torch
-def test_lm_eval_command_lines_score_as_hybrid_eval(tmp_path):
+@pytest.mark.slow  # two interpreters importing lm-eval, datasets, torch and transformers
+def test_lm_eval_command_lines_score_as_hybrid_eval(tmp_path, monkeypatch):
+    for name, value in (("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_CACHE", str(tmp_path))):
+        monkeypatch.setenv(name, value)  # before lm_eval imports datasets, which reads them then
     pytest.importorskip("lm_eval")
     pytest.importorskip("accelerate", reason="lm-eval's --model hf needs accelerate (the 'eval' extra)")
     ckpt, exported = tmp_path / "ckpt", tmp_path / "exported"
@@ -44,11 +46,12 @@ def test_lm_eval_command_lines_score_as_hybrid_eval(tmp_path):
     lm_eval = Path(sys.executable).with_name("lm_eval")
     lm_eval_command = [str(lm_eval)] if lm_eval.is_file() else [sys.executable, "-m", "lm_eval"]
 
-    _run([*hybrid, "eval", str(ckpt), "--tasks", "tiny_mc", "tiny_gen", "tiny_ppl", "--include-path", str(tasks),
-          "--out", str(tmp_path / "ours")], tmp_path)
+    assert main(["eval", str(ckpt), "--tasks", "tiny_mc", "tiny_gen", "tiny_ppl", "--include-path", str(tasks),
+                 "--out", str(tmp_path / "ours"), "--device", "cpu"]) == 0
     ours = json.loads((tmp_path / "ours" / "lm_eval.json").read_text())
     _run([*hybrid, "lm-eval", "--model", "hybrid", "--model_args", f"pretrained={ckpt}", "--tasks", "tiny_mc",
-          "tiny_gen", "tiny_ppl", "--include_path", str(tasks), "--output_path", str(tmp_path / "registered")], tmp_path)
+          "tiny_gen", "tiny_ppl", "--include_path", str(tasks), "--output_path", str(tmp_path / "registered")],
+         tmp_path)
     registered = _lm_eval_results(tmp_path / "registered")
     # not tiny_gen: lm-eval's hf model stops generate_until tasks at the end-of-text token, which the byte
     # tokenizer does not have

@@ -44,7 +44,7 @@ def test_recipes_fails_loudly_without_recipes(tmp_path, monkeypatch, capsys):
     assert f"no recipes in {tmp_path}" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # builds the wheel and installs it with torch into a new environment (~1-2 minutes)
+@pytest.mark.wheel  # builds the wheel and installs it with torch into a new environment (minutes): make test runs it
 def test_the_wheel_installs_into_a_fresh_environment_and_finds_its_recipes(tmp_path):
     """A plain virtual environment (no system site-packages) gets torch (the CPU wheel, from the local
     wheel folder or pip's cache) and the wheel with its dependencies from the package index (pip's

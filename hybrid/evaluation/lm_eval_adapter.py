@@ -56,13 +56,15 @@ class HybridEvalLM(LM):
                  prefill_chunk: int = 1024, batch_size: int | str | None = None, max_batch_size: int | None = None):
         super().__init__()
         if (pretrained is None) == (model is None):
-            raise ValueError("give either pretrained (checkpoint folder, training run or recipe) or model and tokenizer")
+            raise ValueError("give either pretrained (checkpoint folder, training run or recipe) or model and "
+                             "tokenizer")
         if pretrained is not None:
             from hybrid.formats.model_source import open_model
 
             if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
                 # lm-eval's command line asks for cuda:0 unless told otherwise; its own models then run on the CPU
-                print(f"[lm-eval asks for {device}, but torch sees no CUDA device: running on the CPU]", file=sys.stderr)
+                print(f"[lm-eval asks for {device}, but torch sees no CUDA device: running on the CPU]",
+                      file=sys.stderr)
                 device = "cpu"
             _, model, tokenizer = open_model(str(pretrained), device or "auto", dtype, 0, sys.stderr)
         if tokenizer is None:

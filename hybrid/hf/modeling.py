@@ -78,6 +78,8 @@ class KVMHybridForCausalLM(PreTrainedModel, GenerationMixin):
             cache = HybridCache()
         keep_last = logits_to_keep == 1 and labels is None
         if cache is not None and cache.groups:
+            if cache.batch_size != input_ids.shape[0]:
+                raise ValueError(f"the cache holds {cache.batch_size} rows but input_ids has {input_ids.shape[0]}")
             _check_no_padding(attention_mask, input_ids.shape[1])
             groups, starts = cache.groups, [0] * len(cache.groups)
         else:
@@ -118,8 +120,8 @@ def _prompt_groups(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[li
         return [RowGroup(list(range(batch)), None)], [0]
     mask = attention_mask.to(torch.bool)
     if mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)} "
-                         "on the first forward")
+        raise ValueError(f"attention_mask {tuple(mask.shape)} must have the shape of input_ids "
+                         f"{tuple(input_ids.shape)} on the first forward")
     lengths = mask.sum(dim=1).tolist()
     positions = torch.arange(length, device=mask.device)
     expected = positions[None, :] >= (length - mask.sum(dim=1, keepdim=True))  # ones after left padding

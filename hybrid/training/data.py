@@ -151,7 +151,8 @@ def _saved_dataset_column(path: Path, text_field: str) -> list:
     try:
         from datasets import load_from_disk
     except ImportError:
-        raise DataError(f"{path}: reading a folder saved by datasets needs the datasets package: {DATA_EXTRA}") from None
+        raise DataError(f"{path}: reading a folder saved by datasets needs the datasets package: "
+                        f"{DATA_EXTRA}") from None
     dataset = load_from_disk(str(path))
     if text_field not in dataset.column_names:
         raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(dataset.column_names) or 'none'}); "

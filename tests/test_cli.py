@@ -8,8 +8,8 @@ import pytest
 
 from hybrid.cli.main import build_parser, main
 
-COMMANDS = ["info", "init", "generate", "import-published", "train", "convert", "convert-report", "convert-scores",
-            "recipes", "demo", "bench", "eval"]
+COMMANDS = ["info", "init", "generate", "import-published", "export-hf", "train", "convert", "convert-report",
+            "convert-scores", "recipes", "demo", "bench", "eval", "lm-eval"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -17,7 +17,7 @@ def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
     assert exit_.value.code == 0
-    assert "usage: hybrid" in capsys.readouterr().out
+    assert f"usage: {'lm-eval' if command == 'lm-eval' else 'hybrid'}" in capsys.readouterr().out  # lm-eval's own
 
 
 def test_parser_lists_every_command():

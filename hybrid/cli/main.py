@@ -18,6 +18,7 @@ from blocks.config import ConfigError
 from blocks.registry import UnknownMixerError
 from blocks.state import StateError
 from convert.errors import TeacherError
+from hybrid import __version__
 from hybrid.cli import bench, convert, demo, evaluate, generate, models, train
 from hybrid.cli.options import UsageError
 from hybrid.formats.checkpoint import CheckpointError
@@ -31,14 +32,16 @@ from hybrid.training.data import DataError
 USER_ERRORS = (RecipeError, ConfigError, UnknownMixerError, StateError, CheckpointError, TokenizerError,
                UsageError, PublishedCheckpointError, FileNotFoundError, DataError, TrainError, TeacherError,
                DeviceError)
-COMMANDS = (models.add_info, models.add_init, generate.add_generate, models.add_import_published, train.add_train,
+COMMANDS = (models.add_info, models.add_init, generate.add_generate, models.add_import_published, models.add_export_hf,
+            train.add_train,
             convert.add_convert, convert.add_convert_scores, convert.add_convert_report, models.add_recipes,
-            demo.add_demo, bench.add_bench, evaluate.add_eval)
+            demo.add_demo, bench.add_bench, evaluate.add_eval, evaluate.add_lm_eval)
 """Each adds one command's parser, in the order ``hybrid --help`` lists them."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid", description="Hybrid LRNN + Key-Value Means language models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in COMMANDS:
         add_command(commands)

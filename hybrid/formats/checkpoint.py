@@ -6,6 +6,8 @@
       recipe.yaml          the expanded recipe (explicit layer list, every option): Recipe.to_yaml()
       model.safetensors    the weights; metadata: format name and version, the model's fingerprint
       tokenizer.json       only for a file tokenizer (recipe.yaml then says {type: file, path: tokenizer.json})
+      config.json          what transformers reads (hybrid.formats.hf_config): with ``import hybrid.hf``,
+                           ``AutoModelForCausalLM.from_pretrained(my-model)`` loads the folder
 
 Reading never unpickles anything: weights go through safetensors, the recipe through
 ``yaml.safe_load``. Every way a folder can be wrong (missing, truncated, edited, another model's)
@@ -30,7 +32,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from blocks.state import StateError
-from hybrid.formats.atomic import fsync_folder, swap_into_place
+from hybrid.formats.atomic import fsync_folder, share, swap_into_place
+from hybrid.formats.hf_config import hf_config, write_hf_config
 from hybrid.formats.tokenizer import Tokenizer, TokenizerError, check_fits, load_tokenizer
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import Recipe, RecipeError, load_recipe
@@ -77,6 +80,8 @@ def save_checkpoint(folder: str | Path, recipe: Recipe, model: HybridLM, tokeniz
         metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
                     "model_fingerprint": recipe.model.fingerprint(), "aliases": json.dumps(aliases)}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        write_hf_config(tmp, hf_config(recipe.model, tokenizer, next(iter(tensors.values())).dtype))
+        share(tmp)
         fsync_folder(tmp)
         swap_into_place(tmp, folder)
     finally:

@@ -42,7 +42,16 @@ import yaml
 from blocks.config import ConfigError, require, require_choice, require_positive
 from blocks.registry import UnknownMixerError, get_mixer
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+def shipped_recipes_dir() -> Path:
+    """The shipped recipes: the repository's top-level ``recipes/`` folder, which an installed wheel
+    carries as the package data ``hybrid/recipes`` (pyproject.toml maps one onto the other)."""
+    installed = Path(__file__).resolve().parents[1] / "recipes"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
+
+
+RECIPES_DIR = shipped_recipes_dir()
+
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("relu2", "swiglu", "gelu")
 INITS = ("kvm_paper", "normal")

@@ -35,14 +35,23 @@ class RotaryEmbedding(nn.Module):
         if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
             raise ValueError(f"rope_partial_dim must be even and in (0, head_dim={head_dim}], got {rotary_dim}")
         self.head_dim, self.rotary_dim, self.style, self.round_bf16 = head_dim, rotary_dim, style, round_bf16
-        half = rotary_dim // 2
-        if style == "kvm_paper":
+        self.theta = theta
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def frequencies(self) -> Tensor:
+        """The angular frequency of each rotated pair, (rotary_dim / 2,) fp32 on the CPU."""
+        half = self.rotary_dim // 2
+        if self.style == "kvm_paper":
             # In fp32 exactly as the published code computes it: a float64 version differs by an ulp in some
             # frequencies, which is enough to flip bf16-rounded cos/sin (round_bf16) at large positions.
-            inv_freq = (1.0 / theta) ** torch.linspace(0, 1, half, dtype=torch.float32)
-        else:
-            inv_freq = (theta ** (-torch.arange(0, half, dtype=torch.float64) * 2 / rotary_dim)).float()
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+            return (1.0 / self.theta) ** torch.linspace(0, 1, half, dtype=torch.float32, device="cpu")
+        return (self.theta ** (-torch.arange(0, half, dtype=torch.float64, device="cpu") * 2 / self.rotary_dim)).float()
+
+    @torch.no_grad()
+    def reset_frequencies(self) -> None:
+        """Fill ``inv_freq`` again, where it is: it is not saved with the weights, so a loader that
+        allocates buffers empty (transformers' ``from_pretrained``) calls this afterwards."""
+        self.inv_freq.copy_(self.frequencies())
 
     def _apply(self, fn, recurse=True):
         # Keep the frequencies in fp32 whatever dtype the model is moved to (kvm.md B8).

@@ -9,5 +9,9 @@ Each subpackage has one job, and the data paths walk through them one way:
 * ``hybrid.training``: text -> token cache -> packed batches -> the train loop -> resumable checkpoints.
 * ``hybrid.evaluation``: perplexity, needle in a haystack, lm-eval tasks, speed and state benchmarks,
   the long-context recall experiment.
+* ``hybrid.hf``: the model as Hugging Face transformers classes (``AutoModelForCausalLM``), its
+  decoding state as a transformers ``Cache``, and ``export-hf`` folders that load anywhere.
 * ``hybrid.cli``: the ``hybrid`` command, above all of these and above ``convert``; nothing imports it.
 """
+
+__version__ = "0.1.0"

@@ -282,7 +282,7 @@ DOCS = [{"text": "The cat sat on the", "choices": [" mat", " moon"], "label": 0,
         {"text": "One, two, three,", "choices": [" four", " banana"], "label": 0, "answer": "four"}]
 
 
-def _local_tasks(folder: Path) -> Path:
+def local_tasks(folder: Path) -> Path:
     """A folder of tiny lm-eval task YAMLs over one local JSONL file (nothing is downloaded)."""
     import yaml
 
@@ -334,10 +334,20 @@ def test_lm_eval_adapter_matches_the_model_on_a_local_task(checkpoint, tmp_path,
                 break
     assert generated == greedy_text.split("e")[0]
 
-    results = run_lm_eval(lm, list(TASKS), include_path=_local_tasks(tmp_path))["results"]
+    results = run_lm_eval(lm, list(TASKS), include_path=local_tasks(tmp_path))["results"]
     assert set(results) == set(TASKS)
     texts = [d["text"] for d in DOCS]
     nll = sum(float(_direct_losses(model, [lm.prefix_token_id] + tokenizer.encode(t)).sum()) for t in texts)
     assert results["tiny_ppl"]["bits_per_byte,none"] == pytest.approx(
         nll / math.log(2) / sum(len(t.encode()) for t in texts), rel=1e-5)
     assert 0 <= results["tiny_mc"]["acc,none"] <= 1 and 0 <= results["tiny_gen"]["exact_match,none"] <= 1
+
+
+def test_library_plots_draw_on_their_own_figures():
+    """No module switches matplotlib's backend or draws through pyplot's global state (a program that
+    imports the toolkit keeps its own backend): plots are ``Figure`` objects on the Agg canvas."""
+    root = Path(__file__).resolve().parents[1]
+    modules = [p for package in ("blocks", "hybrid", "convert") for p in (root / package).rglob("*.py")]
+    offending = [str(p.relative_to(root)) for p in modules
+                 if "matplotlib.use(" in p.read_text() or "matplotlib.pyplot" in p.read_text()]
+    assert len(modules) > 50 and not offending, offending

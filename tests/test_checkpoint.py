@@ -47,7 +47,7 @@ def saved(tmp_path):
 
 def test_round_trip_gives_identical_logits(saved):
     folder, model = saved
-    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "recipe.yaml"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "recipe.yaml"]
     recipe, loaded, tokenizer = load_checkpoint(folder)
     assert torch.equal(logits(loaded), logits(model))
     assert recipe.model == model.config and isinstance(tokenizer, ByteTokenizer)

@@ -83,7 +83,7 @@ def test_find_documents_errors(tmp_path, corpus):
     with pytest.raises(DataError, match="does not exist"):
         find_documents([tmp_path / "missing.txt"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="has no .txt, .md, .jsonl files"):
+    with pytest.raises(DataError, match="has no .txt, .md, .jsonl, .parquet files"):
         find_documents([tmp_path / "empty"])
     with pytest.raises(DataError, match="unsupported type '.csv'"):
         find_documents([corpus / "notes.csv"])
@@ -98,6 +98,55 @@ def test_find_documents_errors(tmp_path, corpus):
         bad.write_text(content)
         with pytest.raises(DataError, match=message):
             find_documents([bad])
+
+
+TABLE = ["first row", "sécond row 日本", "third"]
+
+
+def test_parquet_and_saved_datasets_read_like_jsonl_through_the_same_cache(tmp_path):
+    """One document per row of the text column, in order; tokens equal those of the same texts as JSONL,
+    cached by content (a second build tokenizes nothing)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    pq.write_table(pa.table({"body": TABLE, "n": [1, 2, 3]}), tmp_path / "rows.parquet")
+    datasets.Dataset.from_dict({"body": TABLE, "n": [1, 2, 3]}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in TABLE))
+    for source in ("rows.parquet", "saved"):
+        docs = find_documents([tmp_path / source], text_field="body")
+        assert [d.text for d in docs] == TABLE and docs[1].source == f"{tmp_path / source}[1]"
+        tokenizer = CountingTokenizer()
+        tokens = build_token_cache([tmp_path / source], tokenizer, tmp_path / "cache", text_field="body",
+                                   progress=False)
+        jsonl = build_token_cache([tmp_path / "rows.jsonl"], ByteTokenizer(), tmp_path / "cache", text_field="body",
+                                  progress=False)
+        assert np.array_equal(np.asarray(tokens), np.asarray(jsonl)) and tokens.key != jsonl.key
+        calls = tokenizer.calls
+        assert build_token_cache([tmp_path / source], tokenizer, tmp_path / "cache", text_field="body",
+                                 progress=False).key == tokens.key and tokenizer.calls == calls
+    assert [d.text for d in find_documents([tmp_path], text_field="body")][-3:] == TABLE  # a folder's Parquet files
+
+
+def test_parquet_and_saved_dataset_errors(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    pq.write_table(pa.table({"body": ["a", None]}), tmp_path / "nulls.parquet")
+    with pytest.raises(DataError, match=r"no column 'text' \(columns: body\)"):
+        find_documents([tmp_path / "nulls.parquet"])
+    with pytest.raises(DataError, match=r"nulls.parquet\[1\]: column 'body' holds NoneType"):
+        find_documents([tmp_path / "nulls.parquet"], text_field="body")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        find_documents([tmp_path / "bad.parquet"])
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["x"]}),
+                                   "test": datasets.Dataset.from_dict({"text": ["y"]})})
+    splits.save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(DataError, match="DatasetDict with the splits test, train: name the folder of the split"):
+        find_documents([tmp_path / "splits"])
+    assert [d.text for d in find_documents([tmp_path / "splits" / "train"])] == ["x"]
+    with pytest.raises(DataError, match="no column 'body'"):
+        find_documents([tmp_path / "splits" / "test"], text_field="body")
 
 
 # ----------------------------------------------------------------------------- the token cache

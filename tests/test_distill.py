@@ -5,6 +5,7 @@ and budgets below one batch."""
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -250,6 +251,18 @@ def test_missing_teacher_and_foreign_output_folders_are_refused(teacher_folder, 
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     assert main(["convert", str(teacher_folder), str(tmp_path / "busy"), "--plan", "K*3", "--no-progress"]) == 2
     assert "is not a conversion folder" in capsys.readouterr().err
+
+
+def test_convert_tensorboard_switch_reaches_the_stages(teacher_folder, corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    args = ["convert", str(teacher_folder), str(tmp_path / "out"), "--plan", "KKK", "--set", "kvm.chunk_len=8",
+            "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--no-progress",
+            "--set", "stage1.seq_len=48", "--set", "stage1.batch_size=4", "--stage1-tokens", "768",
+            "--stage2-tokens", "0", "--tensorboard"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hybrid convert: error: train.tensorboard needs the tensorboard package"), err
+    assert not list((tmp_path / "out" / "stages" / "stage1").glob("step_*"))
 
 
 def test_set_options_split_into_mixers_and_stages():

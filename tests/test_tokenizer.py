@@ -133,3 +133,25 @@ def test_load_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="not a readable tokenizer.json"):
         load_tokenizer({"type": "file", "path": "bad.json"}, tmp_path)
+
+
+@pytest.mark.parametrize("build", [byte_level_bpe, byte_fallback_bpe])
+def test_the_stream_decoder_prints_what_tokenizers_decode_stream_prints_and_survives_broken_runs(tmp_path, build):
+    """Why ``HFStreamDecoder`` is not tokenizers' ``DecodeStream``: on text with multi-byte characters
+    both print the same pieces, token for token; but where a byte-fallback run turns invalid after part
+    of it was printed, ``DecodeStream`` (tokenizers 0.23) raises 'Invalid prefix' and ours goes on."""
+    from tokenizers.decoders import DecodeStream
+
+    build(tmp_path)
+    tok = HFTokenizer(tmp_path / "tokenizer.json")
+    raw = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    ids = tok.encode(TEXT)
+    library = DecodeStream(skip_special_tokens=False)
+    assert [library.step(raw, i) or "" for i in ids] == stream(tok, ids)[:-1]
+    vocab = raw.get_vocab()
+    if build is byte_fallback_bpe:  # é as two bytes, then an invalid byte in the same run, then 'h'
+        broken = [vocab["<0xC3>"], vocab["<0xA9>"], vocab["<0xFF>"], vocab["h"]]
+        library = DecodeStream(skip_special_tokens=False)
+        with pytest.raises(Exception, match="Invalid prefix"):
+            [library.step(raw, i) for i in broken]
+        assert "".join(stream(tok, broken)) == "é\ufffd\ufffdh"  # é printed before the run broke

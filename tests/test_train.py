@@ -328,3 +328,38 @@ def test_a_step_folder_whose_files_were_swapped_or_edited_does_not_resume(finish
     resumed = recipe_from_dict({"model": SMALL_MODEL, "train": dict(recipe.train, out_dir=str(out), max_steps=28)})
     with pytest.raises(TrainError, match=message):
         run(resumed)
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+
+def _tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_events_hold_the_metrics_once_across_a_resume(corpus, tmp_path):
+    pytest.importorskip("tensorboard", reason="the 'tensorboard' extra")
+    out = tmp_path / "run"
+    run(small_recipe(corpus, out, max_steps=8, ckpt_every=4, val_every=4, tensorboard=True))
+    run(small_recipe(corpus, out, max_steps=12, ckpt_every=4, val_every=4, tensorboard=True))  # resumed at 8
+    scalars = _tensorboard_scalars(out / "tensorboard")
+    records = read_metrics(out / "metrics.jsonl")
+    assert [step for step, _ in scalars["loss"]] == list(range(1, 13))
+    assert [v for _, v in scalars["loss"]] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+    assert [step for step, _ in scalars["val_loss"]] == [4, 8, 12]
+    assert {"lr", "grad_norm", "tokens_per_s", "val_ppl"} <= set(scalars)
+
+
+def test_the_tensorboard_switch_without_tensorboard_is_one_clear_error(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": SMALL_MODEL, "train": settings(corpus, tmp_path / "run")}))
+    assert main(["train", str(path), "--tensorboard", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "needs the tensorboard package: pip install 'kvm-hybrid[tensorboard]'" in err
+    assert not step_folders(tmp_path / "run")
+    assert main(["train", str(path), "--no-progress"]) == 0  # off by default: no tensorboard needed
+    assert not (tmp_path / "run" / "tensorboard").exists()

@@ -71,6 +71,9 @@ def add_convert(commands) -> None:
                            "scored on 4 sequences of stage 2's length of the distillation data)")
     conv.add_argument("--report", action="store_true", help="then write OUT/report.md (see convert-report)")
     conv.add_argument("--no-progress", action="store_true", help="no progress bars or status lines")
+    conv.add_argument("--tensorboard", action="store_true",
+                      help="also write each stage's metrics as TensorBoard events to OUT/stages/STAGE/tensorboard "
+                           "(STAGE.tensorboard=true for every stage with a budget; needs the tensorboard package)")
     _add_report_options(conv)
     conv.set_defaults(run=_convert)
 
@@ -80,6 +83,10 @@ def _convert(args: argparse.Namespace) -> int:
 
     mixers, stages = parse_set_options(args.set)
     budgets = {stage: getattr(args, f"{stage}_tokens") for stage in STAGES}
+    if args.tensorboard:
+        for stage in STAGES:
+            if budgets[stage]:
+                stages.setdefault(stage, {}).setdefault("tensorboard", True)
     settings = ConversionSettings(args.teacher, args.out, args.plan, mixers, budgets, stages,
                                   tuple(args.data) if args.data else None, args.teacher_samples, args.temperature,
                                   args.teacher_layers, args.seed, args.threads, args.device, args.cache_dir,

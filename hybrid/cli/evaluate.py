@@ -1,5 +1,6 @@
 """``hybrid eval``: a checkpoint's perplexity and loss by position on text, needle-in-a-haystack
-retrieval, or lm-evaluation-harness tasks (``hybrid.evaluation``)."""
+retrieval, or lm-evaluation-harness tasks (``hybrid.evaluation``); ``hybrid lm-eval``: lm-eval's own
+command line with ``--model hybrid`` (``hybrid.evaluation.lm_eval_adapter`` says why it is needed)."""
 
 from __future__ import annotations
 
@@ -135,4 +136,32 @@ def _eval_lm_eval(args, model, tokenizer, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "lm_eval.json").write_text(json.dumps(output["results"], indent=1, default=float) + "\n")
     print(f"wrote {out / 'lm_eval.json'}")
+    return 0
+
+
+def add_lm_eval(commands) -> None:
+    # prefix_chars="+": every argument, --options included, is lm-eval's (and --help shows lm-eval's help)
+    lme = commands.add_parser("lm-eval", add_help=False, prefix_chars="+",
+                              help="lm-evaluation-harness's own command line, with --model hybrid",
+                              description="Run lm-eval's command line (all of its options) in a process where "
+                                          "--model hybrid --model_args pretrained=CHECKPOINT names our models, e.g. "
+                                          "hybrid lm-eval --model hybrid --model_args pretrained=runs/demo "
+                                          "--tasks lambada_openai. Needs the 'eval' extra.")
+    lme.add_argument("arguments", nargs=argparse.REMAINDER, help="lm-eval's arguments")
+    lme.set_defaults(run=_lm_eval)
+
+
+def _lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import hybrid.evaluation.lm_eval_adapter  # noqa: F401  (registers --model hybrid)
+    except ImportError as err:
+        raise UsageError(f"lm-eval needs lm-evaluation-harness: pip install 'kvm-hybrid[eval]' ({err})") from None
+    argv = sys.argv
+    sys.argv = ["lm-eval", *args.arguments]  # lm-eval's command line reads sys.argv itself
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = argv
     return 0

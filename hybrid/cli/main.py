@@ -20,18 +20,21 @@ import sys
 import torch
 
 from blocks.errors import InputError
+from hybrid import __version__
 from hybrid.cli import bench, convert, demo, evaluate, generate, models, train
 from hybrid.cli.options import Parser
 
 USER_ERRORS = (InputError, OSError)
-COMMANDS = (models.add_info, models.add_init, generate.add_generate, models.add_import_published, train.add_train,
+COMMANDS = (models.add_info, models.add_init, generate.add_generate, models.add_import_published, models.add_export_hf,
+            train.add_train,
             convert.add_convert, convert.add_convert_scores, convert.add_convert_report, models.add_recipes,
-            demo.add_demo, bench.add_bench, evaluate.add_eval)
+            demo.add_demo, bench.add_bench, evaluate.add_eval, evaluate.add_lm_eval)
 """Each adds one command's parser, in the order ``hybrid --help`` lists them."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hybrid", description="Hybrid LRNN + Key-Value Means language models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in COMMANDS:
         add_command(commands)

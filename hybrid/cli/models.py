@@ -1,15 +1,16 @@
-"""``hybrid info``, ``init``, ``import-published`` and ``recipes``: what a recipe builds, and checkpoint
-folders made from a recipe (random weights) or from a published KVM-paper checkpoint."""
+"""``hybrid info``, ``init``, ``import-published``, ``export-hf`` and ``recipes``: what a recipe builds,
+checkpoint folders made from a recipe (random weights) or from a published KVM-paper checkpoint, and
+checkpoints exported for Hugging Face transformers."""
 
 from __future__ import annotations
 
 import argparse
-
+import sys
 from pathlib import Path
 
 from hybrid.cli.options import add_seed, integer, output_folder, token_count
 from hybrid.formats.tokenizer import load_tokenizer
-from hybrid.model.recipe import RECIPES_DIR, Recipe, load_recipe
+from hybrid.model.recipe import RECIPES_DIR, Recipe, RecipeError, load_recipe
 
 MAX_BATCH = 4096
 
@@ -92,6 +93,26 @@ def _import_published(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_hf(commands) -> None:
+    exp = commands.add_parser("export-hf", help="write a checkpoint as a folder that Hugging Face transformers loads",
+                              description="Write a checkpoint as a folder that AutoModelForCausalLM.from_pretrained("
+                                          "OUT, trust_remote_code=True) and AutoTokenizer.from_pretrained(OUT) load "
+                                          "from any directory where kvm-hybrid is installed: config.json, "
+                                          "model.safetensors, tokenizer files and a modeling file that imports the "
+                                          "toolkit. See hybrid/hf/export.py.")
+    exp.add_argument("checkpoint", help="checkpoint folder, or a training run folder (its newest checkpoint)")
+    exp.add_argument("out", type=output_folder, help="folder to write (must not exist, or be empty)")
+    exp.set_defaults(run=_export_hf)
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from hybrid.formats.model_source import checkpoint_folder
+    from hybrid.hf.export import export_hf
+
+    print(f"wrote {export_hf(checkpoint_folder(args.checkpoint, sys.stderr), args.out)}")
+    return 0
+
+
 def add_recipes(commands) -> None:
     recipes = commands.add_parser("recipes", help="list the shipped recipes",
                                   description="List the recipes shipped under recipes/ with their first comment line.")
@@ -99,9 +120,11 @@ def add_recipes(commands) -> None:
 
 
 def _recipes(args: argparse.Namespace) -> int:
-    for path in sorted(RECIPES_DIR.rglob("*.yaml")):
-        if path.name.startswith("_"):
-            continue
+    paths = sorted(path for path in RECIPES_DIR.rglob("*.yaml") if not path.name.startswith("_"))
+    if not paths:
+        raise RecipeError(f"no recipes in {RECIPES_DIR}: this installation lacks the shipped recipes "
+                          "(a wheel carries them as hybrid/recipes; a checkout has them in recipes/)")
+    for path in paths:
         first = path.read_text().lstrip().splitlines()[0] if path.read_text().strip() else ""
         summary = first.lstrip("# ").strip() if first.startswith("#") else ""
         print(f"{path.relative_to(RECIPES_DIR).with_suffix('')!s:<44} {summary}")

@@ -18,8 +18,8 @@ def add_train(commands) -> None:
                               description="Train the model a recipe describes with the settings of its train: "
                                           "section (see hybrid/training/config.py for every key). Writes "
                                           "checkpoint folders (OUT/step_NNNNNN, loadable by generate), OUT/latest, "
-                                          "OUT/metrics.jsonl and OUT/loss.png; run it again to continue from the "
-                                          "newest checkpoint. "
+                                          "OUT/metrics.jsonl and OUT/loss.png (and OUT/tensorboard); run it again "
+                                          "to continue from the newest checkpoint. "
                                           f"Exit code {DIVERGED_EXIT} when the loss becomes NaN/inf "
                                           "(the last good checkpoint is kept). Started by torchrun "
                                           "(torchrun --nproc_per_node=N -m hybrid train ...), it trains "
@@ -34,6 +34,9 @@ def add_train(commands) -> None:
     trn.add_argument("--no-resume", action="store_true",
                      help="start from step 0; refuses an output folder that already holds checkpoints")
     trn.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
+    trn.add_argument("--tensorboard", action="store_true",
+                     help="also write the metrics as TensorBoard events to OUT/tensorboard (train.tensorboard; needs "
+                          "the tensorboard package)")
     trn.set_defaults(run=_train)
 
 
@@ -46,6 +49,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
     if args.out is not None:
         overrides["out_dir"] = args.out
+    if args.tensorboard:
+        overrides["tensorboard"] = True
     config = config_from_recipe(recipe, overrides)
     try:
         summary = train(recipe, config, resume=not args.no_resume, progress=not args.no_progress)

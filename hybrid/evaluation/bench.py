@@ -355,12 +355,12 @@ def plot(rows: Sequence[BenchRow], path: str | Path, title: str = "") -> Path:
     """Three panels against context length, log axes (the paper's style): prefill seconds, decode
     milliseconds per token at that position, state MiB. Bars span min..max of the repeats;
     baselines are dashed."""
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig = Figure(figsize=(16, 4.8))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
     models = list(dict.fromkeys(row.model for row in rows))
     for name in models:
         mine = [row for row in rows if row.model == name]
@@ -389,7 +389,6 @@ def plot(rows: Sequence[BenchRow], path: str | Path, title: str = "") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -19,7 +19,13 @@ recurrent or KVM state), so lm-eval's ``batch_size`` is accepted and not used.
     from hybrid.evaluation.lm_eval_adapter import HybridEvalLM, run_lm_eval
     run_lm_eval(HybridEvalLM("runs/demo"), ["my_task"], include_path="my_tasks/")
 
-``lm_eval --model hybrid --model_args path=CKPT`` works in any process that imported this module.
+Importing this module registers the model as ``hybrid`` with lm-eval (``--model hybrid
+--model_args pretrained=CKPT``). lm-eval 0.4.13 finds models only in its own source tree and in
+modules imported before its command line runs: it reads no entry points. So ``hybrid lm-eval ARGS``
+runs lm-eval's own command line (every option of ``lm_eval``) after importing this module; later
+lm-eval releases read the ``lm_eval.models`` entry point that pyproject.toml declares, and there
+``lm_eval --model hybrid`` itself finds it. A folder written by ``hybrid export-hf`` needs no
+registration: ``lm_eval --model hf --model_args pretrained=OUT,trust_remote_code=True``.
 """
 
 from __future__ import annotations
@@ -41,19 +47,26 @@ from hybrid.model.model import HybridLM
 
 @register_model("hybrid")
 class HybridEvalLM(LM):
-    """lm-eval's ``LM`` for a checkpoint folder / training run / recipe (``path``), or for a model and
+    """lm-eval's ``LM`` for a checkpoint folder / training run / recipe (``pretrained``, as lm-eval's
+    ``--model_args`` name it), on ``device`` (``auto``: CUDA where there is one), or for a model and
     tokenizer already in memory."""
 
-    def __init__(self, path: str | None = None, *, model: HybridLM | None = None, tokenizer: Tokenizer | None = None,
-                 device: str = "cpu", dtype: str | None = None, prefill_chunk: int = 1024,
-                 batch_size: int | str | None = None, max_batch_size: int | None = None):
+    def __init__(self, pretrained: str | None = None, *, model: HybridLM | None = None,
+                 tokenizer: Tokenizer | None = None, device: str | None = "auto", dtype: str | None = None,
+                 prefill_chunk: int = 1024, batch_size: int | str | None = None, max_batch_size: int | None = None):
         super().__init__()
-        if (path is None) == (model is None):
-            raise ValueError("give either path (checkpoint folder, training run or recipe) or model and tokenizer")
-        if path is not None:
+        if (pretrained is None) == (model is None):
+            raise ValueError("give either pretrained (checkpoint folder, training run or recipe) or model and "
+                             "tokenizer")
+        if pretrained is not None:
             from hybrid.formats.model_source import open_model
 
-            _, model, tokenizer = open_model(str(path), device, dtype, 0, sys.stderr)
+            if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+                # lm-eval's command line asks for cuda:0 unless told otherwise; its own models then run on the CPU
+                print(f"[lm-eval asks for {device}, but torch sees no CUDA device: running on the CPU]",
+                      file=sys.stderr)
+                device = "cpu"
+            _, model, tokenizer = open_model(str(pretrained), device or "auto", dtype, 0, sys.stderr)
         if tokenizer is None:
             raise ValueError("a model in memory needs its tokenizer")
         self.model, self.tokenizer = model.eval(), tokenizer

@@ -200,10 +200,8 @@ def niah_table(results: Sequence[NiahResult]) -> dict[tuple[str, int], float]:
 
 def write_niah(results: Sequence[NiahResult], out_dir: str | Path, title: str) -> tuple[Path, Path]:
     """``niah.csv`` (one row per sample) and ``niah.png`` (accuracy per depth x context, one panel per style)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +215,9 @@ def write_niah(results: Sequence[NiahResult], out_dir: str | Path, title: str) -
             writer.writerow([s.style, s.context, s.depth, s.index, r.prompt_tokens, s.key, s.answer, r.generated,
                              int(r.correct)])
     styles = list(dict.fromkeys(r.sample.style for r in results))
-    fig, axes = plt.subplots(1, len(styles), figsize=(5 * len(styles), 4), squeeze=False)
+    fig = Figure(figsize=(5 * len(styles), 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(styles), squeeze=False)
     fig.subplots_adjust(wspace=0.4)
     for ax, style in zip(axes[0], styles):
         mine = [r for r in results if r.sample.style == style]
@@ -238,5 +238,4 @@ def write_niah(results: Sequence[NiahResult], out_dir: str | Path, title: str) -
     fig.suptitle(title)
     png_path = out_dir / "niah.png"
     fig.savefig(png_path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return csv_path, png_path

@@ -133,10 +133,8 @@ def score_documents(model: HybridLM, tokenizer: Tokenizer, texts: Sequence[str],
 
 def write_loss_by_position(result: ScoreResult, out_dir: str | Path, title: str) -> tuple[Path, Path]:
     """``loss_by_position.csv`` and ``loss_by_position.png`` (mean loss per bucket against position)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +145,9 @@ def write_loss_by_position(result: ScoreResult, out_dir: str | Path, title: str)
         writer.writerow(["position_start", "position_end", "predictions", "loss", "perplexity"])
         for start, end, n, loss in rows:
             writer.writerow([start, end, n, f"{loss:.6f}", f"{math.exp(loss):.6g}"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.plot([(start + end) / 2 for start, end, _, _ in rows], [loss for *_, loss in rows], marker="o", markersize=3)
     ax.set_xlabel(f"position in the window (buckets of {result.bucket} tokens)")
     ax.set_ylabel("mean loss (nats / token)")
@@ -156,5 +156,4 @@ def write_loss_by_position(result: ScoreResult, out_dir: str | Path, title: str)
     fig.tight_layout()
     png_path = out_dir / "loss_by_position.png"
     fig.savefig(png_path, dpi=120)
-    plt.close(fig)
     return csv_path, png_path

@@ -5,14 +5,19 @@ A file is written under a hidden temporary name in its own folder (``.<name>.<ra
 and renamed over its path: ``os.replace`` is atomic within a filesystem. A folder is assembled
 under a temporary name, flushed to disk (``fsync_folder``) and swapped into place
 (``swap_into_place``), the folder it replaces kept aside until the new one is in place.
+
+What ends up in place is readable as the umask allows (``share``), like a file written with ``open``:
+the temporary names come from ``tempfile``, which creates them private (0600 files, 0700 folders),
+and safetensors writes its files 0600.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -28,7 +33,7 @@ def replace_file(path: Path, write: Callable[[str], None], suffix: str = ".tmp")
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes it private
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -45,6 +50,27 @@ def save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str,
     replace_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def process_umask() -> int:
+    """The umask of this process (read from /proc where it says, so nothing changes it meanwhile)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share(folder: Path) -> None:
+    """Give ``folder`` and the files in it the modes ``mkdir`` and ``open`` would have given them
+    (0777 and 0666 less the umask)."""
+    mask = process_umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
+
+
 def fsync_folder(folder: Path) -> None:
     """Flush the files and the folder entry to disk, so a rename never publishes unwritten data."""
     for path in folder.iterdir():
@@ -55,6 +81,23 @@ def fsync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def new_folder(folder: Path) -> Iterator[Path]:
+    """A temporary folder beside ``folder`` to fill in the ``with`` block; when the block ends without
+    an error it is made readable (``share``), flushed and swapped into place, and when it fails it is
+    deleted: ``folder`` is then as it was."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        yield tmp
+        share(tmp)
+        fsync_folder(tmp)
+        swap_into_place(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def swap_into_place(new: Path, folder: Path) -> None:

@@ -7,6 +7,8 @@
       model.safetensors    the weights; metadata: format name and version, the model's fingerprint, the
                            content hash of the weights and the sha256 of tokenizer.json
       tokenizer.json       only for a file tokenizer (recipe.yaml then says {type: file, path: tokenizer.json})
+      config.json          what transformers reads (hybrid.formats.hf_config): with ``import hybrid.hf``,
+                           ``AutoModelForCausalLM.from_pretrained(my-model)`` loads the folder
 
 Reading never unpickles anything: weights go through safetensors, the recipe through
 ``yaml.safe_load``. Every way a folder can be wrong (missing, truncated, edited, another model's)
@@ -41,7 +43,8 @@ from torch import Tensor
 
 from blocks.errors import InputError
 from blocks.state import StateError
-from hybrid.formats.atomic import fsync_folder, swap_into_place
+from hybrid.formats.atomic import fsync_folder, share, swap_into_place
+from hybrid.formats.hf_config import hf_config, write_hf_config
 from hybrid.formats.integrity import file_sha256, first_nonfinite, short, tensors_sha256
 from hybrid.formats.tokenizer import Tokenizer, TokenizerError, check_fits, load_tokenizer
 from hybrid.model.model import HybridLM
@@ -93,6 +96,8 @@ def save_checkpoint(folder: str | Path, recipe: Recipe, model: HybridLM, tokeniz
         has_file = spec.get("type") == "file"
         metadata["tokenizer_sha256"] = file_sha256(tmp / spec["path"]) if has_file else NO_FILE
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        write_hf_config(tmp, hf_config(recipe.model, tokenizer, next(iter(tensors.values())).dtype))
+        share(tmp)
         fsync_folder(tmp)
         swap_into_place(tmp, folder)
     finally:

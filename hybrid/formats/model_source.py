@@ -9,7 +9,7 @@ from typing import TextIO
 
 import torch
 
-from hybrid.formats.checkpoint import CheckpointError, load_checkpoint, weights_identity
+from hybrid.formats.checkpoint import RECIPE_FILE, CheckpointError, load_checkpoint, weights_identity
 from hybrid.formats.integrity import first_nonfinite
 from hybrid.formats.run_folder import latest_checkpoint
 from hybrid.formats.tokenizer import Tokenizer, load_tokenizer
@@ -36,6 +36,18 @@ def build_from_recipe(recipe: Recipe, seed: int) -> tuple[HybridLM, Tokenizer]:
     return model, tokenizer
 
 
+def checkpoint_folder(source: str | Path, log: TextIO) -> Path:
+    """The folder ``source`` when it is a checkpoint folder (or no folder at all: loading it says what
+    is wrong), else the newest checkpoint of the training run folder it is (said on ``log``)."""
+    folder = Path(source)
+    if folder.is_dir() and not (folder / RECIPE_FILE).is_file():
+        newest = latest_checkpoint(folder)
+        if newest is not None:
+            print(f"[{source} is a training run: using its newest checkpoint, {newest.name}]", file=log)
+            return newest
+    return folder
+
+
 def open_model(source: str, device: str, dtype: str | None, seed: int, log: TextIO, allow_nonfinite: bool = False
                ) -> tuple[Recipe, HybridLM, Tokenizer]:
     """A checkpoint folder, a training run folder (its newest checkpoint), or a recipe file/name
@@ -44,13 +56,7 @@ def open_model(source: str, device: str, dtype: str | None, seed: int, log: Text
     a checkpoint whose weights hold NaN or infinite values (see ``load_checkpoint``)."""
     device = resolve_device(device)
     if Path(source).is_dir():
-        folder = Path(source)
-        if not (folder / "recipe.yaml").is_file():
-            newest = latest_checkpoint(folder)
-            if newest is not None:
-                print(f"[{source} is a training run: using its newest checkpoint, {newest.name}]", file=log)
-                folder = newest
-        return load_checkpoint(folder, device=device, dtype=DTYPES[dtype] if dtype else None,
+        return load_checkpoint(checkpoint_folder(source, log), device=device, dtype=DTYPES[dtype] if dtype else None,
                                allow_nonfinite=allow_nonfinite)
     try:
         path = resolve_recipe_path(source)

@@ -12,6 +12,7 @@ What ``hybrid train`` (and each stage of ``hybrid convert``) writes into its out
       latest                 the name of the newest checkpoint folder (``hybrid generate out/$(cat out/latest)``)
       metrics.jsonl          one JSON line per logged step: loss, lr, grad norm, tokens/s, val loss/ppl
       loss.png               the training and validation loss curves
+      tensorboard/           the same metrics as TensorBoard event files, with train.tensorboard
 
 A step folder is complete once it holds ``trainer.json`` (``hybrid.training.checkpointing`` renames
 it into place whole). Files and folders being written carry hidden temporary names
@@ -28,6 +29,7 @@ TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_JSON = "trainer.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+TENSORBOARD_DIR = "tensorboard"
 LATEST_FILE = "latest"
 STEP_FOLDER = re.compile(r"step_(\d{6,})")
 

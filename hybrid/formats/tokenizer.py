@@ -170,6 +170,10 @@ class HFStreamDecoder:
     For valid text the pieces join to ``decode(all ids)``. For invalid byte sequences they may show
     fewer U+FFFD: the ByteFallback decoder turns a whole run of byte tokens into U+FFFD when any byte
     of the run is invalid, and a stream that has already printed part of the run cannot take it back.
+
+    tokenizers' own ``DecodeStream`` follows the same scheme and prints the same pieces for text, but
+    raises ("Invalid prefix") on such a run (tokenizers 0.23), which a sampling model can emit at any
+    step, so this class stays (tests/test_tokenizer.py shows both).
     """
 
     def __init__(self, decode):

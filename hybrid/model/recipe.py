@@ -51,7 +51,16 @@ from hybrid.formats.text_files import TextFileError, read_yaml_file
 from hybrid.formats.tokenizer import TokenizerError, check_spec
 from hybrid.model.limits import MAX_LAYERS, check_model_size
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+def shipped_recipes_dir() -> Path:
+    """The shipped recipes: the repository's top-level ``recipes/`` folder, which an installed wheel
+    carries as the package data ``hybrid/recipes`` (pyproject.toml maps one onto the other)."""
+    installed = Path(__file__).resolve().parents[1] / "recipes"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "recipes"
+
+
+RECIPES_DIR = shipped_recipes_dir()
+
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("relu2", "swiglu", "gelu")
 INITS = ("kvm_paper", "normal")

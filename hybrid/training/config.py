@@ -31,9 +31,9 @@ class TrainError(InputError):
 class TrainConfig:
     """A recipe's ``train:`` section. Exactly one of ``max_steps`` and ``max_tokens`` sets the length."""
 
-    data: tuple[str, ...] | None = None  # text/JSONL files and folders (relative paths: from the working
-    # directory); None: the built-in corpus (hybrid.training.data.builtin_corpus)
-    text_field: str = "text"  # JSONL key that holds the text
+    data: tuple[str, ...] | None = None  # text/JSONL/Parquet files, folders saved by datasets, folders (relative
+    # paths: from the working directory); None: the built-in corpus (hybrid.training.data.builtin_corpus)
+    text_field: str = "text"  # the JSONL key, or the Parquet / saved-dataset column, that holds the text
     cache_dir: str | None = None  # token cache; None: $XDG_CACHE_HOME/kvm-hybrid/tokens (keyed by content)
     seq_len: int = 256
     batch_size: int = 16  # sequences per optimizer step, over all processes
@@ -64,6 +64,8 @@ class TrainConfig:
     # gradients and optimizer state sharded across them) | none (refuses several processes)
     threads: int | None = None  # torch CPU threads; None: torch's default. Bitwise resume needs the same count
     time_limit_s: float | None = None  # stop cleanly (with a checkpoint) after this many seconds
+    tensorboard: bool = False  # also write the metrics as TensorBoard events to out_dir/tensorboard (the
+    # 'tensorboard' extra): tensorboard --logdir out_dir
 
     def __post_init__(self):
         positive = ("seq_len", "batch_size", "grad_accum", "val_batches", "ckpt_every", "keep_last", "log_every")

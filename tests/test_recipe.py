@@ -444,7 +444,8 @@ def test_a_recipe_that_is_not_utf8_names_the_byte(tmp_path):
 def test_the_tokenizer_section_is_checked_when_the_recipe_is_read(tmp_path):
     assert "tokenizer.colour: unknown key for a 'bytes' tokenizer" in load_error(
         tmp_path, {**SMALL, "tokenizer": {"type": "bytes", "colour": "red"}})
-    assert "tokenizer.type: '[1]' is not a tokenizer type" in load_error(tmp_path, {**SMALL, "tokenizer": {"type": [1]}})
+    message = load_error(tmp_path, {**SMALL, "tokenizer": {"type": [1]}})
+    assert "tokenizer.type: '[1]' is not a tokenizer type" in message
     assert "tokenizer.path: a 'file' tokenizer needs the path" in load_error(
         tmp_path, {**SMALL, "tokenizer": {"type": "file", "path": ""}})
 
@@ -458,11 +459,13 @@ def test_the_tokenizer_section_is_checked_when_the_recipe_is_read(tmp_path):
     ("D", {"gated_deltanet": {"head_dim": 16, "num_heads": 2, "expand_v": 1e30}},
      "model.mixers.gated_deltanet.expand_v: 1e+30 makes sizes beyond what torch can hold"),
     ("G", {"gla": {"num_heads": 2, "expand_k": 1e6}},  # 4 GB of weights, but a state and activations far beyond
-     "model.mixers.gla: its weight q_proj.weight would be (32000000, 32), wider than any layer may be"),
+     "model.mixers.gla: its weight q_proj.weight (32000000, 32) is wider than any layer may be"),
+    ("G", {"gla": {"num_heads": 2}}, "model.block: an MLP hidden layer 32,000,000 wide is wider than any layer"),
 ])
 def test_options_that_would_fail_in_the_forward_are_refused_when_read(layers, mixers, expected):
     """Rules the layers only met when they ran (or when torch allocated) are checked with the recipe."""
-    data = {"model": {"vocab_size": 256, "d_model": 32, "n_layers": len(layers), "layers": layers, "mixers": mixers}}
+    data = {"model": {"vocab_size": 256, "d_model": 32, "n_layers": len(layers), "layers": layers, "mixers": mixers,
+                      "block": {"mlp_expansion": 1e6 if "MLP" in expected else 4.0}}}
     with pytest.raises(RecipeError) as err:
         recipe_from_dict(data)
     assert expected in str(err.value)

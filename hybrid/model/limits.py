@@ -7,8 +7,8 @@ what the model needs first, without building it (each distinct mixer is built on
 device, which holds shapes and no data), and refuses with the estimate in the message:
 
 * at most ``MAX_LAYERS`` layers, and a pattern is never expanded beyond that;
-* no weight wider than ``MAX_WIDTH`` in any dimension (an expansion factor of a million makes a
-  layer whose activations and state no machine holds, even where its weights would fit);
+* no weight wider than ``MAX_WIDTH`` in any dimension, checked after the memory (an expansion factor
+  of a million makes a layer whose activations and state no machine holds, even where its weights fit);
 * no window (KVM and block sliding-window chunks times their count, sliding-window attention's
   ``window``) longer than ``MAX_CONTEXT``, the longest context the toolkit sizes or runs;
 * the weights in fp32, plus the decode buffers of every window (batch 1), must fit this machine's
@@ -69,10 +69,15 @@ def check_model_size(config: Any) -> None:
         windows = f", and the decode windows {gib(window_bytes)}" if window_bytes >= 2 ** 26 else ""
         raise ConfigError("model", f"the weights would need {gib(weight_bytes)} in fp32 ({detail}){windows}: more "
                                    f"than this machine's {gib(available)} of memory; choose smaller sizes")
-    for name, (_, _, too_wide) in built.items():
-        if too_wide:
-            raise ConfigError(f"model.mixers.{name}", f"{too_wide}, wider than any layer may be (at most "
-                                                      f"{MAX_WIDTH:,} in each dimension): an option is too large")
+    too_wide = [(path, what) for path, what in (
+        ("model.vocab_size", f"a vocabulary of {vocab:,}" if vocab > MAX_WIDTH else ""),
+        ("model.d_model", f"a model {d:,} wide" if d > MAX_WIDTH else ""),
+        ("model.block", f"an MLP hidden layer {hidden:,} wide" if hidden > MAX_WIDTH else ""),
+        *((f"model.mixers.{name}", wide) for name, (_, _, wide) in built.items())) if what]
+    if too_wide:
+        path, what = too_wide[0]
+        raise ConfigError(path, f"{what} is wider than any layer may be (at most {MAX_WIDTH:,} in each dimension): "
+                                "an option is too large")
 
 
 def _mlp_weights(config: Any, hidden: int) -> int:
@@ -110,7 +115,7 @@ def _mixer_size(layer: Any, d_model: int, n_layers: int) -> tuple[int, int, str]
             raise
         raise ConfigError(f"{path}.{large[0]}", f"{getattr(options, large[0])!r} makes sizes beyond what torch can "
                                                 "hold; choose a smaller value") from None
-    too_wide = next((f"its weight {name} would be {tuple(weight.shape)}" for name, weight in mixer.named_parameters()
+    too_wide = next((f"its weight {name} {tuple(weight.shape)}" for name, weight in mixer.named_parameters()
                      if max(weight.shape, default=0) > MAX_WIDTH), "")
     weights = sum(p.numel() for p in mixer.parameters())
     if window is None:

@@ -469,3 +469,15 @@ def test_options_that_would_fail_in_the_forward_are_refused_when_read(layers, mi
     with pytest.raises(RecipeError) as err:
         recipe_from_dict(data)
     assert expected in str(err.value)
+
+
+def test_the_memory_estimate_counts_the_recurrent_state(monkeypatch):
+    """Small weights, but a Gated DeltaNet state of 1000 heads of 1000 x 2000 values: 7.5 GiB a layer."""
+    monkeypatch.setattr("hybrid.model.limits.memory_bytes", lambda: 12 * 2 ** 30)
+    data = {"model": {"vocab_size": 256, "d_model": 32, "n_layers": 1, "layers": "D",
+                      "mixers": {"gated_deltanet": {"head_dim": 1000, "num_heads": 2, "num_v_heads": 1000}}}}
+    assert recipe_from_dict(data).model.n_layers == 1
+    data["model"].update(n_layers=2, layers="DD")
+    with pytest.raises(RecipeError, match=r"and the decode state at batch 1 15\.0 GiB: more than this machine's "
+                                          r"12\.0 GiB of memory"):
+        recipe_from_dict(data)

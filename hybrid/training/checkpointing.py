@@ -211,7 +211,8 @@ def _read_trainer_files(folder: Path) -> dict:
         raise TrainError(f"{err}. Delete {folder} to resume from the checkpoint before it") from None
     if metadata.get("format") != TRAINER_FORMAT or "rng.torch" not in tensors:
         raise TrainError(f"{folder / TRAINER_TENSORS} is not a trainer state (format {metadata.get('format')!r})")
-    if metadata.get("content_sha256", tensors_sha256(tensors)) != tensors_sha256(tensors):
+    recorded = metadata.get("content_sha256")
+    if recorded is not None and recorded != tensors_sha256(tensors):
         raise TrainError(f"{folder / TRAINER_TENSORS}: its contents do not match the hash recorded when it was saved "
                          f"(corrupted or edited). Delete {folder} to resume from the checkpoint before it")
     return {"info": info, "tensors": tensors}

@@ -158,7 +158,7 @@ def test_whole_update_in_one_kernel_equals_the_torch_update(zero_dims, bias, opt
     with torch.no_grad():
         got = runner_for(codec, NO_SCALES, (k, v, g), None)
         assert isinstance(got, NativeRunner)
-        want = InferenceRunner(codec, NO_SCALES, True, None)
+        want = InferenceRunner(codec, NO_SCALES, None)
         for runner in (got, want):
             runner.room = Room.around(codec, start, rows, torch.float32)
             runner.update(update, RawTokens(k, v, g, 0))

@@ -30,7 +30,7 @@ def test_the_call_schedule_follows_the_budget_and_the_window(budget, nb):
     for n0 in range(total):
         for n1 in range(n0 + 1, total + 1):
             schedule = plan_call(n0, n1, config)
-            assert schedule.slots == slots_after(n1, config), (n0, n1)
+            assert (schedule.slots_before, schedule.slots) == (slots_after(n0, config), slots_after(n1, config))
             assert schedule.runs_update == runs_update(n0, n1, config), (n0, n1)
             assert (schedule.start, schedule.end) == (window_begin(n0, config), window_begin(n1, config))
             queries = list(schedule.plain) + [p for step in schedule.steps for p in step.queries]
@@ -47,8 +47,9 @@ def _runner(name):
     """A replacement for ``runner_for`` that builds the named runner and records that it did."""
     factories = {
         "autograd": lambda codec, scales, view: AutogradRunner(codec, scales),
-        "inference": lambda codec, scales, view: InferenceRunner(codec, scales, True, view),
-        "inference_tiles": lambda codec, scales, view: InferenceRunner(codec, scales, False, view),  # as off CPU
+        "inference": InferenceRunner,
+        # as off CPU: every chunk a tile
+        "inference_tiles": lambda codec, scales, view: InferenceRunner(codec, scales, view, split_reads=False),
         "native": NativeRunner,
         "native_helpers": NativeHelpersRunner,
     }

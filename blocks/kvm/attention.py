@@ -41,13 +41,13 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
         gate = q.new_ones(b, hkv, t, 1)
     elif gate.shape != (b, hkv, t, 1):
         raise ValueError(f"kvm_attention: gate must be (B, Hkv, T, 1) = {(b, hkv, t, 1)}, got {tuple(gate.shape)}")
+    n0 = 0 if state is None else state.seq_len
+    schedule = plan_call(n0, n0 + t, config)
     if state is not None:
-        check_state(state, b, hkv, d, dv, config)
+        check_state(state, b, hkv, d, dv, config, schedule)
     codec = SlotCodec(config, state_key_norm, config.zeroed_key_dims(d))
     scales = ReadScales(scale or 1.0 / math.sqrt(d), window_temp, state_temp)
     runner = runner_for(codec, scales, (q, k, v, gate), None if state is None else state.read_view)
-    n0 = 0 if state is None else state.seq_len
-    schedule = plan_call(n0, n0 + t, config)
     slots, buffer, raw = _resume(state, k, v, gate, schedule, config)
     if schedule.first_chunk:  # the first chunk goes into the state as it arrives
         rows = schedule.rows(schedule.first_chunk)

@@ -39,7 +39,8 @@ class AutogradRunner:
         return slots, None
 
 
-def absorb(codec: SlotCodec, slots: Slots, incoming: Incoming, appends: int, normed_keys: Tensor | None = None) -> Slots:
+def absorb(codec: SlotCodec, slots: Slots, incoming: Incoming, appends: int,
+           normed_keys: Tensor | None = None) -> Slots:
     """Fold one leaving chunk, prepared by ``SlotCodec.incoming``, into the slots (there is at least
     one) -> new slots: its ``appends`` most novel tokens appended, the others merged into their best
     slot. ``normed_keys``: ``state_key_norm(slots.keys)`` if the caller has it already."""

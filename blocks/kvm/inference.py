@@ -23,10 +23,11 @@ from blocks.kvm.tokens import RawTokens
 
 
 class InferenceRunner:
-    """A call's chunk steps without autograd. ``split_reads``: whole chunks by the split read (CPU);
-    else every chunk as a tile. ``kept_view``: the read view the state came with, if any."""
+    """A call's chunk steps without autograd (one runner per call). ``kept_view``: the read view the
+    state came with, if any; ``split_reads``: whole chunks by the split read (CPU), else every chunk
+    as a tile."""
 
-    def __init__(self, codec: SlotCodec, scales: ReadScales, split_reads: bool, kept_view: ReadView | None):
+    def __init__(self, codec: SlotCodec, scales: ReadScales, kept_view: ReadView | None, split_reads: bool = True):
         self.codec, self.scales, self.split_reads = codec, scales, split_reads
         self.room: Room | None = None  # the slots, when this call updates them
         self.view = kept_view  # the slots' read view, when it does not
@@ -87,7 +88,7 @@ class InferenceRunner:
                 self.update(step.update, raw)
             if i % group == 0:  # the windows of the next few whole chunks, in one call
                 last = run[min(i + group, len(run)) - 1]
-                keys, values, _ = raw.between(step.window, last.queries.stop)
+                keys, values = raw.keys_values(step.window, last.queries.stop)
                 queries = schedule.rows(range(step.queries.start, last.queries.stop))
                 win_out, win_lse = attend_windows(q[:, :, queries], keys, values, chunk, config.window_len, mask,
                                                   self.scales)

@@ -20,10 +20,8 @@ from torch import Tensor
 
 from blocks.kvm.codec import Incoming, SlotCodec
 from blocks.kvm.inference import InferenceRunner
-from blocks.kvm.reads import ReadScales
 from blocks.kvm.routing import Routed
 from blocks.kvm.schedule import CallSchedule, ChunkStep, Update
-from blocks.kvm.state import ReadView
 from blocks.kvm.tokens import RawTokens
 from blocks.native import kvm_cpu
 
@@ -46,15 +44,11 @@ class NativeRunner(InferenceRunner):
     """A call's chunk steps by the BLAS kernels: updates by ``kvm_cpu.absorb``, a run of whole
     chunks by ``kvm_cpu.run_chunks`` (or ``attend_chunk`` each, when the call updates nothing)."""
 
-    def __init__(self, codec: SlotCodec, scales: ReadScales, kept_view: ReadView | None):
-        super().__init__(codec, scales, split_reads=True, kept_view=kept_view)
-        self.prepare = preparation_args(codec)
-
     def update(self, update: Update, raw: RawTokens) -> None:
         config = self.codec.config
-        kvm_cpu.absorb(*raw.between(update.leaving, update.leaving + config.chunk_len), *self.prepare,
-                       config.sink_len, update.appends, config.merge_gate_appends, config.use_vlens,
-                       *self.room.buffers, update.slots)
+        leaving = raw.between(update.leaving, update.leaving + config.chunk_len)
+        kvm_cpu.absorb(*leaving, *preparation_args(self.codec), config.sink_len, update.appends,
+                       config.merge_gate_appends, config.use_vlens, *self.room.buffers, update.slots)
 
     def read_whole_chunks(self, q: Tensor, out: Tensor, schedule: CallSchedule, run: tuple[ChunkStep, ...],
                           raw: RawTokens) -> None:
@@ -64,7 +58,7 @@ class NativeRunner(InferenceRunner):
                        for t in (self.scales.state_temp, self.scales.window_temp))
         if self.room is None:  # no update in this call: each chunk reads the slots as they came
             for step in run:
-                keys, values, _ = raw.between(step.window, step.window + config.window_len)
+                keys, values = raw.keys_values(step.window, step.window + config.window_len)
                 rows = schedule.rows(step.queries)
                 kvm_cpu.attend_chunk(q[:, :, rows], *self.slot_reads(step), keys, values, *scales, out[:, :, rows])
             return
@@ -73,7 +67,7 @@ class NativeRunner(InferenceRunner):
         tokens = raw.between((first.chunk - config.n_bswa_chunks) * config.chunk_len, last.queries.stop)
         appends = [-1 if step.update is None else step.update.appends for step in run]  # -1: no update there
         kvm_cpu.run_chunks(q[:, :, rows], out[:, :, rows], *tokens, appends, first.slots_before, *scales,
-                           *self.prepare, config.sink_len, config.merge_gate_appends, config.use_vlens,
+                           *preparation_args(self.codec), config.sink_len, config.merge_gate_appends, config.use_vlens,
                            *self.room.buffers)
 
 
@@ -82,14 +76,12 @@ class NativeHelpersRunner(InferenceRunner):
     ``kvm_cpu.incoming``, routed by ``best_slots`` and ``route``, merged and re-read by
     ``merge_and_read``; the split read joined by ``join``."""
 
-    def __init__(self, codec: SlotCodec, scales: ReadScales, kept_view: ReadView | None):
-        super().__init__(codec, scales, split_reads=True, kept_view=kept_view)
-        self.prepare = preparation_args(codec)
-        self.incoming_buffers: tuple[Tensor, Tensor, Tensor] | None = None  # ``incoming``'s outputs
+    incoming_buffers: tuple[Tensor, Tensor, Tensor] | None = None  # ``incoming``'s outputs, reused
 
     def incoming(self, k: Tensor, v: Tensor, g: Tensor) -> Incoming:
         # into the same buffers every chunk: they are consumed by the update that follows
-        self.incoming_buffers = kvm_cpu.incoming(k, v, g, *self.prepare, out=self.incoming_buffers)
+        self.incoming_buffers = kvm_cpu.incoming(k, v, g, *preparation_args(self.codec),
+                                                 out=self.incoming_buffers)
         return Incoming(self.incoming_buffers[0], v, *self.incoming_buffers[1:])
 
     def route(self, incoming: Incoming, num: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -103,8 +95,9 @@ class NativeHelpersRunner(InferenceRunner):
     def merge(self, routed: Routed, update: Update) -> None:
         config = self.codec.config
         kvm_cpu.merge_and_read(*self.room.buffers, routed.target.contiguous(), routed.merging.contiguous(),
-                               not config.use_vlens, update.slots + update.appends, update.slots, *norm_args(self.codec),
-                               self.codec.zero_dims, config.use_vlens, self.codec.fewer_routing_dims is not None)
+                               not config.use_vlens, update.slots + update.appends, update.slots,
+                               *norm_args(self.codec), self.codec.zero_dims, config.use_vlens,
+                               self.codec.fewer_routing_dims is not None)
 
     def join(self, o_w: Tensor, lse_w: Tensor, o_s: Tensor, lse_s: Tensor, out: Tensor) -> None:
         kvm_cpu.join(o_w, lse_w, o_s, lse_s, out)

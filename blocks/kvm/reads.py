@@ -28,9 +28,11 @@ def read_plain(q: Tensor, out: Tensor, schedule: CallSchedule, raw: RawTokens, s
     """The queries before position W, plain causal attention over every token before them, into
     their rows of ``out`` (B, Hq, T, dv). q (B, Hq, T, d): the call's queries."""
     plain = schedule.plain
-    keys, values, _ = raw.between(0, plain.stop)  # the call holds raw tokens from 0 on here
+    keys, values = raw.keys_values(0, plain.stop)  # the call holds raw tokens from 0 on here
     groups = q.shape[1] // keys.shape[1]
-    allowed = torch.arange(plain.stop, device=q.device)[None, :] <= torch.arange(plain.start, plain.stop, device=q.device)[:, None]
+    # (queries, keys): the query at position p sees every key j <= p
+    allowed = (torch.arange(plain.stop, device=q.device)[None, :]
+               <= torch.arange(plain.start, plain.stop, device=q.device)[:, None])
     out[:, :, schedule.rows(plain)] = F.scaled_dot_product_attention(
         q[:, :, schedule.rows(plain)], per_query_head(keys, groups, scales.window_temp), repeat_heads(values, groups),
         attn_mask=allowed, scale=scales.scale)
@@ -40,7 +42,7 @@ def read_tile(q: Tensor, out: Tensor, schedule: CallSchedule, step: ChunkStep, r
               slot_values: Tensor, scales: ReadScales, config: KVMConfig) -> None:
     """A chunk's queries read exactly, into their rows of ``out``: against the slots as
     ``slot_keys``/``slot_values`` (B, Hkv, S, d | dv) and the raw keys of their window."""
-    keys, values, _ = raw.between(step.window, step.queries.stop)  # (B, Hkv, L, d | dv)
+    keys, values = raw.keys_values(step.window, step.queries.stop)  # (B, Hkv, L, d | dv)
     first = step.chunk * config.chunk_len
     # (queries, keys): the query at chunk offset i sees window keys j <= (Nb - 1)*C + i
     mask = (torch.arange(keys.shape[2], device=q.device)[None, :]

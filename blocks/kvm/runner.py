@@ -28,7 +28,7 @@ def runner_for(codec: SlotCodec, scales: ReadScales, tensors: tuple[Tensor, ...]
         if kvm_cpu.blas_kernels():
             return NativeRunner(codec, scales, kept_view)
         return NativeHelpersRunner(codec, scales, kept_view)
-    return InferenceRunner(codec, scales, split_reads=tensors[0].device.type == "cpu", kept_view=kept_view)
+    return InferenceRunner(codec, scales, kept_view, split_reads=tensors[0].device.type == "cpu")
 
 
 def native_kernels_apply(codec: SlotCodec, tensors: tuple[Tensor, ...]) -> bool:

@@ -4,7 +4,6 @@ how many tokens each appends. Every way of running a call follows the same ``Cal
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -97,11 +96,10 @@ class ChunkStep(NamedTuple):
 
     @property
     def slots_before(self) -> int:
-        return self.slots - (self.update.appends if self.update else 0)
+        return self.slots - (0 if self.update is None else self.update.appends)
 
 
-@dataclasses.dataclass(frozen=True)
-class CallSchedule:
+class CallSchedule(NamedTuple):
     """What a call over tokens [n0, n1) does, in order: copy the first chunk's tokens into the state
     as they arrive, read the queries before position W with plain causal attention, then for each
     chunk from W on run its boundary update (if its first token is new) and read its queries."""
@@ -113,11 +111,12 @@ class CallSchedule:
     plain: range  # queries before W, read with plain causal attention
     steps: tuple[ChunkStep, ...]  # the chunks from W on, in order
     end: int  # window_begin(n1): the first raw token the new state keeps
+    slots_before: int  # slots_after(n0): the slots of the state the call continues
     slots: int  # slots after the call
 
     @property
     def runs_update(self) -> bool:
-        return any(step.update for step in self.steps)
+        return any(step.update is not None for step in self.steps)
 
     def runs(self) -> list[tuple[ChunkStep, ...]]:
         """The steps in order, grouped: each partial chunk alone, the whole chunks in a row together."""
@@ -137,7 +136,8 @@ class CallSchedule:
 def plan_call(n0: int, n1: int, config: KVMConfig) -> CallSchedule:
     """The schedule of a call that continues a state of ``n0`` tokens up to ``n1``."""
     chunk, nb, window = config.chunk_len, config.n_bswa_chunks, config.window_len
-    slots = slots_after(n0, config) if n0 >= chunk else min(n1, chunk)
+    slots_before = slots_after(n0, config)
+    slots = max(slots_before, min(n1, chunk))  # with the new tokens of chunk 0, copied in
     steps = []
     for c in range(max(n0, window) // chunk, (n1 - 1) // chunk + 1 if n1 > window else 0):
         boundary, update = boundary_update(c, config), None
@@ -148,4 +148,5 @@ def plan_call(n0: int, n1: int, config: KVMConfig) -> CallSchedule:
         whole = len(queries) == chunk
         steps.append(ChunkStep(c, update, queries, (c + 1 - nb) * chunk, slots, whole))
     return CallSchedule(n0, n1, window_begin(n0, config), range(n0, max(n0, min(n1, chunk))),
-                        range(n0, max(n0, min(n1, window))), tuple(steps), window_begin(n1, config), slots)
+                        range(n0, max(n0, min(n1, window))), tuple(steps), window_begin(n1, config), slots_before,
+                        slots)

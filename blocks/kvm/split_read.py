@@ -30,8 +30,9 @@ def window_group(chunk_bytes: int) -> int:
 def window_mask(groups: int, chunk: int, window: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """The additive mask (g*C, W) of every chunk's window read: query row i of a chunk sees window
     keys j <= W - C + i, for each of the g query heads of a kv head."""
-    visible = torch.arange(window, device=device)[None, :] <= window - chunk + torch.arange(chunk, device=device)[:, None]
-    mask = torch.zeros(chunk, window, dtype=dtype, device=device).masked_fill_(~visible, -torch.inf)  # (C, W)
+    visible = (torch.arange(window, device=device)[None, :]
+               <= window - chunk + torch.arange(chunk, device=device)[:, None])  # (C, W)
+    mask = torch.zeros(chunk, window, dtype=dtype, device=device).masked_fill_(~visible, -torch.inf)
     return mask.repeat(groups, 1)
 
 

@@ -9,7 +9,7 @@ from typing import ClassVar, NamedTuple
 from torch import Tensor
 
 from blocks.kvm.config import KVMConfig
-from blocks.kvm.schedule import slots_after, window_begin
+from blocks.kvm.schedule import CallSchedule
 from blocks.state import LayerState, StateError
 from blocks.token_buffer import TokenBuffer
 
@@ -52,11 +52,11 @@ class KVMState(LayerState):
         return self.slot_keys.shape[2]
 
 
-def check_state(state: KVMState, b: int, hkv: int, d: int, dv: int, config: KVMConfig) -> None:
+def check_state(state: KVMState, b: int, hkv: int, d: int, dv: int, config: KVMConfig, schedule: CallSchedule) -> None:
     """Raise ``StateError`` naming every way ``state`` does not fit a layer with this config and
-    these shapes (batch, kv heads, key and value dims)."""
+    these shapes (batch, kv heads, key and value dims), continued by the call ``schedule`` plans."""
     n0 = state.seq_len
-    expected_window = n0 - window_begin(n0, config)
+    expected_window = n0 - schedule.start
     problems = []
     if state.slot_keys.shape[:2] != (b, hkv) or state.slot_keys.shape[-1] != d:
         problems.append(f"slot_keys {tuple(state.slot_keys.shape)} vs batch {b}, {hkv} kv heads, head_dim {d}")
@@ -65,8 +65,8 @@ def check_state(state: KVMState, b: int, hkv: int, d: int, dv: int, config: KVMC
     if state.window_keys.shape[2] != expected_window:
         problems.append(f"window holds {state.window_keys.shape[2]} tokens, expected {expected_window} "
                         f"for {n0} tokens with chunk_len {config.chunk_len} x {config.n_bswa_chunks} chunks")
-    if state.num_slots != slots_after(n0, config):
-        problems.append(f"{state.num_slots} slots, but this layer's budget gives {slots_after(n0, config)} "
+    if state.num_slots != schedule.slots_before:
+        problems.append(f"{state.num_slots} slots, but this layer's budget gives {schedule.slots_before} "
                         f"after {n0} tokens")
     if problems:
         raise StateError("KVM state does not belong to this layer (different model, config or batch?): "

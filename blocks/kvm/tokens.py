@@ -18,5 +18,9 @@ class RawTokens(NamedTuple):
 
     def between(self, lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor]:
         """Keys, values and gates of positions [lo, hi): views, no copy."""
+        return *self.keys_values(lo, hi), self.gates[:, :, lo - self.start:hi - self.start]
+
+    def keys_values(self, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of positions [lo, hi), as a read takes them: views, no copy."""
         rows = slice(lo - self.start, hi - self.start)
-        return self.keys[:, :, rows], self.values[:, :, rows], self.gates[:, :, rows]
+        return self.keys[:, :, rows], self.values[:, :, rows]

@@ -23,11 +23,11 @@ updates. The package, in the order a call meets it:
 * ``config``: the options; ``schedule``: the chunk schedule in integers (``plan_call``);
 * ``attention``: ``kvm_attention``, which plans a call, reads the queries before W and hands the
   chunks from W on to a runner; ``runner``: ``runner_for``, which picks it;
-* the runners, each one way of running the same schedule: ``autograd`` (the reference: slots as
-  new tensors at every update, every chunk one exact softmax), ``inference`` (no autograd, in
-  PyTorch: slots updated in place in a ``room``, whole chunks by the ``split_read``, a read view kept
-  across decode steps) and ``native`` (the fused C kernels of blocks/native/kvm_cpu.c, compiled on
-  first use; ``KVM_NATIVE=0`` turns them off);
+* the runners, each one way of running the same schedule (docs/kvm.md §11): ``autograd`` (the
+  reference: slots as new tensors at every update, every chunk one exact softmax), ``inference``
+  (no autograd, in PyTorch: slots updated in place in a ``room``, whole chunks by the
+  ``split_read``, a read view kept across decode steps) and ``native`` (the fused C kernels of
+  blocks/native/kvm_cpu.c, compiled on first use; ``KVM_NATIVE=0`` turns them off);
 * what they share: ``codec`` (how tokens become slots and slots are read), ``routing`` (where a
   leaving chunk goes), ``reads`` (the exact reads), ``tokens`` (the raw window) and ``state``;
 * ``layer``: the ``KVMAttention`` mixer, registered as "kvm".

@@ -1,4 +1,4 @@
-"""KVM prefill time of two or more versions of blocks/kvm.py, interleaved in one process.
+"""KVM prefill time of two or more versions of KVM (blocks/kvm/), interleaved in one process.
 
 On a shared machine the time of the same prefill drifts by tens of percent within minutes, so two
 runs of bench_kvm.py at different times cannot tell a 5 % change from noise. This loads each
@@ -15,7 +15,8 @@ and the outputs, go apart, both equally valid evaluations of the algorithm.
 
 Each version brings its own fused C kernels (blocks/native/kvm_cpu.py and .c at that revision,
 compiled apart) where it has them; a revision followed by ":torch" runs without them, as where they
-cannot be built.
+cannot be built. A version is the package blocks/kvm/, or at older revisions the single file
+blocks/kvm.py; either loads.
 """
 
 from __future__ import annotations
@@ -35,24 +36,28 @@ import torch
 import torch.nn.functional as F
 
 import blocks.native
+import blocks.native.kvm_cpu
 import blocks.registry
 from bench_kvm import CHUNK, HEAD_DIM, HEADS, VARIANTS  # the same shapes and the same two KVM variants
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def file_at(revision: str, relative: str, folder: Path) -> Path | None:
-    """``relative`` (a path in the repository) at ``revision`` written into ``folder``, or the
-    working tree's file for "work"; None if the revision has no such file."""
+def source_at(revision: str, relative: str, folder: Path) -> Path | None:
+    """``relative`` (a file or a folder of the repository) at ``revision``, written into ``folder``
+    under the same relative path, or the working tree's for "work"; None if the revision has none."""
     if revision == "work":
-        return ROOT / relative
-    shown = subprocess.run(["git", "show", f"{revision}:{relative}"], cwd=ROOT, capture_output=True, text=True)
-    if shown.returncode:
+        return ROOT / relative if (ROOT / relative).exists() else None
+    listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", revision, "--", relative], cwd=ROOT,
+                            capture_output=True, text=True)
+    if listed.returncode or not listed.stdout.strip():
         return None
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / Path(relative).name
-    path.write_text(shown.stdout)
-    return path
+    for name in listed.stdout.splitlines():
+        shown = subprocess.run(["git", "show", f"{revision}:{name}"], cwd=ROOT, capture_output=True, text=True,
+                               check=True)
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(shown.stdout)
+    return folder / relative
 
 
 def import_file(name: str, path: Path):
@@ -63,10 +68,33 @@ def import_file(name: str, path: Path):
     return module
 
 
+def import_package(folder: Path) -> list[types.ModuleType]:
+    """The package in ``folder`` imported as blocks.kvm, with every module it imports of its own, in
+    place of the real blocks.kvm only while it loads: its modules keep the objects they imported,
+    and the real ones are put back. -> the package, then its modules."""
+    def ours(name: str) -> bool:
+        return name == "blocks.kvm" or name.startswith("blocks.kvm.")
+
+    real = {name: sys.modules.pop(name) for name in [name for name in sys.modules if ours(name)]}
+    real_attribute = getattr(blocks, "kvm", None)
+    try:
+        spec = importlib.util.spec_from_file_location("blocks.kvm", folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["blocks.kvm"] = package
+        spec.loader.exec_module(package)
+        return [module for name, module in sys.modules.items() if ours(name)]
+    finally:
+        for name in [name for name in sys.modules if ours(name)]:
+            del sys.modules[name]
+        sys.modules.update(real)
+        blocks.kvm = real_attribute
+
+
 def load_version(spec_text: str, folder: Path):
-    """blocks/kvm.py at a revision (or the working tree for "work") as a module of its own, with that
-    revision's C kernels, or none with ":torch" appended. Its mixer registration is skipped: the
-    real blocks.kvm registered that name already."""
+    """KVM at a revision (or the working tree for "work") as modules of their own, with that
+    revision's C kernels, or none with ":torch" appended -> the module with ``kvm_attention`` and
+    ``KVMConfig``. Its mixer registration is skipped: the real blocks.kvm registered that name already."""
     revision, _, mode = spec_text.partition(":")
     if mode not in ("", "torch"):
         raise SystemExit(f"ab_kvm: unknown mode {mode!r} in {spec_text!r} (use REV or REV:torch)")
@@ -75,18 +103,25 @@ def load_version(spec_text: str, folder: Path):
     register = blocks.registry.register_mixer
     blocks.registry.register_mixer = lambda *args, **kwargs: (lambda cls: cls)
     try:
-        module = import_file(f"kvm_version_{tag}", file_at(revision, "blocks/kvm.py", here))
+        single_file = source_at(revision, "blocks/kvm.py", here)
+        if single_file is not None:
+            modules = [import_file(f"kvm_version_{tag}", single_file)]
+        else:
+            modules = import_package(source_at(revision, "blocks/kvm", here))
     finally:
         blocks.registry.register_mixer = register
-    wrapper = file_at(revision, "blocks/native/kvm_cpu.py", here)
+    wrapper = source_at(revision, "blocks/native/kvm_cpu.py", here)
+    kernels = blocks.native.kvm_cpu
     if mode == "torch" or wrapper is None:
-        module.kvm_cpu = types.SimpleNamespace(library=lambda: None)
+        kernels = types.SimpleNamespace(library=lambda: None)
     elif revision != "work":  # that revision's wrappers, building that revision's C source
         kernels = import_file(f"kvm_cpu_{tag}", wrapper)
-        file_at(revision, "blocks/native/kvm_cpu.c", here)
-        kernels.load = functools.partial(blocks.native.load, folder=here)
-        module.kvm_cpu = kernels
-    return module
+        kernels.load = functools.partial(blocks.native.load,
+                                         folder=source_at(revision, "blocks/native/kvm_cpu.c", here).parent)
+    for module in modules:
+        if hasattr(module, "kvm_cpu"):
+            module.kvm_cpu = kernels
+    return modules[0]
 
 
 def variant_options(budget: str) -> dict:
@@ -99,7 +134,7 @@ def variant_options(budget: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("revisions", nargs="+", help='git revisions of blocks/kvm.py, or "work"; REV:torch without the C kernels')
+    parser.add_argument("revisions", nargs="+", help='git revisions of KVM, or "work"; REV:torch without the C kernels')
     parser.add_argument("--budget", choices=["fixed", "power_law"], default="fixed",
                         help="fixed: 256 slots; power_law: 16 * sqrt(T) slots (bench_kvm.py's two variants)")
     parser.add_argument("--length", type=int, default=32768)

@@ -10,7 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from blocks.config import ConfigError
-from blocks.kvm import KVMAttention, KVMConfig, _KVMCore, _max_over_slots, kvm_attention, slots_after, target_slots
+from blocks.kvm import KVMAttention, KVMConfig, kvm_attention, slots_after, target_slots
+from blocks.kvm.autograd import absorb
+from blocks.kvm.codec import SlotCodec
+from blocks.kvm.routing import max_over_slots
+from blocks.kvm.schedule import appending
 from kvm_reference import reference_prefill
 from mixer_checks import ContractCase, MixerContract, assert_close
 
@@ -283,12 +287,12 @@ def test_paper_sized_schedules_hold_on_real_tensors():
 
 # ----------------------------------------------------------------------------- state invariants
 
-def _core(cfg: KVMConfig, d: int = 8) -> _KVMCore:
+def _codec(cfg: KVMConfig, d: int = 8) -> SlotCodec:
     torch.manual_seed(0)
     norm = torch.nn.LayerNorm(d)
     with torch.no_grad():
         norm.bias.add_(0.1 * torch.randn(d))
-    return _KVMCore(cfg, norm, 2, None, None, 1.0)
+    return SlotCodec(cfg, norm, 2)
 
 
 def test_sink_slots_never_change_and_lengths_never_change_under_merges():
@@ -306,51 +310,51 @@ def test_sink_slots_never_change_and_lengths_never_change_under_merges():
 @pytest.mark.parametrize("budget", ["fixed", "power_law"])
 def test_key_and_value_mass_is_conserved(budget):
     cfg = KVMConfig(num_heads=2, chunk_len=C, rope_partial_dim=2, **BUDGETS[budget])
-    core = _core(cfg)
+    codec = _codec(cfg)
     torch.manual_seed(1)
     k0, v0 = torch.randn(2, 2, C, 8), torch.randn(2, 2, C, 8)
-    slots = core.new_slots(k0, v0, torch.ones(2, 2, C, 1))
+    slots = codec.new_slots(k0, v0, torch.ones(2, 2, C, 1))
     k, v, g = torch.randn(2, 2, C, 8), torch.randn(2, 2, C, 8), 1 + F.elu(torch.randn(2, 2, C, 1))
-    after = core.absorb(slots, core.incoming(k, v, g), ctx_len=3 * C, available=2 * C)
-    assert_close(after.keys.sum(2), slots.keys.sum(2) + (core.prepare_keys(k) * g).sum(2), 1e-5, "key mass")
+    after = absorb(codec, slots, codec.incoming(k, v, g), appending(cfg, 3 * C, 2 * C, C))
+    assert_close(after.keys.sum(2), slots.keys.sum(2) + (codec.prepare_keys(k) * g).sum(2), 1e-5, "key mass")
     assert_close(after.values.sum(2), slots.values.sum(2) + (v * g).sum(2), 1e-5, "value mass")
 
 
 def test_appended_tokens_are_the_least_similar_and_merges_route_after_appending():
     cfg = KVMConfig(num_heads=1, chunk_len=C, rope_partial_dim=2, budget="power_law", growth_factor=2.0)
-    core = _core(cfg)
+    codec = _codec(cfg)
     torch.manual_seed(2)
-    slots = core.new_slots(torch.randn(1, 1, C, 8), torch.randn(1, 1, C, 8), torch.ones(1, 1, C, 1))
+    slots = codec.new_slots(torch.randn(1, 1, C, 8), torch.randn(1, 1, C, 8), torch.ones(1, 1, C, 1))
     k, v, g = torch.randn(1, 1, C, 8), torch.randn(1, 1, C, 8), torch.ones(1, 1, C, 1)
     ctx_len, available = 5 * C, 3 * C
     n_append = target_slots(cfg, ctx_len, available, C) - C
     assert 0 < n_append < C
-    after = core.absorb(slots, core.incoming(k, v, g), ctx_len, available)
-    best = (core.prepare_keys(k) @ core.norm(slots.keys).transpose(-1, -2)).amax(-1)[0, 0]
+    after = absorb(codec, slots, codec.incoming(k, v, g), appending(cfg, ctx_len, available, C))
+    best = (codec.prepare_keys(k) @ codec.norm(slots.keys).transpose(-1, -2)).amax(-1)[0, 0]
     novel = best.argsort()[:n_append].sort().values
-    assert torch.equal(after.keys[0, 0, C:], core.prepare_keys(k)[0, 0, novel]), "appended rows are not the most novel, in order"
+    assert torch.equal(after.keys[0, 0, C:], codec.prepare_keys(k)[0, 0, novel]), "appended rows are not the most novel, in order"
     assert torch.equal(after.values[0, 0, C:], v[0, 0, novel])
     assert after.keys.shape[2] == C + n_append
     # every other token is summed into its best slot among the *post-append* slots, the sink excluded
-    appended = torch.cat([slots.keys[0, 0], core.prepare_keys(k)[0, 0, novel]])
+    appended = torch.cat([slots.keys[0, 0], codec.prepare_keys(k)[0, 0, novel]])
     expected = appended.clone()
     for j in sorted(set(range(C)) - set(novel.tolist())):
-        scores = core.prepare_keys(k)[0, 0, j] @ core.norm(appended).T
+        scores = codec.prepare_keys(k)[0, 0, j] @ codec.norm(appended).T
         scores[0] = -torch.inf
-        expected[int(scores.argmax())] += core.prepare_keys(k)[0, 0, j]
+        expected[int(scores.argmax())] += codec.prepare_keys(k)[0, 0, j]
     assert_close(after.keys[0, 0], expected, 1e-6, "keys after routing against the post-append slots")
 
 
 def test_count_averaging_divides_each_slot_by_its_own_count():
     cfg = KVMConfig(num_heads=1, chunk_len=C, rope_partial_dim=2, use_vlens=False, sink_len=1)
-    core = _core(cfg)
+    codec = _codec(cfg)
     torch.manual_seed(3)
-    slots = core.new_slots(torch.randn(1, 1, C, 8), torch.randn(1, 1, C, 8), torch.ones(1, 1, C, 1))
-    incoming = core.incoming(torch.randn(1, 1, C, 8), torch.randn(1, 1, C, 8), torch.ones(1, 1, C, 1))
-    after = core.absorb(slots, incoming, 3 * C, 2 * C)
+    slots = codec.new_slots(torch.randn(1, 1, C, 8), torch.randn(1, 1, C, 8), torch.ones(1, 1, C, 1))
+    incoming = codec.incoming(torch.randn(1, 1, C, 8), torch.randn(1, 1, C, 8), torch.ones(1, 1, C, 1))
+    after = absorb(codec, slots, incoming, appending(cfg, 3 * C, 2 * C, C))
     counts = after.lens[0, 0, :, 0]
     assert counts.sum() == 2 * C and counts[0] == 1 and counts.max() > 1
-    _, values = core.read_slots(after, torch.float32)
+    _, values = codec.read(*after, torch.float32)
     assert_close(values, after.values / after.lens, 0)
 
 
@@ -404,7 +408,7 @@ def test_max_over_slots_equals_torch_max_including_ties(s):
     for skip in (0, 1, 33, min(s, 70)):
         masked = x.clone()
         masked[..., :skip, :] = -torch.inf
-        got = _max_over_slots(x.clone(), skip)
+        got = max_over_slots(x.clone(), skip)
         expected = masked.max(-2)
         assert torch.equal(got[0], every), "the max over every slot"
         assert torch.equal(got[1], expected.values) and torch.equal(got[2], expected.indices), f"skip={skip}"
@@ -417,10 +421,10 @@ def test_routing_scores_over_fewer_dims_equal_the_plain_product():
     with torch.no_grad():
         norm.weight.add_(0.5 * torch.randn(16)), norm.bias.add_(0.5 * torch.randn(16))
         norm.weight[2] = 0
-    core = _KVMCore(KVMConfig(num_heads=2, chunk_len=C, rope_partial_dim=6), norm, 6, None, None, 1.0)
-    k_u = core.prepare_keys(torch.randn(2, 2, C, 16))
+    codec = SlotCodec(KVMConfig(num_heads=2, chunk_len=C, rope_partial_dim=6), norm, 6)
+    k_u = codec.prepare_keys(torch.randn(2, 2, C, 16))
     normed = norm(torch.randn(2, 2, 3 * C, 16))
     with torch.no_grad():
-        scores = core.token_features(k_u) @ core.slot_features(normed).transpose(-1, -2)
-        assert core.token_features(k_u).shape[-1] == 16 - 6 + 2
+        scores = codec.token_features(k_u) @ codec.slot_features(normed).transpose(-1, -2)
+        assert codec.token_features(k_u).shape[-1] == 16 - 6 + 2
         assert_close(scores, k_u @ normed.transpose(-1, -2), 1e-6)

@@ -11,7 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from blocks import native
-from blocks.kvm import KVMConfig, _flat_rows, _KVMCore, _max_over_slots, _Slots, kvm_attention
+from blocks.kvm import KVMConfig, kvm_attention
+from blocks.kvm.codec import SlotCodec, Slots
+from blocks.kvm.inference import InferenceRunner
+from blocks.kvm.native import NativeHelpersRunner, NativeRunner, norm_args
+from blocks.kvm.reads import ReadScales
+from blocks.kvm.room import Room
+from blocks.kvm.routing import flat_rows, max_over_slots
+from blocks.kvm.runner import runner_for
+from blocks.kvm.schedule import Update, appending
+from blocks.kvm.tokens import RawTokens
 from blocks.native import kvm_cpu
 from mixer_checks import assert_close
 from test_kvm import BUDGETS  # the tiny budgets of the KVM block's own tests
@@ -39,12 +48,11 @@ def _norm(d: int, bias: bool = True, zero_weight_at: int | None = None) -> torch
     return norm
 
 
-def _core(norm, zero_dims: int, **options) -> _KVMCore:
-    return _KVMCore(KVMConfig(num_heads=2, chunk_len=C, **options), norm, zero_dims, None, None, 1.0)
+def _codec(norm, zero_dims: int, **options) -> SlotCodec:
+    return SlotCodec(KVMConfig(num_heads=2, chunk_len=C, **options), norm, zero_dims)
 
 
-def _args(norm):
-    return norm.weight.detach(), None if norm.bias is None else norm.bias.detach(), norm.eps
+NO_SCALES = ReadScales(1.0, None, None)
 
 
 @needs_kernels
@@ -52,19 +60,19 @@ def _args(norm):
 @pytest.mark.parametrize("gate_keys, gate_values", [(True, True), (False, True), (True, False)])
 def test_incoming_equals_the_torch_preparation(zero_dims, bias, gate_keys, gate_values):
     norm = _norm(16, bias, zero_weight_at=1)
-    core = _core(norm, zero_dims, merge_gate_keys=gate_keys, merge_gate_values=gate_values)
+    codec = _codec(norm, zero_dims, merge_gate_keys=gate_keys, merge_gate_values=gate_values)
     torch.manual_seed(1)
     k = torch.randn(2, 30, 3, 16).transpose(1, 2)[:, :, 5:5 + C]  # (B, H, C, d) with the strides of a projection
     v = torch.randn(2, 3, 40, 12)[:, :, 9:9 + C]
     g = (1 + F.elu(torch.randn(2, 3, 40, 1)))[:, :, 9:9 + C]
-    reduced = core._fewer_routing_dims is not None
+    reduced = codec.fewer_routing_dims is not None
     assert reduced == (zero_dims > 2)
     with torch.no_grad():
-        keys, gated, routing = kvm_cpu.incoming(k, v, g, *_args(norm), zero_dims, gate_keys, gate_values, reduced)
-        expected = core.prepare_keys(k)
+        keys, gated, routing = kvm_cpu.incoming(k, v, g, *norm_args(codec), zero_dims, gate_keys, gate_values, reduced)
+        expected = codec.prepare_keys(k)
         assert_close(keys, expected, 1e-6, "prepared keys")
-        assert_close(gated, torch.cat(core._gated(expected, v, g), -1), 1e-6, "gated key | value")
-        assert_close(routing, core.token_features(expected), 1e-6, "routing features")
+        assert_close(gated, torch.cat(codec.gated(expected, v, g), -1), 1e-6, "gated key | value")
+        assert_close(routing, codec.token_features(expected), 1e-6, "routing features")
 
 
 @needs_kernels
@@ -73,20 +81,20 @@ def test_incoming_equals_the_torch_preparation(zero_dims, bias, gate_keys, gate_
 @pytest.mark.parametrize("merges, appended", [(3, 1), (25, 2), (0, 4)])  # a few slots touched; most of them
 def test_merge_and_read_equal_index_add_then_the_torch_read(use_vlens, zero_dims, bias, merges, appended):
     norm = _norm(16, bias)
-    core = _core(norm, zero_dims, use_vlens=use_vlens)
-    reduced = core._fewer_routing_dims is not None
+    codec = _codec(norm, zero_dims, use_vlens=use_vlens)
+    reduced = codec.fewer_routing_dims is not None
     torch.manual_seed(2)
     cap, num = 24, 20  # room rows, slots in use (the last `appended` of them new)
     sums, lens = torch.randn(2, 3, cap, 16 + 12), torch.rand(2, 3, cap, 1) + 0.5
     target, rows = torch.randint(0, 4, (2, 3, merges)), torch.randn(2, 3, merges, 16 + 12)  # repeated targets
     with torch.no_grad():
-        new_sums = sums.reshape(-1, 28).index_add(0, _flat_rows(sums, target), rows.reshape(-1, 28)).view_as(sums)
+        new_sums = sums.reshape(-1, 28).index_add(0, flat_rows(sums, target), rows.reshape(-1, 28)).view_as(sums)
         new_lens = lens if use_vlens else lens.reshape(-1, 1).index_add(
-            0, _flat_rows(lens, target), torch.ones(2 * 3 * merges, 1)).view_as(lens)
-        read_keys, read_values = core._read(new_sums[..., :16], new_sums[..., 16:], new_lens, torch.float32)
-        expected = (read_keys, read_values, core.slot_features(read_keys))
+            0, flat_rows(lens, target), torch.ones(2 * 3 * merges, 1)).view_as(lens)
+        read_keys, read_values = codec.read(new_sums[..., :16], new_sums[..., 16:], new_lens, torch.float32)
+        expected = (read_keys, read_values, codec.slot_features(read_keys))
         views = [torch.full_like(x, float("nan")) for x in expected]
-        kvm_cpu.merge_and_read(sums, lens, *views, target, rows, not use_vlens, num, num - appended, *_args(norm),
+        kvm_cpu.merge_and_read(sums, lens, *views, target, rows, not use_vlens, num, num - appended, *norm_args(codec),
                                zero_dims, use_vlens, reduced)
     assert torch.equal(sums, new_sums) and torch.equal(lens, new_lens), "merges as index_add"
     touched = torch.zeros(2, 3, cap, dtype=torch.bool)
@@ -110,7 +118,7 @@ def test_route_equals_torch_max_including_ties(s, tokens):
         if skip >= s:
             assert (best == -torch.inf).all() and (index == 0).all()
             continue
-        expected = _max_over_slots(x.clone(), skip)
+        expected = max_over_slots(x.clone(), skip)
         assert torch.equal(best, expected[1]) and torch.equal(index, expected[2]), f"skip={skip}"
 
 
@@ -126,7 +134,7 @@ def test_blocked_routing_equals_routing_the_whole_score_matrix(monkeypatch, slot
     scratch = torch.empty(2 * 3 * slots * tokens)
     for skip in (0, 1, 9, slots):
         every, best, index = kvm_cpu.best_slots(slot_features, token_features, skip, scratch)
-        expected = _max_over_slots(scores.clone(), skip)
+        expected = max_over_slots(scores.clone(), skip)
         assert torch.equal(every, scores.amax(-2)), f"skip={skip}"
         if skip < slots:
             assert torch.equal(best, expected[1]) and torch.equal(index, expected[2]), f"skip={skip}"
@@ -139,24 +147,26 @@ def test_blocked_routing_equals_routing_the_whole_score_matrix(monkeypatch, slot
 @pytest.mark.parametrize("slots, appends", [(5, 0), (5, 3), (300, 0), (300, 17), (40, 40)])  # 300: blocks of scores
 def test_whole_update_in_one_kernel_equals_the_torch_update(zero_dims, bias, options, slots, appends):
     norm = _norm(16, bias)
-    core = _KVMCore(KVMConfig(num_heads=3, chunk_len=40, state_min_len=slots + appends, **options), norm, zero_dims,
-                    None, None, 1.0)
+    config = KVMConfig(num_heads=3, chunk_len=40, state_min_len=slots + appends, **options)
+    codec = SlotCodec(config, norm, zero_dims)
     torch.manual_seed(3)
     k = torch.randn(2, 50, 3, 16).transpose(1, 2)[:, :, 5:45]  # (B, H, 40 tokens, d), a projection's strides
     v, g = torch.randn(2, 3, 50, 12)[:, :, 4:44], torch.rand(2, 3, 40, 1) + 0.5
-    start = _Slots(torch.randn(2, 3, slots, 16), torch.randn(2, 3, slots, 12), torch.rand(2, 3, slots, 1) + 0.5)
+    start = Slots(torch.randn(2, 3, slots, 16), torch.randn(2, 3, slots, 12), torch.rand(2, 3, slots, 1) + 0.5)
     rows, n = slots + appends + 4, slots + appends  # a room with spare rows; slots after the update
+    update = Update(0, slots, appending(config, 10_000, 10_000, slots))
     with torch.no_grad():
-        core.use_native_kernels(k, v, g)
-        assert core.native
-        got = core.update(core.with_room(start, rows, torch.float32), k, v, g, 10_000, 10_000)
-        core.native = False
-        want = core.absorb(core.with_room(start, rows, torch.float32), core.incoming(k, v, g), 10_000, 10_000)
-    assert got.keys.shape[2] == want.keys.shape[2] == n
-    for name, x, y in zip(("sums", "lens", "read keys", "read values", "features"), got.room, want.room):
+        got = runner_for(codec, NO_SCALES, (k, v, g), None)
+        assert isinstance(got, NativeRunner)
+        want = InferenceRunner(codec, NO_SCALES, None)
+        for runner in (got, want):
+            runner.room = Room.around(codec, start, rows, torch.float32)
+            runner.update(update, RawTokens(k, v, g, 0))
+    assert slots + update.appends == n
+    for name, x, y in zip(("sums", "lens", "read keys", "read values", "features"), got.room.buffers, want.room.buffers):
         assert_close(x[:, :, :n], y[:, :, :n], 1e-5, name)
     if options.get("sink_len"):
-        assert torch.equal(got.room.sums[:, :, :2], core.with_room(start, rows, torch.float32).room.sums[:, :, :2]), \
+        assert torch.equal(got.room.sums[:, :, :2], Room.around(codec, start, rows, torch.float32).sums[:, :, :2]), \
             "sink slots never change"
 
 
@@ -203,9 +213,9 @@ def test_chunk_read_is_one_softmax_over_slots_and_window(c, n_slots, window_chun
     assert out[:, :, :c].isnan().all() and out[:, :, 2 * c:].isnan().all(), "rows outside the chunk were written"
 
 
-def _room_of(core: _KVMCore, b: int, hkv: int, slots: int, rows: int, d: int, dv: int) -> _Slots:
-    start = _Slots(torch.randn(b, hkv, slots, d), torch.randn(b, hkv, slots, dv), torch.rand(b, hkv, slots, 1) + 0.5)
-    return core.with_room(start, rows, torch.float32)
+def _room_of(codec: SlotCodec, b: int, hkv: int, slots: int, rows: int, d: int, dv: int) -> Room:
+    start = Slots(torch.randn(b, hkv, slots, d), torch.randn(b, hkv, slots, dv), torch.rand(b, hkv, slots, 1) + 0.5)
+    return Room.around(codec, start, rows, torch.float32)
 
 
 @pytest.mark.skipif(not kvm_cpu.blas_kernels(), reason="no C compiler, or torch exports no BLAS sgemm here")
@@ -215,7 +225,7 @@ def test_a_run_of_chunks_in_one_call_equals_its_updates_and_reads_in_turn(c, gro
     """kvm_run_chunks schedules the same per-head update and per-block read code as a task graph:
     its results must be those of ``absorb`` then ``attend_chunk`` chunk after chunk, bit for bit."""
     norm = _norm(16)
-    core = _KVMCore(KVMConfig(num_heads=2 * groups, num_kv_heads=2, chunk_len=c, **options), norm, 6, None, None, 1.0)
+    codec = SlotCodec(KVMConfig(num_heads=2 * groups, num_kv_heads=2, chunk_len=c, **options), norm, 6)
     b, hkv, d, dv, slots = 2, 2, 16, 12, 7
     hq, appends = hkv * groups, [-1, 3, 0, c, 2, -1]  # -1: no update at that boundary; c: every token appends
     n, window = len(appends), 2 * c
@@ -226,31 +236,31 @@ def test_a_run_of_chunks_in_one_call_equals_its_updates_and_reads_in_turn(c, gro
     scales = torch.rand(hq) + 0.2, torch.rand(hq) + 0.2
     cap = slots + sum(max(a, 0) for a in appends) + 3
     with torch.no_grad():
-        core.use_native_kernels(q, k, v, g)
         torch.manual_seed(5)
-        one = _room_of(core, b, hkv, slots, cap, d, dv).room
+        one = _room_of(codec, b, hkv, slots, cap, d, dv)
         torch.manual_seed(5)
-        turns = _room_of(core, b, hkv, slots, cap, d, dv).room
-        flags = (core.zero_dims, core.config.merge_gate_keys, core.config.merge_gate_values, True, core.config.sink_len)
+        turns = _room_of(codec, b, hkv, slots, cap, d, dv)
+        config = codec.config
+        flags = (codec.zero_dims, config.merge_gate_keys, config.merge_gate_values, True, config.sink_len)
         got = torch.full((b, hq, n * c, dv), float("nan"))
-        kvm_cpu.run_chunks(q, got, k, v, g, appends, slots, *scales, *core._norm_args, *flags,
-                           core.config.merge_gate_appends, core.config.use_vlens, *one[:5])
+        kvm_cpu.run_chunks(q, got, k, v, g, appends, slots, *scales, *norm_args(codec), *flags,
+                           config.merge_gate_appends, config.use_vlens, *one.buffers)
         want, num = torch.full_like(got, float("nan")), slots
         for j, n_append in enumerate(appends):
             if n_append >= 0:  # the chunk before chunk j's window leaves it
                 leaving = (slice(None), slice(None), slice(j * c, (j + 1) * c))
-                kvm_cpu.absorb(k[leaving], v[leaving], g[leaving], *core._norm_args, *flags[:4], flags[4], n_append,
-                               core.config.merge_gate_appends, core.config.use_vlens, *turns[:5], num)
+                kvm_cpu.absorb(k[leaving], v[leaving], g[leaving], *norm_args(codec), *flags[:4], flags[4], n_append,
+                               config.merge_gate_appends, config.use_vlens, *turns.buffers, num)
                 num += n_append
             window_rows = slice((j + 1) * c, (j + 1) * c + window)
             kvm_cpu.attend_chunk(q[:, :, j * c:(j + 1) * c], turns.read_keys[:, :, :num], turns.read_values[:, :, :num],
                                  k[:, :, window_rows], v[:, :, window_rows], *scales, want[:, :, j * c:(j + 1) * c])
     assert torch.equal(got, want), "outputs"
-    for name, x, y in zip(("sums", "lens", "read keys", "read values", "features"), one, turns):
+    for name, x, y in zip(("sums", "lens", "read keys", "read values", "features"), one.buffers, turns.buffers):
         assert torch.equal(x[:, :, :num], y[:, :, :num]), name
     with pytest.raises(ValueError, match="do not fit"):  # more appends than the room holds
-        kvm_cpu.run_chunks(q, got, k, v, g, [c] * n, slots, *scales, *core._norm_args, *flags,
-                           core.config.merge_gate_appends, core.config.use_vlens, *one[:5])
+        kvm_cpu.run_chunks(q, got, k, v, g, [c] * n, slots, *scales, *norm_args(codec), *flags,
+                           config.merge_gate_appends, config.use_vlens, *one.buffers)
 
 
 @needs_kernels
@@ -259,6 +269,18 @@ def test_wrappers_refuse_what_the_kernels_cannot_read():
         kvm_cpu.route(torch.randn(1, 2, 5, 8, dtype=torch.float64), 0)
     with pytest.raises(ValueError, match="contiguous"):
         kvm_cpu.route(torch.randn(1, 2, 8, 5).transpose(-1, -2), 0)
+
+
+def attend_in_splits(q, k, v, g, config: KVMConfig, splits: list[int], **layer):
+    """``kvm_attention`` over consecutive calls of ``splits`` tokens, each continuing the state of the
+    last; ``layer``: its keyword arguments (norm, temperatures) -> (output (B, Hq, T, dv), final state)."""
+    outs, state, at = [], None, 0
+    for n in splits:
+        part = slice(at, at + n)
+        out, state = kvm_attention(q[:, :, part], k[:, :, part], v[:, :, part], g[:, :, part], config, state, **layer)
+        outs.append(out)
+        at += n
+    return torch.cat(outs, 2), state
 
 
 OPTIONS = [dict(), dict(use_vlens=False, sink_len=1), dict(sink_len=3, merge_gate_appends=True),
@@ -284,14 +306,7 @@ def test_attention_with_the_kernels_equals_the_torch_path(monkeypatch, budget, o
     norm, temps = _norm(16), (1 + 0.2 * torch.randn(4), 1 + 0.2 * torch.randn(4))
 
     def run(splits):
-        outs, state, at = [], None, 0
-        for n in splits:
-            part = slice(at, at + n)
-            out, state = kvm_attention(q[:, :, part], k[:, :, part], v[:, :, part], g[:, :, part], cfg, state,
-                                       state_key_norm=norm, window_temp=temps[0], state_temp=temps[1])
-            outs.append(out)
-            at += n
-        return torch.cat(outs, 2), state
+        return attend_in_splits(q, k, v, g, cfg, splits, state_key_norm=norm, window_temp=temps[0], state_temp=temps[1])
 
     for splits in ([t], [2 * C + 3, 5 * C + 1, 4 * C - 1]):
         with torch.inference_mode():
@@ -310,9 +325,8 @@ def test_the_kernels_run_only_where_they_apply():
     q = torch.randn(1, 2, 4 * C, 16)
 
     def native_for(norm=None, dtype=torch.float32, **options):
-        core = _KVMCore(KVMConfig(num_heads=2, chunk_len=C, **options), norm or _norm(16), 0, None, None, 1.0)
-        core.use_native_kernels(q.to(dtype))
-        return core.native
+        codec = SlotCodec(KVMConfig(num_heads=2, chunk_len=C, **options), norm or _norm(16), 0)
+        return isinstance(runner_for(codec, NO_SCALES, (q.to(dtype),), None), (NativeRunner, NativeHelpersRunner))
 
     with torch.no_grad():
         assert native_for()

@@ -1,4 +1,4 @@
-/* Fused CPU kernels for KVM (blocks/kvm.py), fp32: the state update at a chunk boundary and the
+/* Fused CPU kernels for KVM (blocks/kvm/native.py), fp32: the state update at a chunk boundary and the
  * read of a whole chunk. In order: the update's parts (token preparation, merges with the re-read
  * of touched slots, routing), each also a kernel of its own for the path without a BLAS; the join
  * of two partial softmaxes (that path's chunk read); the chunk read; the whole update in one call;
@@ -17,7 +17,7 @@
  * than PARALLEL_ROWS rows stay serial.
  * Conventions: a "row" is one token or one slot; row-major float32 with unit stride inside a row.
  * LayerNorm is torch's: biased variance, y = (x - mean) / sqrt(var + eps) * w + b.
- * Routing features with fewer dims (``_KVMCore._fewer_routing_dims``): with z zeroed dims,
+ * Routing features with fewer dims (``SlotCodec.fewer_routing_dims``): with z zeroed dims,
  * a token's are [k[z:], a, 1], a slot's [k[z:], k[:z].w, k[:z].b] (w, b: the norm over dims < z).
  */
 #include <math.h>
@@ -625,7 +625,7 @@ typedef struct {
 } Update;
 
 /* A whole boundary update of one head (room rows head * cap..) holding num slots, in cache from
- * start to end; equal to blocks/kvm.py's ``_KVMCore.incoming`` then ``absorb`` (and to
+ * start to end; equal to the PyTorch update of blocks/kvm/inference.py (and to
  * kvm_incoming, routing as kvm_route, kvm_merge_read in turn), without their (N, H, C, *)
  * intermediates in memory:
  *  1. the chunk's tokens, rows of kh, vh, gh (k_sc, v_sc, g_sc floats apart; gh: one gate per

@@ -1,7 +1,7 @@
 """Tensor-level wrappers of the fused KVM kernels in ``kvm_cpu.c`` (fp32, CPU): the state update
 and the whole-chunk read.
 
-``library()`` is None where the kernels cannot be built (see ``blocks.native``); blocks/kvm.py then
+``library()`` is None where the kernels cannot be built (see ``blocks.native``); blocks/kvm/ then
 keeps its PyTorch path. The wrappers check what the C code assumes (dtype, device, unit stride in
 a row, contiguous outputs) and raise ValueError otherwise: a wrong pointer would not raise at all.
 """
@@ -57,9 +57,9 @@ def _sgemm() -> int | None:
 def blas_kernels() -> bool:
     """Whether the kernels that call torch's sgemm can run here (the library is built and torch has
     a BLAS): the chunk read ``attend_chunk``, the whole update ``absorb`` and both in a row,
-    ``run_chunks``. Without them
-    blocks/kvm.py reads chunks by flash calls and ``join``, and updates with ``incoming``,
-    ``best_slots`` and ``merge_and_read`` (and torch ops for the appends)."""
+    ``run_chunks``. Without them blocks/kvm/native.py reads chunks by flash calls and ``join``,
+    and updates with ``incoming``, ``best_slots`` and ``merge_and_read`` (and torch ops for the
+    appends)."""
     return library() is not None and _sgemm() is not None
 
 
@@ -87,7 +87,7 @@ def incoming(k: Tensor, v: Tensor, g: Tensor, weight: Tensor, bias: Tensor | Non
              gate_keys: bool, gate_values: bool, reduced: bool,
              out: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Raw chunk k (B, H, C, d), v (B, H, C, dv), g (B, H, C, 1) -> prepared keys (B, H, C, d), gated
-    key | value (B, H, C, d + dv) and routing features (B, H, C, r), as ``_KVMCore.incoming``;
+    key | value (B, H, C, d + dv) and routing features (B, H, C, r), as ``SlotCodec.incoming``;
     into ``out`` if given (buffers of the same shapes, reused from chunk to chunk: fresh memory costs
     a page fault per 4 KiB on first touch)."""
     (b, h, c, d), dv = k.shape, v.shape[-1]
@@ -130,8 +130,8 @@ def absorb(k: Tensor, v: Tensor, g: Tensor, weight: Tensor, bias: Tensor | None,
            gate_keys: bool, gate_values: bool, reduced: bool, skip: int, n_append: int, gate_appends: bool,
            use_vlens: bool, sums: Tensor, lens: Tensor, read_keys: Tensor, read_values: Tensor, features: Tensor,
            num: int) -> None:
-    """A whole boundary update of a room holding ``num`` slots, in place, as ``_KVMCore.incoming``
-    then ``absorb``: the raw chunk k (B, H, C, d), v (B, H, C, dv), g (B, H, C, 1) prepared, routed
+    """A whole boundary update of a room holding ``num`` slots, in place, as the PyTorch update
+    (blocks/kvm/inference.py): the raw chunk k (B, H, C, d), v (B, H, C, dv), g (B, H, C, 1) prepared, routed
     (winners among slots >= ``skip``), its ``n_append`` most novel tokens appended (gated if
     ``gate_appends``), the others merged and every slot they touch re-read. One call, each head's
     chunk kept in cache from start to end. Needs ``blas_kernels()``."""
@@ -155,7 +155,7 @@ ROUTE_BLOCK = 512  # slot rows per block of routing scores (6 heads x 512 x 256 
 
 
 def route(scores: Tensor, skip: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Routing scores (..., S, C), slots by tokens -> every, best, index (..., C), as ``_max_over_slots``."""
+    """Routing scores (..., S, C), slots by tokens -> every, best, index (..., C), as ``routing.max_over_slots``."""
     _check("scores", scores, contiguous=True)
     *lead, s, c = scores.shape
     every, best = scores.new_empty(*lead, c), scores.new_empty(*lead, c)

@@ -1,0 +1,103 @@
+"""The exact reads of KVM attention, shared by every way of running a call: plain causal attention
+before position W, and a chunk's queries in one softmax over [state ; window] ("a tile")."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from blocks.kvm.config import KVMConfig
+from blocks.kvm.schedule import CallSchedule, ChunkStep
+from blocks.kvm.tokens import RawTokens
+
+SMALL_TILE = 16  # tiles of at most this many queries are read by ``attend_small_tile``
+
+
+class ReadScales(NamedTuple):
+    """What multiplies the logits: the softmax scale and the per-query-head temperatures (Hq,) or None."""
+
+    scale: float
+    window_temp: Tensor | None
+    state_temp: Tensor | None
+
+
+def read_plain(q: Tensor, out: Tensor, schedule: CallSchedule, raw: RawTokens, scales: ReadScales) -> None:
+    """The queries before position W, plain causal attention over every token before them, into
+    their rows of ``out`` (B, Hq, T, dv). q (B, Hq, T, d): the call's queries."""
+    plain = schedule.plain
+    keys, values = raw.keys_values(0, plain.stop)  # the call holds raw tokens from 0 on here
+    groups = q.shape[1] // keys.shape[1]
+    # (queries, keys): the query at position p sees every key j <= p
+    allowed = (torch.arange(plain.stop, device=q.device)[None, :]
+               <= torch.arange(plain.start, plain.stop, device=q.device)[:, None])
+    out[:, :, schedule.rows(plain)] = F.scaled_dot_product_attention(
+        q[:, :, schedule.rows(plain)], per_query_head(keys, groups, scales.window_temp), repeat_heads(values, groups),
+        attn_mask=allowed, scale=scales.scale)
+
+
+def read_tile(q: Tensor, out: Tensor, schedule: CallSchedule, step: ChunkStep, raw: RawTokens, slot_keys: Tensor,
+              slot_values: Tensor, scales: ReadScales, config: KVMConfig) -> None:
+    """A chunk's queries read exactly, into their rows of ``out``: against the slots as
+    ``slot_keys``/``slot_values`` (B, Hkv, S, d | dv) and the raw keys of their window."""
+    keys, values = raw.keys_values(step.window, step.queries.stop)  # (B, Hkv, L, d | dv)
+    first = step.chunk * config.chunk_len
+    # (queries, keys): the query at chunk offset i sees window keys j <= (Nb - 1)*C + i
+    mask = (torch.arange(keys.shape[2], device=q.device)[None, :]
+            <= (config.n_bswa_chunks - 1) * config.chunk_len
+            + torch.arange(step.queries.start - first, step.queries.stop - first, device=q.device)[:, None])
+    rows = schedule.rows(step.queries)
+    out[:, :, rows] = attend_tile(q[:, :, rows], slot_keys, slot_values, keys, values, mask, scales)
+
+
+def attend_tile(q: Tensor, slot_keys: Tensor, slot_values: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
+                scales: ReadScales) -> Tensor:
+    """The exact read of one tile: one softmax per query over [state ; window] keys.
+
+    q (B, Hq, Lq, d); slot_keys/slot_values (B, Hkv, S, d) as the slots are read; keys/values
+    (B, Hkv, L, d) the raw window; mask (Lq, L) True where a query may see a window key.
+    -> (B, Hq, Lq, dv)"""
+    if q.shape[2] <= SMALL_TILE:
+        return attend_small_tile(q, slot_keys, slot_values, keys, values, mask, scales)
+    groups = q.shape[1] // keys.shape[1]
+    keys = torch.cat([per_query_head(slot_keys, groups, scales.state_temp),
+                      per_query_head(keys, groups, scales.window_temp)], 2)  # (B, Hq, S + L, d)
+    values = repeat_heads(torch.cat([slot_values, values], 2), groups)
+    mask = torch.cat([mask.new_ones(mask.shape[0], slot_keys.shape[2]), mask], 1)  # (Lq, S + L)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scales.scale)
+
+
+def attend_small_tile(q: Tensor, slot_keys: Tensor, slot_values: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
+                      scales: ReadScales) -> Tensor:
+    """``attend_tile`` for a few queries (decode): the temperatures scale the queries, not the S + L
+    keys, and the state and the window are read by products of their own, so no key or value is
+    copied; the logits (a few rows) are joined for one softmax in fp32."""
+    b, hq, lq, _ = q.shape
+    hkv, num = keys.shape[1], slot_keys.shape[2]
+    groups = hq // hkv
+
+    def logits(temp: Tensor | None, k: Tensor) -> Tensor:  # (B, Hkv, g*Lq, n): a kv head's g query heads as rows
+        rows = times_head_temp(q, temp).reshape(b, hkv, groups * lq, -1)
+        return (rows @ k.transpose(-1, -2)).float() * scales.scale
+
+    window_logits = logits(scales.window_temp, keys).masked_fill(~mask.repeat(groups, 1), -torch.inf)
+    weights = torch.cat([logits(scales.state_temp, slot_keys), window_logits], -1).softmax(-1).to(values.dtype)
+    out = weights[..., :num] @ slot_values + weights[..., num:] @ values  # (B, Hkv, g*Lq, dv)
+    return out.view(b, hq, lq, -1)
+
+
+def per_query_head(keys: Tensor, groups: int, temp: Tensor | None) -> Tensor:
+    """(B, Hkv, L, d) keys -> (B, Hq, L, d), times the per-query-head temperature if any."""
+    return times_head_temp(repeat_heads(keys, groups), temp)
+
+
+def times_head_temp(x: Tensor, temp: Tensor | None) -> Tensor:
+    """(B, H, L, d) times a per-head temperature (H,); x itself when there is none."""
+    return x if temp is None else x * temp.to(x.dtype).view(1, -1, 1, 1)
+
+
+def repeat_heads(x: Tensor, groups: int) -> Tensor:
+    """(B, Hkv, ...) -> (B, Hkv * groups, ...): each kv head serves ``groups`` query heads."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)

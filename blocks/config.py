@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from blocks.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """An option value that breaks a rule. ``field`` names the option."""
 
     def __init__(self, field: str, message: str):

@@ -77,6 +77,8 @@ class ProjectedAttention(nn.Module):
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         rope_dim = d if config.rope_partial_dim is None else config.rope_partial_dim
         require(rope_dim <= d, "rope_partial_dim", f"must be <= head_dim ({d}), got {rope_dim}")
+        require(rope_dim % 2 == 0, "rope_partial_dim", f"RoPE rotates pairs of dims, and it is null: all {d} dims of "
+                                                       "an odd head_dim; set it to an even number (0: no RoPE)")
         self.rope_dim = rope_dim
         self.scale = config.softmax_scale if config.softmax_scale is not None else 1.0 / math.sqrt(d)
 

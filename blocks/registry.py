@@ -27,10 +27,11 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
+from blocks.errors import InputError
 from blocks.state import STATE_KINDS, LayerState
 
 
-class UnknownMixerError(KeyError):
+class UnknownMixerError(InputError, KeyError):
     """A mixer name or symbol that nothing registered. The message lists the valid ones."""
 
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly

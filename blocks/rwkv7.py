@@ -157,6 +157,9 @@ class RWKV7Attention(nn.Module):
         require(self.value_dim % self.num_heads == 0, "value_dim",
                 f"must be divisible by the number of heads ({self.num_heads}), got {self.value_dim}")
         self.head_v_dim = self.value_dim // self.num_heads
+        require(self.head_v_dim >= 2, "head_dim", f"the output GroupNorm needs at least 2 values per head; "
+                                                  f"{self.num_heads} heads leave {self.head_v_dim} of value_dim "
+                                                  f"{self.value_dim}: use fewer, wider heads")
         if self.n_layers is not None:
             require(layer_idx < self.n_layers, "num_hidden_layers",
                     f"must exceed the layer index ({layer_idx}), got {self.n_layers}")

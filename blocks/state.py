@@ -23,6 +23,8 @@ from typing import ClassVar, TypeVar
 import torch
 from torch import Tensor
 
+from blocks.errors import InputError
+
 STATE_KINDS = ("recurrent", "kvm", "window", "kv")
 """recurrent: fixed size (LRNN matrices, conv / token-shift tails); kvm: grows, bounded by a budget;
 window: sliding-window attention, fixed; kv: full attention, grows with every token."""
@@ -31,7 +33,7 @@ window: sliding-window attention, fixed; kv: full attention, grows with every to
 S = TypeVar("S", bound="LayerState")
 
 
-class StateError(ValueError):
+class StateError(InputError):
     """A state does not fit the layer or the saved data it is loaded from."""
 
 

@@ -358,3 +358,29 @@ def test_a_failing_build_warns_and_falls_back(monkeypatch, tmp_path):
     with pytest.warns(UserWarning, match="building native kvm_cpu kernels failed"):
         assert native.load.__wrapped__("kvm_cpu") is None
     assert not list(tmp_path.glob("*.so")), "a failed build left a library behind"
+
+
+@needs_kernels
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "drop the record", "edit the record"])
+def test_a_cached_library_that_does_not_match_its_record_is_rebuilt(monkeypatch, tmp_path, damage):
+    """The sha256 recorded beside a library is checked before it is loaded; a mismatch rebuilds it."""
+    monkeypatch.setenv("KVM_NATIVE_CACHE", str(tmp_path))
+    assert native.load.__wrapped__("kvm_cpu") is not None
+    library = next(tmp_path.glob("kvm_cpu-*.so"))
+    record = native.record_of(library)
+    good = library.read_bytes()
+    assert native.verified(library)
+    if damage == "flip a byte":
+        data = bytearray(good)
+        data[len(data) // 2] ^= 0xFF
+        library.write_bytes(bytes(data))
+    elif damage == "truncate":
+        library.write_bytes(good[:100])
+    elif damage == "drop the record":
+        record.unlink()
+    else:
+        record.write_text("0" * 64 + "\n")
+    assert not native.verified(library)
+    assert native.load.__wrapped__("kvm_cpu") is not None
+    assert native.verified(library), "the damaged library was loaded, not rebuilt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([library.name, record.name]), "leftovers"

@@ -17,11 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blocks.config import ConfigError
 from blocks.projection import ProjectedAttention
 from blocks.state import StateError
 from hybrid.model.model import HybridLM
-from hybrid.model.recipe import RECIPES_DIR, load_recipe, recipe_from_dict
+from hybrid.model.recipe import RECIPES_DIR, RecipeError, load_recipe, recipe_from_dict
 from hybrid.model.state import ModelState
 
 TINY = sorted((RECIPES_DIR / "tiny").glob("*.yaml"))
@@ -242,11 +241,12 @@ def test_training_step_reaches_every_parameter(path):
 
 
 def test_mixer_rules_that_need_d_model_name_the_yaml_path():
-    """Head sizes are checked against d_model when the model is built; the error names the recipe key."""
+    """Head sizes are checked against d_model when the recipe is read (each mixer is built once on the
+    meta device, hybrid.model.limits); the error names the recipe and its key."""
     data = {"model": {"vocab_size": 256, "d_model": 32, "n_layers": 2, "layers": "KR",
                       "mixers": {"kvm": {"num_heads": 3}, "rwkv7": {"head_dim": 16}}}}
-    with pytest.raises(ConfigError, match=r"model.mixers.kvm.num_heads: must divide d_model \(32\), got 3"):
-        HybridLM(recipe_from_dict(data).model)
+    with pytest.raises(RecipeError, match=r"^<dict>: model.mixers.kvm.num_heads: must divide d_model \(32\), got 3"):
+        recipe_from_dict(data)
     data["model"]["mixers"] = {"kvm": {"num_heads": 2, "rope_partial_dim": 64}, "rwkv7": {"head_dim": 12}}
-    with pytest.raises(ConfigError, match=r"model.mixers.kvm.rope_partial_dim: must be <= head_dim \(16\), got 64"):
-        HybridLM(recipe_from_dict(data).model)
+    with pytest.raises(RecipeError, match=r"model.mixers.kvm.rope_partial_dim: must be <= head_dim \(16\), got 64"):
+        recipe_from_dict(data)

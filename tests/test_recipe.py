@@ -350,3 +350,134 @@ def test_configs_are_frozen():
 def test_recipe_from_dict_refuses_unresolved_extends():
     with pytest.raises(RecipeError, match="extends: is resolved when a recipe file is read"):
         recipe_from_dict({"extends": "tiny/kvm_fixed", **small()})
+
+
+# ----------------------------------------------------------------------------- strict reading, numbers, sizes
+
+@pytest.mark.parametrize("text, expected", [
+    ("model:\n  d_model: 32\nmodel:\n  d_model: 64\n", "key 'model' appears twice in one mapping, on lines 1 and 3"),
+    ("model: {vocab_size: 256, vocab_size: 512}\n", "key 'vocab_size' appears twice in one mapping, on lines 1 and 1"),
+    ("model:\n  mixers:\n    kvm: {}\n    kvm: {}\n", "key 'kvm' appears twice in one mapping, on lines 3 and 4"),
+    ("model: " + "[" * 5000, "nested too deeply"),
+])
+def test_a_key_written_twice_is_an_error_naming_both_lines(text, expected, tmp_path):
+    message = load_error(tmp_path, text)
+    assert expected in message and "\n" not in message
+
+
+def test_a_merge_key_may_still_be_overridden(tmp_path):
+    """YAML's ``<<: *anchor`` brings keys in that the mapping may then override: not a duplicate."""
+    path = write(tmp_path, "merge.yaml", "model:\n  vocab_size: 256\n  d_model: 32\n  n_layers: 2\n  layers: GK\n"
+                                        "  mixers:\n    gla: &heads {num_heads: 2}\n"
+                                        "    kvm:\n      <<: *heads\n      chunk_len: 8\n      num_heads: 4\n")
+    recipe = load_recipe(path)
+    assert recipe.model.layers[0].options.num_heads == 2 and recipe.model.layers[1].options.num_heads == 4
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"block": {"mlp_expansion": float("inf")}}, "model.block.mlp_expansion: must be a finite number, got inf"),
+    ({"block": {"residual_scale": float("inf")}}, "model.block.residual_scale: must be a finite number"),
+    ({"init_std": float("nan")}, "model.init_std: must be a finite number, got nan"),
+    ({"logit_softcap": -float("inf")}, "model.logit_softcap: must be a finite number"),
+    ({"block": {"mlp_expansion": 10 ** 400}}, "model.block.mlp_expansion: must be a finite number"),
+    ({"d_model": 2 ** 64}, "model.d_model: 18446744073709551616 does not fit in 64 bits"),
+    ({"mixers": {"gla": {"num_heads": 2}, "kvm": {"num_heads": 2, "chunk_len": 8, "state_min_len": -5}}},
+     "model.mixers.kvm.state_min_len: must be >= 0, got -5"),
+    ({"mixers": {"gla": {"num_heads": 2}, 1: {"num_heads": 2}}}, "model.mixers.1: a mixer entry is named by text"),
+])
+def test_every_number_is_finite_and_in_range_where_it_is_read(change, expected, tmp_path):
+    message = load_error(tmp_path, small(**change))
+    assert expected in message
+
+
+def test_an_infinite_default_may_stay_infinite():
+    """Mamba2's dt_limit defaults to (0, inf): a recipe may write that, and a checkpoint's expanded
+    recipe does (yaml writes .inf)."""
+    data = {"model": {"vocab_size": 256, "d_model": 32, "n_layers": 1, "layers": "M",
+                      "mixers": {"mamba2": {"head_dim": 16, "state_size": 8, "dt_limit": [0.0, float("inf")]}}}}
+    recipe = recipe_from_dict(data)
+    assert recipe.model.layers[0].options.dt_limit == (0.0, float("inf"))
+    assert recipe_from_dict(yaml.safe_load(recipe.to_yaml())).model == recipe.model
+    data["model"]["mixers"]["mamba2"]["dt_limit"] = [float("nan"), 1.0]
+    with pytest.raises(RecipeError, match=r"dt_limit\[0\]: must be a finite number, got nan"):
+        recipe_from_dict(data)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"layers": "G*99999999999"}, "'*99999999999' makes more than the 4096 layers a model may have"),
+    ({"layers": "G*" + "9" * 5000}, "makes more than the 4096 layers"),
+    ({"layers": "(GK*64)*64"}, "makes more than the 4096 layers"),
+    ({"n_layers": 5000}, "model.n_layers: must be at most 4096"),
+    ({"vocab_size": 10 ** 12}, "the weights would need 238,418.6 GiB in fp32 (embedding (vocab_size 1000000000000 x "
+                               "d_model 32) 119,209.3 GiB, untied head"),
+    ({"d_model": 10 ** 8}, "the weights would need"),
+    ({"mixers": {"gla": {"num_heads": 2}, "kvm": {"num_heads": 2, "chunk_len": 10 ** 12}}},
+     "model.mixers.kvm.chunk_len: chunk_len 1000000000000 x n_bswa_chunks 2 is a window of 2,000,000,000,000 tokens, "
+     "longer than any context (at most 16,777,216)"),
+])
+def test_sizes_are_checked_before_anything_is_allocated(change, expected, tmp_path, monkeypatch):
+    monkeypatch.setattr("hybrid.model.limits.memory_bytes", lambda: 64 * 2 ** 30)  # the same on any machine
+    if "vocab_size" in change:
+        change = {**change, "tie_embeddings": False}
+    message = load_error(tmp_path, small(**change))
+    assert expected in message
+    if "GiB" in expected:
+        assert "more than this machine's 64.0 GiB of memory; choose smaller sizes" in message
+
+
+@pytest.mark.parametrize("extends, expected", [
+    ("", "extends: '' is not a recipe path or name"),
+    ("a\0b", "is not a recipe path or name"),
+    ("x" * 5000, "not found"),
+])
+def test_bad_extends_values(extends, expected, tmp_path):
+    assert expected in load_error(tmp_path, {"extends": extends, **SMALL})
+
+
+def test_a_recipe_that_is_not_utf8_names_the_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(yaml.safe_dump(SMALL).encode() + b"# caf\xe9\n")
+    with pytest.raises(RecipeError, match=r"latin1\.yaml: not UTF-8 text \(byte 0xe9 at offset \d+, line \d+\)"):
+        load_recipe(path)
+
+
+def test_the_tokenizer_section_is_checked_when_the_recipe_is_read(tmp_path):
+    assert "tokenizer.colour: unknown key for a 'bytes' tokenizer" in load_error(
+        tmp_path, {**SMALL, "tokenizer": {"type": "bytes", "colour": "red"}})
+    message = load_error(tmp_path, {**SMALL, "tokenizer": {"type": [1]}})
+    assert "tokenizer.type: '[1]' is not a tokenizer type" in message
+    assert "tokenizer.path: a 'file' tokenizer needs the path" in load_error(
+        tmp_path, {**SMALL, "tokenizer": {"type": "file", "path": ""}})
+
+
+@pytest.mark.parametrize("layers, mixers, expected", [
+    ("K", {"kvm": {"num_heads": 2, "head_dim": 5}},
+     "model.mixers.kvm.rope_partial_dim: RoPE rotates pairs of dims, and it is null: all 5 dims of an odd head_dim"),
+    ("R", {"rwkv7": {"head_dim": 1}}, "model.mixers.rwkv7.head_dim: the output GroupNorm needs at least 2 values"),
+    ("RR", {"rwkv7": {"head_dim": 16, "v_first_source": False}},
+     "model.mixers.rwkv7.v_first_source: the first RWKV-7 layer starts the v_first stream"),
+    ("D", {"gated_deltanet": {"head_dim": 16, "num_heads": 2, "expand_v": 1e30}},
+     "model.mixers.gated_deltanet.expand_v: 1e+30 makes sizes beyond what torch can hold"),
+    ("G", {"gla": {"num_heads": 2, "expand_k": 1e6}},  # 4 GB of weights, but a state and activations far beyond
+     "model.mixers.gla: its weight q_proj.weight (32000000, 32) is wider than any layer may be"),
+    ("G", {"gla": {"num_heads": 2}}, "model.block: an MLP hidden layer 32,000,000 wide is wider than any layer"),
+])
+def test_options_that_would_fail_in_the_forward_are_refused_when_read(layers, mixers, expected):
+    """Rules the layers only met when they ran (or when torch allocated) are checked with the recipe."""
+    data = {"model": {"vocab_size": 256, "d_model": 32, "n_layers": len(layers), "layers": layers, "mixers": mixers,
+                      "block": {"mlp_expansion": 1e6 if "MLP" in expected else 4.0}}}
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(data)
+    assert expected in str(err.value)
+
+
+def test_the_memory_estimate_counts_the_recurrent_state(monkeypatch):
+    """Small weights, but a Gated DeltaNet state of 1000 heads of 1000 x 2000 values: 7.5 GiB a layer."""
+    monkeypatch.setattr("hybrid.model.limits.memory_bytes", lambda: 12 * 2 ** 30)
+    data = {"model": {"vocab_size": 256, "d_model": 32, "n_layers": 1, "layers": "D",
+                      "mixers": {"gated_deltanet": {"head_dim": 1000, "num_heads": 2, "num_v_heads": 1000}}}}
+    assert recipe_from_dict(data).model.n_layers == 1
+    data["model"].update(n_layers=2, layers="DD")
+    with pytest.raises(RecipeError, match=r"and the decode state at batch 1 15\.0 GiB: more than this machine's "
+                                          r"12\.0 GiB of memory"):
+        recipe_from_dict(data)

@@ -301,6 +301,35 @@ def test_time_limit_stops_with_a_checkpoint_and_the_next_run_continues(corpus, t
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 7))
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("another step's weights", r"its model\.safetensors \(weights \w+\) is not the one its trainer state was saved "
+                               r"with .*replaced by another step's"),
+    ("an edited trainer.json", r"trainer\.json: its contents do not match the hash recorded in it"),
+    ("a flipped byte in trainer.safetensors", r"trainer\.safetensors: its contents do not match the hash recorded"),
+])
+def test_a_step_folder_whose_files_were_swapped_or_edited_does_not_resume(finished, tmp_path, damage, message):
+    """Each file of a step folder proves its bytes: trainer.json records the weights' content hash and
+    its own, trainer.safetensors the hash of its tensors."""
+    recipe, source, _ = finished
+    out = tmp_path / "copy"
+    for name in ("step_000016", "step_000024"):
+        shutil.copytree(source / name, out / name)
+    newest = out / "step_000024"
+    if damage == "another step's weights":
+        shutil.copyfile(out / "step_000016" / "model.safetensors", newest / "model.safetensors")
+    elif damage == "an edited trainer.json":
+        info = json.loads((newest / "trainer.json").read_text())
+        info["scheduler"]["next_lr"] *= 2  # valid JSON, a changed number
+        (newest / "trainer.json").write_text(json.dumps(info, indent=1))
+    else:
+        data = bytearray((newest / "trainer.safetensors").read_bytes())
+        data[-5] ^= 0x20
+        (newest / "trainer.safetensors").write_bytes(bytes(data))
+    resumed = recipe_from_dict({"model": SMALL_MODEL, "train": dict(recipe.train, out_dir=str(out), max_steps=28)})
+    with pytest.raises(TrainError, match=message):
+        run(resumed)
+
+
 # ----------------------------------------------------------------------------- TensorBoard
 
 def _tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:

@@ -4,6 +4,12 @@ A kernel library is built once per source, compiler and CPU (``-march=native``) 
 cache (``$XDG_CACHE_HOME/kvm-hybrid``, or ``$KVM_NATIVE_CACHE``) and loaded with ctypes: no build
 step at install time and no torch headers, so a build takes about a second. Where there is no C
 compiler, or ``KVM_NATIVE=0`` is set, ``load`` returns None and callers keep their PyTorch path.
+
+The cache is checked before anything in it is loaded: a library's file name is the hash of its
+source, compiler flags, compiler version and CPU flags (``<name>-<hash>.so``), so a changed source
+or flag never loads an old build; it is built aside and renamed into place (never half written);
+and the sha256 of its bytes is recorded beside it (``<name>-<hash>.so.sha256``). A library whose
+bytes do not match that record (damaged, replaced, or without a record) is rebuilt, not loaded.
 """
 
 from __future__ import annotations
@@ -69,15 +75,33 @@ def load(name: str, folder: Path | None = None) -> ctypes.CDLL | None:
 
 
 def _build(compiler: str, source: Path, flags: tuple[str, ...]) -> Path:
-    """The cached library of ``source`` built with ``flags``, building it first if needed."""
+    """The cached library of ``source`` built with ``flags``, building it first if there is none
+    whose bytes match the hash recorded beside it."""
     digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()
                             + _machine_key(compiler).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{digest}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename: atomic
-            built = Path(tmp) / target.name
-            subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"], check=True,
-                           capture_output=True, text=True, timeout=300)
-            os.replace(built, target)
+    if verified(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename: atomic
+        built, record = Path(tmp) / target.name, Path(tmp) / "sha256"
+        subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"], check=True,
+                       capture_output=True, text=True, timeout=300)
+        record.write_text(hashlib.sha256(built.read_bytes()).hexdigest() + "\n")
+        os.replace(built, target)
+        os.replace(record, record_of(target))
     return target
+
+
+def record_of(library: Path) -> Path:
+    """Where the sha256 of a cached library's bytes is kept: beside it, ``<library>.sha256``."""
+    return library.with_name(library.name + ".sha256")
+
+
+def verified(library: Path) -> bool:
+    """Whether ``library`` exists and its bytes match the sha256 recorded beside it."""
+    try:
+        recorded = record_of(library).read_text().strip()
+        return recorded == hashlib.sha256(library.read_bytes()).hexdigest()
+    except OSError:
+        return False

@@ -13,10 +13,12 @@ import importlib
 
 import torch
 
+from blocks.errors import InputError
+
 BACKENDS = ("auto", "torch", "fla")
 
 
-class BackendError(RuntimeError):
+class BackendError(InputError, RuntimeError):
     """The requested backend cannot run here."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -14,7 +15,10 @@ from hybrid.cli.options import (
     add_dtype,
     add_seed,
     add_threads,
+    check_output_folder,
     default_output_dir,
+    integer,
+    output_folder,
     parse_set,
     positive_int,
     token_count,
@@ -38,8 +42,9 @@ def add_bench(commands) -> None:
     bench.add_argument("--d-model", type=positive_int, default=768, help="model width for --mixer (default 768)")
     bench.add_argument("--contexts", type=token_count, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768],
                        help="context lengths T (default 1k 2k 4k 8k 16k 32k)")
-    bench.add_argument("--repeats", type=positive_int, default=3, help="runs per measurement (median, min, max)")
-    bench.add_argument("--steps", type=positive_int, default=256,
+    bench.add_argument("--repeats", type=integer(1, 1000, "a repeat count in [1, 1000]"), default=3,
+                       help="runs per measurement (median, min, max)")
+    bench.add_argument("--steps", type=token_count, default=256,
                        help="decode steps averaged per run (default 256: a whole paper-sized KVM chunk)")
     bench.add_argument("--max-prefill", type=token_count_or_zero, default=None,
                        metavar="T", help="measure prefill only up to this context (0: never; default: always)")
@@ -48,7 +53,7 @@ def add_bench(commands) -> None:
     bench.add_argument("--no-baseline", action="store_true", help="do not measure the full-attention baseline")
     add_threads(bench, "torch threads (default: torch's)")
     add_seed(bench)
-    bench.add_argument("--out", help="output folder (default bench_out/<first model>)")
+    bench.add_argument("--out", type=output_folder, help="output folder (default bench_out/<first model>)")
     add_device(bench)
     add_dtype(bench)
     bench.set_defaults(run=_bench)
@@ -71,6 +76,8 @@ def _bench(args: argparse.Namespace) -> int:
                          "with --mixer NAME, not both")
     if args.set and args.mixer is None:
         raise UsageError("--set gives options of the --mixer being measured; for a model, edit its recipe")
+    first = " ".join([args.mixer, *args.set]) if args.mixer is not None else args.models[0]
+    out = check_output_folder(Path(args.out) if args.out else default_output_dir("bench_out", first))
     named = []
     if args.mixer is not None:
         pairs = parse_set(args.set, "KEY=VALUE, e.g. --set budget=power_law")
@@ -78,7 +85,7 @@ def _bench(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         model = HybridLM(config).eval().to(device=resolve_device(args.device),
                                            dtype=DTYPES[args.dtype] if args.dtype else None)
-        named.append((" ".join([args.mixer, *args.set]), model))
+        named.append((first, model))
     else:
         for source in args.models:
             _, model, _ = open_model(source, args.device, args.dtype, args.seed, sys.stderr)
@@ -89,6 +96,5 @@ def _bench(args: argparse.Namespace) -> int:
     rows = run_bench(subjects_for(named, with_baseline=not args.no_baseline), settings,
                      log=lambda line: print(line, flush=True))
     print("\n" + summary(rows))
-    write_outputs(rows, args.out or default_output_dir("bench_out", named[0][0]), ", ".join(n for n, _ in named),
-                  sys.stdout)
+    write_outputs(rows, out, ", ".join(n for n, _ in named), sys.stdout)
     return 0

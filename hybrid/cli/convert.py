@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,9 @@ from hybrid.cli.options import (
     add_seed,
     add_threads,
     count,
+    number,
+    output_file,
+    output_folder,
     parse_set,
     positive_int,
     token_count,
@@ -36,28 +40,30 @@ def add_convert(commands) -> None:
                                            "stage checkpoints under OUT/stages; run it again to resume. See "
                                            "convert/distill.py.")
     conv.add_argument("teacher", help="teacher: Hugging Face folder (config.json + safetensors) or .gguf file")
-    conv.add_argument("out", help="output folder")
+    conv.add_argument("out", type=output_folder, help="output folder")
     conv.add_argument("--plan", required=True, help="layer plan, one letter per teacher layer: e.g. 'K*30', 'AKKK...'")
     conv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a student mixer option (kvm.chunk_len=64) or a stage setting (stage2.lr=3e-5, "
                            "stage1.seq_len=256: any train: key); repeatable")
-    for number, default in (("1", 5_000_000), ("2", 20_000_000), ("3", 0)):
-        conv.add_argument(f"--stage{number}-tokens", type=token_count_or_zero,
+    for stage, default in (("1", 5_000_000), ("2", 20_000_000), ("3", 0)):
+        conv.add_argument(f"--stage{stage}-tokens", type=token_count_or_zero,
                           default=default, metavar="N",
-                          help=f"stage {number} token budget, e.g. 200k or 5m (default {default:,}; 0 skips it)")
+                          help=f"stage {stage} token budget, e.g. 200k or 5m (default {default:,}; 0 skips it)")
     conv.add_argument("--data", action="append", metavar="PATH",
                       help="distillation text: .txt/.md/.jsonl files or folders (repeatable; default: the built-in "
                            "Shakespeare corpus without the held-out play)")
     conv.add_argument("--teacher-samples", type=token_count_or_zero, default=0, metavar="N",
                       help="also distil on about N tokens of text sampled from the teacher (default 0)")
-    conv.add_argument("--temperature", type=float, default=1.0, help="stage 2 KL temperature (default 1)")
+    conv.add_argument("--temperature", type=number(0, math.inf, "a temperature > 0", low_open=True), default=1.0,
+                      help="stage 2 KL temperature (default 1)")
     conv.add_argument("--teacher-layers", type=positive_int, default=None,
                       help="use only the teacher's first N layers (quick trials)")
     add_seed(conv)
     add_threads(conv, "torch CPU threads")
     add_device(conv)
     conv.add_argument("--cache-dir", default=None, help="token cache folder (default: hybrid train's)")
-    conv.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+    conv.add_argument("--time-limit", type=number(0, math.inf, "a time > 0", low_open=True), default=None,
+                      metavar="SECONDS",
                       help="stop all stages after this long, with a checkpoint (run again to continue)")
     conv.add_argument("--keep-attention", type=count, default=None, metavar="N",
                       help="choose the plan: --plan is the target (e.g. 'K*30'), and the N converted layers whose "
@@ -118,7 +124,7 @@ def add_convert_scores(commands) -> None:
                      help="also print the plan that keeps the N best layers as attention")
     scs.add_argument("--teacher-layers", type=positive_int, default=None,
                      help="use only the teacher's first N layers (quick trials)")
-    scs.add_argument("--out", help="write the scores as JSON to this file")
+    scs.add_argument("--out", type=output_file, help="write the scores as JSON to this file")
     add_threads(scs, "torch CPU threads")
     add_device(scs)
     scs.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -14,7 +14,7 @@ import time
 import torch
 
 from blocks.kvm import KVMAttention, KVMConfig, slots_after
-from hybrid.cli.options import add_seed, positive_int
+from hybrid.cli.options import add_seed, token_count
 
 D_MODEL, HEADS = 768, 6
 BUDGETS = {
@@ -27,8 +27,8 @@ def add_demo(commands) -> None:
     demo = commands.add_parser("demo", help="stream a long sequence through KVM layers: state size vs context",
                                description="Stream a long random sequence through KVM layers (fixed and "
                                            "16*sqrt(T) budgets) and print their state against a full KV cache.")
-    demo.add_argument("--length", type=positive_int, default=16384, help="tokens to stream (default 16384)")
-    demo.add_argument("--piece", type=positive_int, default=2048, help="tokens per call; each call continues the state")
+    demo.add_argument("--length", type=token_count, default=16384, help="tokens to stream (default 16384)")
+    demo.add_argument("--piece", type=token_count, default=2048, help="tokens per call; each call continues the state")
     add_seed(demo)
     demo.set_defaults(run=_demo)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -17,7 +18,12 @@ from hybrid.cli.options import (
     add_dtype,
     add_seed,
     add_threads,
+    check_output_folder,
+    count,
     default_output_dir,
+    integer,
+    number,
+    output_folder,
     positive_int,
     token_count,
 )
@@ -46,23 +52,25 @@ def add_eval(commands) -> None:
                      help="NIAH styles (RULER S1, S2, S3; default all)")
     evl.add_argument("--contexts", type=token_count, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768],
                      help="NIAH prompt lengths (default 1k 2k 4k 8k 16k 32k)")
-    evl.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+    evl.add_argument("--depths", type=number(0, 1, "a depth in [0, 1]"), nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                      help="NIAH needle depths in the haystack, 0..1 (default 0 0.25 0.5 0.75 1)")
-    evl.add_argument("--samples", type=positive_int, default=1, help="NIAH prompts per style, context and depth")
+    evl.add_argument("--samples", type=integer(1, 1000, "a sample count in [1, 1000]"), default=1,
+                     help="NIAH prompts per style, context and depth")
     evl.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (e.g. a local task)")
-    evl.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or a fraction)")
-    evl.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    evl.add_argument("--limit", type=number(0, math.inf, "a count or fraction > 0", low_open=True), default=None,
+                     help="lm-eval: examples per task (or a fraction)")
+    evl.add_argument("--num-fewshot", type=count, default=None, help="lm-eval: few-shot examples")
     add_seed(evl, "NIAH generator seed (and init seed for a recipe)")
     add_threads(evl, "torch threads (default: torch's; 1 is steadiest on a shared machine)")
-    evl.add_argument("--out", help="output folder (default eval_out/<model>)")
+    evl.add_argument("--out", type=output_folder, help="output folder (default eval_out/<model>)")
     add_device(evl)
     add_dtype(evl)
     evl.set_defaults(run=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
+    out = check_output_folder(Path(args.out) if args.out else default_output_dir("eval_out", args.model))
     _, model, tokenizer = open_model(args.model, args.device, args.dtype, args.seed, sys.stderr)
-    out = Path(args.out) if args.out else default_output_dir("eval_out", args.model)
     with torch.inference_mode():
         if args.tasks:
             return _eval_lm_eval(args, model, tokenizer, out)
@@ -113,8 +121,14 @@ def _eval_lm_eval(args, model, tokenizer, out: Path) -> int:
         from hybrid.evaluation.lm_eval_adapter import HybridEvalLM, run_lm_eval
     except ImportError as err:
         raise UsageError(f"--tasks needs lm-evaluation-harness: pip install 'kvm-hybrid[eval]' ({err})") from None
-    output = run_lm_eval(HybridEvalLM(model=model, tokenizer=tokenizer, prefill_chunk=args.chunk), args.tasks,
-                         args.include_path, args.limit, args.num_fewshot)
+    try:
+        output = run_lm_eval(HybridEvalLM(model=model, tokenizer=tokenizer, prefill_chunk=args.chunk), args.tasks,
+                             args.include_path, args.limit, args.num_fewshot)
+    except KeyError as err:  # lm-eval's answer to a task name it does not know, and only that
+        if "is not a registered task" not in str(err):
+            raise
+        raise UsageError(f"--tasks: {err.args[0]}; `lm-eval ls tasks` lists them, --include-path adds a folder of "
+                         "task YAMLs") from None
     for task, metrics in output["results"].items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float))
                           and not isinstance(v, bool) and k != "sample_len")

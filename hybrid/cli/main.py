@@ -2,9 +2,14 @@
 
 Each command module (``hybrid.cli.models``, ``generate``, ``train``, ``convert``, ``demo``, ``bench``,
 ``evaluate``) declares its commands' parsers and handles them. Handlers stay thin: they parse,
-call the module that does the work, and print. This module puts the parsers together and turns
-the toolkit's own errors (bad recipes, checkpoints, states) into one clear line on stderr and exit
-code 2.
+call the module that does the work, and print.
+
+Errors caused by input never show a traceback. Arguments are range-checked while they are parsed
+(``hybrid.cli.options``: a bad one is one line and exit code 2). Every layer that validates input
+(recipes, checkpoints, states, tokenizers, data, devices, ...) raises a subclass of
+``blocks.errors.InputError`` whose message names the input, the problem and the fix; this module
+prints it as one line on stderr, with exit code 2, as it does for an ``OSError`` (a file that
+cannot be read or written). Any other exception is a bug in the toolkit and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,24 +19,12 @@ import sys
 
 import torch
 
-from blocks.config import ConfigError
-from blocks.registry import UnknownMixerError
-from blocks.state import StateError
-from convert.errors import TeacherError
+from blocks.errors import InputError
 from hybrid import __version__
 from hybrid.cli import bench, convert, demo, evaluate, generate, models, train
-from hybrid.cli.options import UsageError
-from hybrid.formats.checkpoint import CheckpointError
-from hybrid.formats.published import PublishedCheckpointError
-from hybrid.formats.tokenizer import TokenizerError
-from hybrid.model.device import DeviceError
-from hybrid.model.recipe import RecipeError
-from hybrid.training.config import TrainError
-from hybrid.training.data import DataError
+from hybrid.cli.options import Parser
 
-USER_ERRORS = (RecipeError, ConfigError, UnknownMixerError, StateError, CheckpointError, TokenizerError,
-               UsageError, PublishedCheckpointError, FileNotFoundError, DataError, TrainError, TeacherError,
-               DeviceError)
+USER_ERRORS = (InputError, OSError)
 COMMANDS = (models.add_info, models.add_init, generate.add_generate, models.add_import_published, models.add_export_hf,
             train.add_train,
             convert.add_convert, convert.add_convert_scores, convert.add_convert_report, models.add_recipes,
@@ -40,7 +33,7 @@ COMMANDS = (models.add_info, models.add_init, generate.add_generate, models.add_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hybrid", description="Hybrid LRNN + Key-Value Means language models.")
+    parser = Parser(prog="hybrid", description="Hybrid LRNN + Key-Value Means language models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in COMMANDS:
@@ -55,5 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except USER_ERRORS as err:
-        print(f"hybrid {args.command}: error: {err}", file=sys.stderr)
+        print(f"hybrid {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line: its lines joined with '; ' (an OSError: the file and the problem)."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f"{err.filename}: " if err.filename is not None else ""
+        return f"{where}{err.strerror} ({type(err).__name__})"
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())

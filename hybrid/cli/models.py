@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from hybrid.cli.options import add_seed, positive_int, token_count
-from hybrid.model.recipe import RECIPES_DIR, RecipeError, load_recipe
+from hybrid.cli.options import add_seed, integer, output_folder, token_count
+from hybrid.formats.tokenizer import load_tokenizer
+from hybrid.model.recipe import RECIPES_DIR, Recipe, RecipeError, load_recipe
+
+MAX_BATCH = 4096
 
 
 def add_info(commands) -> None:
@@ -19,7 +23,8 @@ def add_info(commands) -> None:
     info.add_argument("recipe", help="recipe file, or a name under recipes/ (see `hybrid recipes`)")
     info.add_argument("--context", type=token_count, nargs="+", default=[1024, 4096, 16384, 32768],
                       help="context lengths to report state bytes at (e.g. 1k 4k 32k)")
-    info.add_argument("--batch", type=positive_int, default=1, help="sequences decoded at once (default 1)")
+    info.add_argument("--batch", type=integer(1, MAX_BATCH, f"a batch size in [1, {MAX_BATCH}]"), default=1,
+                      help="sequences decoded at once (default 1)")
     info.set_defaults(run=_info)
 
 
@@ -27,8 +32,20 @@ def _info(args: argparse.Namespace) -> int:
     from hybrid.model.describe import build_for_info, describe
 
     recipe = load_recipe(args.recipe)
+    check_every_section(recipe)
     print(describe(recipe, build_for_info(recipe), args.context, args.batch))
     return 0
+
+
+def check_every_section(recipe: Recipe) -> None:
+    """What ``hybrid train`` would refuse in a recipe beyond its model: a tokenizer that cannot be
+    loaded or does not fit, and any problem of its ``train:`` section (a misspelt key, a bad value)."""
+    from hybrid.training.config import config_from_recipe
+
+    source = Path(recipe.source)
+    load_tokenizer(recipe.tokenizer, source.parent if source.is_file() else None, vocab_size=recipe.model.vocab_size)
+    if recipe.train:
+        config_from_recipe(recipe)
 
 
 def add_init(commands) -> None:
@@ -36,7 +53,8 @@ def add_init(commands) -> None:
                                description="Build the model a recipe describes with random weights and save it "
                                            "as a checkpoint folder (recipe.yaml, model.safetensors, tokenizer).")
     init.add_argument("recipe", help="recipe file, or a name under recipes/")
-    init.add_argument("out", help="checkpoint folder to write (an existing checkpoint there is replaced)")
+    init.add_argument("out", type=output_folder,
+                      help="checkpoint folder to write (an existing checkpoint there is replaced)")
     add_seed(init)
     init.set_defaults(run=_init)
 
@@ -46,6 +64,7 @@ def _init(args: argparse.Namespace) -> int:
     from hybrid.formats.model_source import build_from_recipe
 
     recipe = load_recipe(args.recipe)
+    check_every_section(recipe)
     model, tokenizer = build_from_recipe(recipe, args.seed)
     print(f"wrote {save_checkpoint(args.out, recipe, model, tokenizer)}")
     return 0
@@ -58,7 +77,7 @@ def add_import_published(commands) -> None:
                                           "config.json or config.yaml + model.safetensors) and save it as a "
                                           "checkpoint folder that generate and train load.")
     imp.add_argument("source", help="published checkpoint folder, or its .safetensors file")
-    imp.add_argument("out", help="checkpoint folder to write")
+    imp.add_argument("out", type=output_folder, help="checkpoint folder to write")
     imp.add_argument("--compat", action="store_true",
                      help="reproduce the published code's bf16 rounding of RoPE cos/sin and KVM state values "
                           "(what the released models were trained with; off: exact fp32 math)")
@@ -82,7 +101,7 @@ def add_export_hf(commands) -> None:
                                           "model.safetensors, tokenizer files and a modeling file that imports the "
                                           "toolkit. See hybrid/hf/export.py.")
     exp.add_argument("checkpoint", help="checkpoint folder, or a training run folder (its newest checkpoint)")
-    exp.add_argument("out", help="folder to write (must not exist, or be empty)")
+    exp.add_argument("out", type=output_folder, help="folder to write (must not exist, or be empty)")
     exp.set_defaults(run=_export_hf)
 
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from hybrid.cli.options import parse_set
+from hybrid.cli.options import output_folder, parse_set
 from hybrid.model.recipe import load_recipe
 
 DIVERGED_EXIT = 3  # `hybrid train` stopped by a NaN/inf loss
@@ -29,7 +29,8 @@ def add_train(commands) -> None:
     trn.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
                      help="override a train: setting, the value read as YAML (repeatable), e.g. "
                           "--set train.lr=3e-4 --set train.data=[corpus.txt]")
-    trn.add_argument("--out", help="output folder (default: train.out_dir, else runs/<recipe name>)")
+    trn.add_argument("--out", type=output_folder,
+                     help="output folder (default: train.out_dir, else runs/<recipe name>)")
     trn.add_argument("--no-resume", action="store_true",
                      help="start from step 0; refuses an output folder that already holds checkpoints")
     trn.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
@@ -70,9 +71,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
     Values are read as YAML (so lists, null and numbers work as in a recipe)."""
     def only_train(path: list[str]) -> str | None:
+        if path[0] in ("model", "tokenizer", "extends"):
+            return (f"only the train: section can be set here; {path[0]}: changes belong in a recipe that extends "
+                    f"this one (a file with 'extends: <this recipe>' and a {path[0]}: section)")
         if path[0] != "train" or len(path) < 2:
-            return (f"only the train: section can be set here: write train.{'.'.join(path)}=... (model changes "
-                    "belong in a recipe that extends this one)")
+            return f"only the train: section can be set here: write train.{'.'.join(path)}=..."
         return None
 
     out: dict[str, Any] = {}

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from hybrid.formats.tokenizer import Tokenizer
 from hybrid.model.model import HybridLM
-from hybrid.training.data import builtin_corpus, find_documents
+from hybrid.training.data import DataError, builtin_corpus, find_documents
 
 HELDOUT_FRACTION = 0.005
 
@@ -127,7 +127,7 @@ def score_documents(model: HybridLM, tokenizer: Tokenizer, texts: Sequence[str],
         if progress is not None:
             progress(i + 1, len(windows))
     if result.count == 0:
-        raise ValueError("the texts hold no token to predict (each document needs at least two tokens)")
+        raise DataError("the texts hold no token to predict: each document needs at least two tokens; give longer texts")
     return result
 
 

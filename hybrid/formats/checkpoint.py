@@ -4,7 +4,8 @@
 
     my-model/
       recipe.yaml          the expanded recipe (explicit layer list, every option): Recipe.to_yaml()
-      model.safetensors    the weights; metadata: format name and version, the model's fingerprint
+      model.safetensors    the weights; metadata: format name and version, the model's fingerprint, the
+                           content hash of the weights and the sha256 of tokenizer.json
       tokenizer.json       only for a file tokenizer (recipe.yaml then says {type: file, path: tokenizer.json})
       config.json          what transformers reads (hybrid.formats.hf_config): with ``import hybrid.hf``,
                            ``AutoModelForCausalLM.from_pretrained(my-model)`` loads the folder
@@ -12,6 +13,14 @@
 Reading never unpickles anything: weights go through safetensors, the recipe through
 ``yaml.safe_load``. Every way a folder can be wrong (missing, truncated, edited, another model's)
 is a ``CheckpointError`` that says what is wrong and where.
+
+Loading checks the weights against the content hash recorded when they were saved
+(``hybrid.formats.integrity``: corrupted bytes are refused, not decoded to NaN), the tokenizer file
+against its recorded sha256 (a swapped ``tokenizer.json`` is refused), and that every weight is
+finite (a NaN or infinity is refused, naming the tensor, unless the caller allows it). The content
+hash is the *identity of the weights*: the loaded model carries it as ``weights_id``, and states
+saved with it record it. A checkpoint written before hashes were recorded still loads: nothing
+then proves its bytes, and its identity is the hash of what was read.
 
 Saving is atomic at the folder level: everything is written into a temporary sibling folder, which
 is then renamed into place. An existing checkpoint is first renamed aside and deleted only once the
@@ -28,12 +37,15 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from blocks.errors import InputError
 from blocks.state import StateError
 from hybrid.formats.atomic import fsync_folder, share, swap_into_place
 from hybrid.formats.hf_config import hf_config, write_hf_config
+from hybrid.formats.integrity import file_sha256, first_nonfinite, short, tensors_sha256
 from hybrid.formats.tokenizer import Tokenizer, TokenizerError, check_fits, load_tokenizer
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import Recipe, RecipeError, load_recipe
@@ -43,9 +55,10 @@ FORMAT = "kvm-hybrid-checkpoint"
 FORMAT_VERSION = 1
 RECIPE_FILE = "recipe.yaml"
 WEIGHTS_FILE = "model.safetensors"
+NO_FILE = "none"  # the tokenizer_sha256 of a tokenizer without a file (bytes)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint folder that cannot be saved or loaded; the message names the file and the problem."""
 
 
@@ -76,9 +89,12 @@ def save_checkpoint(folder: str | Path, recipe: Recipe, model: HybridLM, tokeniz
     try:
         spec = tokenizer.save(tmp)
         (tmp / RECIPE_FILE).write_text(dataclasses.replace(recipe, tokenizer=spec).to_yaml())
-        tensors, aliases = _unique_tensors(model.state_dict())
+        tensors, aliases = unique_tensors(model.state_dict())
         metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                    "model_fingerprint": recipe.model.fingerprint(), "aliases": json.dumps(aliases)}
+                    "model_fingerprint": recipe.model.fingerprint(), "aliases": json.dumps(aliases),
+                    "content_sha256": tensors_sha256(tensors)}
+        has_file = spec.get("type") == "file"
+        metadata["tokenizer_sha256"] = file_sha256(tmp / spec["path"]) if has_file else NO_FILE
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         write_hf_config(tmp, hf_config(recipe.model, tokenizer, next(iter(tensors.values())).dtype))
         share(tmp)
@@ -90,7 +106,7 @@ def save_checkpoint(folder: str | Path, recipe: Recipe, model: HybridLM, tokeniz
     return folder
 
 
-def _unique_tensors(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+def unique_tensors(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Drop names that share memory with an earlier one (tied weights: safetensors refuses shared
     tensors). Returns (tensors to store, {dropped name: stored name})."""
     tensors: dict[str, Tensor] = {}
@@ -112,11 +128,13 @@ def _is_checkpoint(folder: Path) -> bool:
 
 # ----------------------------------------------------------------------------- load
 
-def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-                    ) -> tuple[Recipe, HybridLM, Tokenizer]:
+def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                    allow_nonfinite: bool = False) -> tuple[Recipe, HybridLM, Tokenizer]:
     """(recipe, model in eval mode, tokenizer) from a checkpoint folder.
 
     ``dtype`` None keeps the dtype the weights were saved in; otherwise floating weights are cast.
+    The model's ``weights_id`` is the content hash of the weights (see the module docstring).
+    ``allow_nonfinite``: load weights that hold NaN or infinite values instead of refusing them.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -130,22 +148,8 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
         recipe = load_recipe(recipe_path)
     except RecipeError as err:
         raise CheckpointError(f"{recipe_path} is not a valid recipe: {err}") from None
-    try:
-        metadata, tensors = read_safetensors(folder / WEIGHTS_FILE, what="weights")
-    except StateError as err:
-        raise CheckpointError(str(err)) from None
     weights = folder / WEIGHTS_FILE
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{weights} is not a kvm-hybrid checkpoint's weights (format {metadata.get('format')!r})")
-    if metadata.get("format_version") != str(FORMAT_VERSION):
-        raise CheckpointError(f"{weights}: checkpoint format version {metadata.get('format_version')} is not "
-                              f"supported (this toolkit reads version {FORMAT_VERSION})")
-    try:
-        aliases = json.loads(metadata.get("aliases", "{}"))
-        for alias, source in aliases.items():
-            tensors[alias] = tensors[source]
-    except (ValueError, KeyError, AttributeError) as err:
-        raise CheckpointError(f"{weights}: unreadable 'aliases' metadata ({err!r})") from None
+    metadata, tensors, content = _read_weights(weights)
 
     model = HybridLM(recipe.model)
     saved_fingerprint = metadata.get("model_fingerprint")
@@ -160,15 +164,83 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
                               f"describes {fingerprint} (the shapes fit, an option differs: was {RECIPE_FILE} "
                               "edited?). Restore the saved recipe, or build HybridLM from your recipe and "
                               "load the weights into it yourself if the change is intended")
+    bad = None if allow_nonfinite else first_nonfinite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"{weights}: the weight {bad} holds NaN or infinite values (saved from a diverged "
+                              "run?); use an earlier checkpoint, or allow it on purpose (hybrid generate "
+                              "--allow-nonfinite-weights)")
     model.load_state_dict(tensors, assign=True)  # assign: keep the saved dtype, no copy
     model.to(device=device, dtype=dtype)
     model.eval()
+    model.weights_id = content
 
+    _check_tokenizer_file(folder, recipe, metadata)
     try:
         tokenizer = load_tokenizer(recipe.tokenizer, folder, vocab_size=recipe.model.vocab_size)
     except TokenizerError as err:
         raise CheckpointError(f"{folder}: {err}") from None
     return recipe, model, tokenizer
+
+
+def _read_weights(weights: Path) -> tuple[dict[str, str], dict[str, Tensor], str]:
+    """(metadata, tensors with the tied aliases filled in, content hash) of a checkpoint's weights
+    file, checked for format and against the content hash recorded in it (when there is one)."""
+    try:
+        metadata, tensors = read_safetensors(weights, what="weights")
+    except StateError as err:
+        raise CheckpointError(str(err)) from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{weights} is not a kvm-hybrid checkpoint's weights (format {metadata.get('format')!r})")
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise CheckpointError(f"{weights}: checkpoint format version {metadata.get('format_version')} is not "
+                              f"supported (this toolkit reads version {FORMAT_VERSION})")
+    content = tensors_sha256(tensors)
+    recorded = metadata.get("content_sha256")
+    if recorded is not None and recorded != content:
+        raise CheckpointError(f"{weights}: the weights do not match the content hash recorded when they were saved "
+                              f"({short(recorded)} recorded, {short(content)} read): the file is corrupted or was "
+                              "edited; restore it from where it came from, or use another checkpoint")
+    try:
+        aliases = json.loads(metadata.get("aliases", "{}"))
+        for alias, source in aliases.items():
+            tensors[alias] = tensors[source]
+    except (ValueError, KeyError, AttributeError, TypeError) as err:
+        raise CheckpointError(f"{weights}: unreadable 'aliases' metadata ({err!r})") from None
+    return metadata, tensors, content
+
+
+def _check_tokenizer_file(folder: Path, recipe: Recipe, metadata: dict[str, str]) -> None:
+    """Refuse a tokenizer other than the one the checkpoint was saved with (a file by its sha256)."""
+    recorded = metadata.get("tokenizer_sha256")
+    if recorded is None:
+        return
+    has_file = recipe.tokenizer.get("type") == "file"
+    if has_file != (recorded != NO_FILE):
+        kinds = ("the byte tokenizer", "a tokenizer file")
+        raise CheckpointError(f"{folder / RECIPE_FILE} names {kinds[has_file]}, but the checkpoint was saved with "
+                              f"{kinds[not has_file]}: restore {RECIPE_FILE}")
+    if not has_file:
+        return
+    path = folder / recipe.tokenizer["path"]
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: its tokenizer file {path} is missing")
+    actual = file_sha256(path)
+    if actual != recorded:
+        raise CheckpointError(f"{path} is not the tokenizer this checkpoint was saved with (sha256 {short(recorded)} "
+                              f"recorded, {short(actual)} found): put its own tokenizer back")
+
+
+def recorded_weights_id(folder: Path) -> str | None:
+    """The content hash recorded in a checkpoint folder's weights file (its header only is read)."""
+    with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as f:
+        return (f.metadata() or {}).get("content_sha256")
+
+
+def weights_identity(model: HybridLM) -> str:
+    """``model.weights_id``, set first (the content hash of its weights as they are now) if it is not."""
+    if model.weights_id is None:
+        model.weights_id = tensors_sha256(unique_tensors(model.state_dict())[0])
+    return model.weights_id
 
 
 def _mismatches(saved: dict[str, Tensor], expected: dict[str, Tensor], limit: int = 8) -> list[str]:

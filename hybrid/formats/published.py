@@ -64,6 +64,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from blocks.errors import InputError
 from blocks.registry import get_mixer
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import Recipe, RecipeError, recipe_from_dict
@@ -72,7 +73,7 @@ PUBLISHED_COMMIT = "1932b9ca449c99be1067a6014c72892e377563ab"
 MODEL_CLASS_PATH = "model.rwkv7_backbone.RWKV7BackboneForCausalLM"
 
 
-class PublishedCheckpointError(ValueError):
+class PublishedCheckpointError(InputError):
     """A published checkpoint or config this loader cannot reproduce; the message names the field or
     weight and what to do."""
 

@@ -25,12 +25,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
 
+from blocks.errors import InputError
+
 REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) a whole character
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
 """Special tokens taken as end-of-sequence, in this order, when the recipe names none."""
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """A tokenizer that cannot be loaded or does not fit the model; the message says why and the fix."""
 
 
@@ -205,22 +207,11 @@ def load_tokenizer(spec: dict, folder: str | Path | None = None, vocab_size: int
     None: the current directory). ``vocab_size``: the model's; a tokenizer with more ids than the
     model has embeddings is an error.
     """
-    if not isinstance(spec, dict) or "type" not in spec:
-        raise TokenizerError(f"tokenizer: must be a mapping like {{type: bytes}} or "
-                             f"{{type: file, path: tokenizer.json}}, got {spec!r}")
+    check_spec(spec)
     kind = spec["type"]
-    keys = {"bytes": {"type"}, "file": {"type", "path", "eos"}}
-    if kind not in keys:
-        raise TokenizerError(f"tokenizer.type: {kind!r} is not a tokenizer type (use 'bytes' or 'file')")
-    unknown = sorted(set(spec) - keys[kind])
-    if unknown:
-        raise TokenizerError(f"tokenizer.{unknown[0]}: unknown key for a {kind!r} tokenizer "
-                             f"(valid keys: {', '.join(sorted(keys[kind]))})")
     if kind == "bytes":
         tokenizer: Tokenizer = ByteTokenizer()
     else:
-        if not isinstance(spec.get("path"), str):
-            raise TokenizerError("tokenizer.path: a 'file' tokenizer needs the path of its tokenizer.json")
         path = Path(spec["path"])
         if not path.is_absolute() and folder is not None:
             path = Path(folder) / path
@@ -228,6 +219,27 @@ def load_tokenizer(spec: dict, folder: str | Path | None = None, vocab_size: int
     if vocab_size is not None:
         check_fits(tokenizer, vocab_size)
     return tokenizer
+
+
+def check_spec(spec: object) -> None:
+    """Raise ``TokenizerError`` unless ``spec`` is a valid ``tokenizer:`` section (its keys and their
+    types; whether a file exists is ``load_tokenizer``'s to find)."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise TokenizerError(f"tokenizer: must be a mapping like {{type: bytes}} or "
+                             f"{{type: file, path: tokenizer.json}}, got {str(spec)[:60]}")
+    kind = spec["type"]
+    keys = {"bytes": {"type"}, "file": {"type", "path", "eos"}}
+    if not isinstance(kind, str) or kind not in keys:
+        raise TokenizerError(f"tokenizer.type: {str(kind)[:60]!r} is not a tokenizer type (use 'bytes' or 'file')")
+    unknown = sorted(map(str, set(spec) - keys[kind]))
+    if unknown:
+        raise TokenizerError(f"tokenizer.{unknown[0]}: unknown key for a {kind!r} tokenizer "
+                             f"(valid keys: {', '.join(sorted(keys[kind]))})")
+    path = spec.get("path")
+    if kind == "file" and not (isinstance(path, str) and path.strip() and "\0" not in path):
+        raise TokenizerError("tokenizer.path: a 'file' tokenizer needs the path of its tokenizer.json")
+    if not isinstance(spec.get("eos", ""), str):
+        raise TokenizerError(f"tokenizer.eos: must be the text of the end-of-sequence token, got {spec['eos']!r}")
 
 
 def check_fits(tokenizer: Tokenizer, vocab_size: int) -> None:

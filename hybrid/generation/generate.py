@@ -5,6 +5,9 @@ prompt, a decode step is that call on one token per row. Nothing pads: a state h
 number of tokens in every row (``ModelState.seq_len``), and padding fed into a recurrent or KVM
 state would change it for good. Prompts of different lengths are therefore batched by *teacher
 forcing* (see ``generate``), which keeps every row's state exactly what that prompt alone gives.
+
+Logits that become NaN or infinite (broken weights, a corrupted state) stop generation with a
+``GenerationError`` naming the step, instead of sampling garbage from them.
 """
 
 from __future__ import annotations
@@ -16,8 +19,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from blocks.errors import InputError
 from hybrid.model.model import HybridLM
 from hybrid.model.state import ModelState
+
+
+class GenerationError(InputError):
+    """Generation cannot go on: the model's logits became NaN or infinite (the message says where)."""
+
 
 # ----------------------------------------------------------------------------- prefill
 
@@ -57,6 +66,8 @@ class SamplingConfig:
     top_p (1.0: all). Ties are broken towards the lower id everywhere, so top_k=1 and a tiny top_p
     are exactly greedy. A row ends after ``max_new_tokens`` or when it emits one of ``stop_tokens``
     (the stop token is kept in its output). ``seed``: a fixed seed makes sampling reproducible.
+    ``vocab_limit``: only ids below it are chosen (a tokenizer with fewer ids than the model's padded
+    vocabulary: the ids beyond it decode to no text).
     """
 
     temperature: float = 1.0
@@ -65,6 +76,7 @@ class SamplingConfig:
     max_new_tokens: int = 64
     stop_tokens: tuple[int, ...] = ()
     seed: int | None = None
+    vocab_limit: int | None = None
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -75,15 +87,22 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.vocab_limit is not None and self.vocab_limit < 1:
+            raise ValueError(f"vocab_limit must be >= 1 or None, got {self.vocab_limit}")
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
 
 
 def sample(logits: Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> Tensor:
     """logits (B, vocab) -> token ids (B,) drawn as ``config`` says (computed in fp32)."""
+    if config.vocab_limit is not None:
+        logits = logits[:, :config.vocab_limit]  # the same ids, without those beyond the limit
     if config.temperature == 0:
         return logits.argmax(dim=-1)  # the first maximum: ties go to the lower id
+    scaled = logits.float() / config.temperature
+    if not torch.isfinite(scaled).all():  # a temperature so small that logits overflow: shift them to <= 0 first
+        scaled = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / config.temperature
     # Sort once (stable, so equal logits keep id order) and filter in sorted order.
-    sorted_logits, order = torch.sort(logits.float() / config.temperature, dim=-1, descending=True, stable=True)
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
     if config.top_k is not None and config.top_k < sorted_logits.shape[-1]:
         sorted_logits[:, config.top_k:] = float("-inf")
     probs = sorted_logits.softmax(dim=-1)  # (B, vocab), renormalised over the top-k
@@ -212,6 +231,7 @@ def _decode(model: HybridLM, prompts: list[list[int]], common: int, logits: Tens
             sampling = [keep.index(j) for j in sampling]
             rows, state, logits = [rows[j] for j in keep], state.select(keep), logits[keep]
         if sampling:
+            _require_finite(logits[sampling], [rows[j] for j in sampling], out, steps)
             for j, token in zip(sampling, sample(logits[sampling], config, generator).tolist()):
                 out[rows[j]].append(token)
                 if on_token is not None:
@@ -223,6 +243,17 @@ def _decode(model: HybridLM, prompts: list[list[int]], common: int, logits: Tens
         for i in rows:
             fed[i] += 1
         steps += 1
+
+
+def _require_finite(logits: Tensor, rows: list[int], out: list[list[int]], steps: int) -> None:
+    """Raise ``GenerationError`` when a row's logits (B, vocab) hold a NaN or an infinity."""
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    if all(finite):
+        return
+    row = rows[finite.index(False)]
+    raise GenerationError(f"the logits became NaN or infinite at new token {len(out[row]) + 1} of prompt {row + 1} "
+                          f"(decode step {steps}): the weights, or the state being continued, give non-finite "
+                          "values; generation stopped there. Check the checkpoint (a diverged run?) and the state")
 
 
 def synchronize(device: torch.device) -> None:

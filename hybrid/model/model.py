@@ -82,6 +82,7 @@ class HybridLM(nn.Module):
         self.final_norm = make_norm(config.block, d)
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
         self._value_groups = _value_residual_sources(self.blocks)
+        self.weights_id: str | None = None  # the content hash of the weights when known (hybrid.formats.checkpoint)
         self.reset_parameters()
 
     # ------------------------------------------------------------------------- init

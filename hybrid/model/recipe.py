@@ -22,7 +22,11 @@ or bracket, or a bracketed group), spaces separate groups: ``"GGGK*3"``, ``"A K*
 another recipe and deep-merges this one over it; a key set to ``null`` resets it to its default.
 
 Every value is type- and range-checked; a problem raises ``RecipeError`` naming the file, the YAML
-path and the fix, with a did-you-mean for misspelt keys and mixers.
+path and the fix, with a did-you-mean for misspelt keys and mixers. Beyond each option's own rules,
+every number is checked where it is read: a float is finite (unless its default is infinite, like
+Mamba2's ``dt_limit``), an integer fits in 64 bits and is never negative, and the sizes the model
+would need are checked before anything is allocated (``hybrid.model.limits``). A key written twice
+in one mapping is an error naming both lines (``hybrid.formats.text_files``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -40,7 +45,11 @@ from typing import Any
 import yaml
 
 from blocks.config import ConfigError, require, require_choice, require_positive
+from blocks.errors import InputError
 from blocks.registry import UnknownMixerError, get_mixer
+from hybrid.formats.text_files import TextFileError, read_yaml_file
+from hybrid.formats.tokenizer import TokenizerError, check_spec
+from hybrid.model.limits import MAX_LAYERS, check_model_size
 
 
 def shipped_recipes_dir() -> Path:
@@ -58,7 +67,7 @@ INITS = ("kvm_paper", "normal")
 TOP_LEVEL_KEYS = ("extends", "model", "tokenizer", "train")
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe that cannot be used; the message names the file, the YAML path and the fix."""
 
 
@@ -162,6 +171,10 @@ def load_recipe(path: str | Path) -> Recipe:
 def resolve_recipe_path(path: str | Path, relative_to: Path | None = None) -> Path:
     """A recipe path as given, relative to the extending recipe, or under ``recipes/`` (``.yaml`` optional)."""
     text = str(path)
+    where = f"{relative_to}: extends: " if relative_to is not None else ""
+    if not text.strip() or "\0" in text:
+        raise RecipeError(f"{where}{_shown(text)} is not a recipe path or name: name a recipe file, or one under "
+                          f"{RECIPES_DIR} (see `hybrid recipes`)")
     candidates = [Path(text)]
     if relative_to is not None:
         candidates.insert(0, relative_to.parent / text)
@@ -170,21 +183,24 @@ def resolve_recipe_path(path: str | Path, relative_to: Path | None = None) -> Pa
         if candidate.suffix not in (".yaml", ".yml"):
             candidates.append(candidate.with_name(candidate.name + ".yaml"))
     for candidate in candidates:
-        if candidate.is_file():
-            return candidate.resolve()
+        try:
+            if candidate.is_file():
+                return candidate.resolve()
+        except OSError:  # a name too long for the file system, a folder we may not read
+            continue
     known = sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
     close = difflib.get_close_matches(text.removesuffix(".yaml"), known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise RecipeError(f"recipe {text!r} not found (looked in the current directory"
+    raise RecipeError(f"{where}recipe {_shown(text)} not found (looked in the current directory"
                       f"{', next to the extending recipe' if relative_to else ''} and in {RECIPES_DIR}).{hint} "
                       f"Shipped recipes: {', '.join(known) or 'none'}")
 
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        data = read_yaml_file(path)
+    except TextFileError as err:
+        raise RecipeError(str(err)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -201,7 +217,7 @@ def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> dict:
     if parent is None:
         return data
     if not isinstance(parent, str):
-        raise RecipeError(f"{path}: extends: must be a recipe path or name, got {parent!r}")
+        raise RecipeError(f"{path}: extends: must be a recipe path or name, got {_shown(parent)}")
     base = _read_with_extends(resolve_recipe_path(parent, relative_to=path), (*seen, path))
     return deep_merge(base, data)
 
@@ -233,12 +249,11 @@ def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
             raise ConfigError("model", "missing: a recipe needs a 'model:' section")
         model = model_from_dict(data["model"])
         tokenizer = data.get("tokenizer") or {"type": "bytes"}
-        if not isinstance(tokenizer, dict):
-            raise ConfigError("tokenizer", f"must be a mapping like {{type: bytes}}, got {tokenizer!r}")
+        check_spec(tokenizer)
         train = data.get("train") or {}
         if not isinstance(train, dict):
             raise ConfigError("train", f"must be a mapping, got {type(train).__name__}")
-    except (ConfigError, UnknownMixerError) as err:
+    except (ConfigError, UnknownMixerError, TokenizerError) as err:
         raise RecipeError(f"{where}{err}") from None
     return Recipe(model, tokenizer, train, source)
 
@@ -272,7 +287,14 @@ def model_from_dict(data: Any) -> ModelConfig:
         entry = mixers[name]
         built[name] = LayerConfig(name, entry.mixer, build_dataclass(
             get_mixer(entry.mixer).config_cls, entry.options, f"model.mixers.{name}."))
-    return ModelConfig(layers=tuple(built[n] for n in names), block=block, **dataclasses.asdict(head))
+    config = ModelConfig(layers=tuple(built[n] for n in names), block=block, **dataclasses.asdict(head))
+    first_rwkv7 = next((layer for layer in config.layers if layer.mixer == "rwkv7"), None)
+    if first_rwkv7 is not None and first_rwkv7.options.v_first_source is False:
+        raise ConfigError(f"model.mixers.{first_rwkv7.name}.v_first_source",
+                          "the first RWKV-7 layer starts the v_first stream that later ones mix towards: set it "
+                          "true, or null (the first one starts it)")
+    check_model_size(config)
+    return config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,6 +311,7 @@ class _ModelScalars:
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers"):
             require_positive(name, getattr(self, name))
+        require(self.n_layers <= MAX_LAYERS, "n_layers", f"must be at most {MAX_LAYERS}, got {self.n_layers}")
         require(self.logit_softcap is None or self.logit_softcap > 0, "logit_softcap",
                 f"must be > 0 or null, got {self.logit_softcap}")
         require_choice("init", self.init, INITS)
@@ -310,9 +333,12 @@ def _mixer_table(data: Any) -> dict[str, _MixerEntry]:
     table: dict[str, _MixerEntry] = {}
     for name, options in data.items():
         path = f"model.mixers.{name}"
+        if not isinstance(name, str):
+            raise ConfigError(path, f"a mixer entry is named by text (a mixer like 'kvm', or a name of your own "
+                                    f"with 'type: <mixer>'), got the {type(name).__name__} {name!r}: quote it")
         options = dict(options or {}) if isinstance(options, dict | None) else None
         if options is None:
-            raise ConfigError(path, f"must be a mapping of options, got {data[name]!r}")
+            raise ConfigError(path, f"must be a mapping of options, got {_shown(data[name])}")
         is_alias = "type" in options
         spec_name = options.pop("type", name)
         try:
@@ -322,7 +348,7 @@ def _mixer_table(data: Any) -> dict[str, _MixerEntry]:
             raise ConfigError(f"{path}{'.type' if is_alias else ''}", f"{err}{fix}") from None
         symbol = options.pop("symbol", spec.symbol)
         if not (isinstance(symbol, str) and len(symbol) == 1 and symbol.isalpha()):
-            raise ConfigError(f"{path}.symbol", f"must be one letter, got {symbol!r}")
+            raise ConfigError(f"{path}.symbol", f"must be one letter, got {_shown(symbol)}")
         table[str(name)] = _MixerEntry(spec_name, options, symbol)
     return table
 
@@ -365,7 +391,8 @@ def expand_layers(layers: Any, mixers: dict[str, _MixerEntry], path: str) -> lis
                 raise ConfigError(f"{path}[{i}]", f"{item!r} is not a mixer of this recipe.{hint} "
                                                   f"Configured: {', '.join(mixers)}")
         return names
-    raise ConfigError(path, f"must be a pattern string like 'GGGK*3' or a non-empty list of mixer names, got {layers!r}")
+    raise ConfigError(path, "must be a pattern string like 'GGGK*3' or a non-empty list of mixer names, "
+                            f"got {_shown(layers)}")
 
 
 def expand_pattern(pattern: str, path: str = "pattern") -> list[str]:
@@ -375,7 +402,7 @@ def expand_pattern(pattern: str, path: str = "pattern") -> list[str]:
     pos = 0
 
     def fail(message: str) -> ConfigError:
-        return ConfigError(path, f"bad pattern {pattern!r} at position {pos}: {message}")
+        return ConfigError(path, f"bad pattern {_shown(pattern)} at position {pos}: {message}")
 
     def skip_spaces() -> None:
         nonlocal pos
@@ -409,10 +436,16 @@ def expand_pattern(pattern: str, path: str = "pattern") -> list[str]:
                 begin = pos
                 while pos < len(pattern) and pattern[pos].isdigit():
                     pos += 1
-                if begin == pos or int(pattern[begin:pos]) < 1:
+                digits = pattern[begin:pos].lstrip("0")
+                repeat = int(digits or "0") if len(digits) <= 9 else MAX_LAYERS + 1  # more digits: too many
+                if begin == pos or repeat < 1:
                     raise fail("'*' must be followed by a repeat count >= 1")
-                group = group * int(pattern[begin:pos])
+                if len(out) + len(group) * repeat > MAX_LAYERS:
+                    raise fail(f"'*{pattern[begin:pos]}' makes more than the {MAX_LAYERS} layers a model may have")
+                group = group * repeat
             out.extend(group)
+            if len(out) > MAX_LAYERS:
+                raise fail(f"more than the {MAX_LAYERS} layers a model may have")
 
     letters = sequence(0)
     if pos != len(pattern):
@@ -442,17 +475,45 @@ def _check_keys(data: dict, valid: tuple[str, ...] | list[str], prefix: str) -> 
 def build_dataclass(cls: type, data: Any, prefix: str):
     """``cls(**data)`` with strict keys and types; errors become ``ConfigError`` with the YAML path."""
     if not isinstance(data, dict):
-        raise ConfigError(prefix.rstrip("."), f"must be a mapping of options, got {data!r}")
+        raise ConfigError(prefix.rstrip("."), f"must be a mapping of options, got {_shown(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     _check_keys(data, list(fields), prefix)
     hints = typing.get_type_hints(cls)
-    values = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
+    values = {name: _coerce(value, hints[name], f"{prefix}{name}", _infinite_default(fields[name]))
+              for name, value in data.items()}
     try:
-        return cls(**values)
+        built = cls(**values)
     except ConfigError as err:
         raise ConfigError(f"{prefix}{err.field}", err.reason) from None
     except TypeError as err:  # a required option is missing
         raise ConfigError(prefix.rstrip("."), str(err).split(".__init__() ")[-1]) from None
+    for name, value in values.items():  # after the class's own rules, whose messages say more
+        _require_not_negative(value, f"{prefix}{name}")
+    return built
+
+
+INT64 = 2 ** 63
+
+
+def _infinite_default(field: dataclasses.Field) -> bool:
+    """Whether a field's default is or holds an infinite float (then so may its value)."""
+    default = field.default if isinstance(field.default, tuple) else (field.default,)
+    return any(isinstance(v, float) and math.isinf(v) for v in default)
+
+
+def _require_not_negative(value: Any, path: str) -> None:
+    """Integers in a recipe are counts, sizes, lengths and seeds: never negative."""
+    if isinstance(value, tuple):
+        for i, item in enumerate(value):
+            _require_not_negative(item, f"{path}[{i}]")
+    elif isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        raise ConfigError(path, f"must be >= 0, got {value}")
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut short for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _union_members(hint: Any) -> tuple:
@@ -462,8 +523,9 @@ def _union_members(hint: Any) -> tuple:
     return (hint,)
 
 
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    """Check ``value`` against a field annotation (int, float, bool, str, X | None, tuples)."""
+def _coerce(value: Any, hint: Any, path: str, infinite_ok: bool = False) -> Any:
+    """Check ``value`` against a field annotation (int, float, bool, str, X | None, tuples). Integers
+    must fit in 64 bits; floats must be finite unless ``infinite_ok``."""
     options = _union_members(hint)
     if value is None:
         if type(None) in options:
@@ -473,21 +535,26 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         if option is bool and isinstance(value, bool):
             return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):
+            if not -INT64 <= value < INT64:
+                raise ConfigError(path, f"{_shown(value)} does not fit in 64 bits")
             return value
         if option is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            number = float(value) if isinstance(value, float) or abs(value) < 2 ** 1023 else math.inf  # a huge int
+            if math.isnan(number) or (math.isinf(number) and not infinite_ok):
+                raise ConfigError(path, f"must be a finite number, got {_shown(value)}")
+            return number
         if option is str and isinstance(value, str):
             return value
         if typing.get_origin(option) is tuple and isinstance(value, list | tuple):
             items = typing.get_args(option)
             if items and items[-1] is not Ellipsis and len(items) != len(value):
-                raise ConfigError(path, f"must be a list of {len(items)} values, got {list(value)!r}")
+                raise ConfigError(path, f"must be a list of {len(items)} values, got {_shown(list(value))}")
             kinds = [items[0]] * len(value) if items[-1:] == (Ellipsis,) else items or [Any] * len(value)
-            return tuple(_coerce(v, k, f"{path}[{i}]") for i, (v, k) in enumerate(zip(value, kinds)))
+            return tuple(_coerce(v, k, f"{path}[{i}]", infinite_ok) for i, (v, k) in enumerate(zip(value, kinds)))
         if option is Any:
             return value
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
-    raise ConfigError(path, f"must be {wanted}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(path, f"must be {wanted}, got {_shown(value)} ({type(value).__name__})")
 
 
 # ----------------------------------------------------------------------------- back to plain data

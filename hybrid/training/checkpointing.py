@@ -7,6 +7,12 @@ uninterrupted run bitwise. The recipe's model and tokenizer must be those of the
 settings that define the data stream (``DATA_STREAM_FIELDS``) must not change; other settings may
 (a lower lr after a divergence, more steps), and the run says which changed.
 
+The trainer files prove their own bytes: ``trainer.safetensors`` records the content hash of its
+tensors, ``trainer.json`` the hash of its own contents and the content hash of the step's weights
+(``hybrid.formats.integrity``). Resuming refuses a step folder whose files were corrupted or edited,
+or whose ``model.safetensors`` is not the one its trainer state was saved with (another step's).
+Folders written before these hashes were recorded still resume, unchecked.
+
 A fresh run starts from the recipe's random initialisation, or from the weights of a checkpoint
 folder (``init_from``: fine-tuning, e.g. a model ``hybrid convert`` wrote; ``load_initial_weights``);
 a resumed run ignores it.
@@ -28,7 +34,8 @@ from torch import Tensor, nn
 
 from blocks.state import StateError
 from hybrid.formats.atomic import fsync_folder, save_safetensors, swap_into_place, write_text
-from hybrid.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hybrid.formats.checkpoint import CheckpointError, load_checkpoint, recorded_weights_id, save_checkpoint
+from hybrid.formats.integrity import json_sha256, short, tensors_sha256
 from hybrid.formats.run_folder import (
     LATEST_FILE,
     TRAINER_JSON,
@@ -74,13 +81,15 @@ def save_training_checkpoint(out_dir: Path, step: int, recipe: Recipe, config: T
     save_checkpoint(staging, dataclasses.replace(recipe, train=config.to_dict()), whole, tokenizer)
     tensors.update(_rng_tensors())
     save_safetensors(tensors, staging / TRAINER_TENSORS,
-                     {"format": TRAINER_FORMAT, "format_version": str(TRAINER_VERSION)})
+                     {"format": TRAINER_FORMAT, "format_version": str(TRAINER_VERSION),
+                      "content_sha256": tensors_sha256(tensors)})
     info = {"format": TRAINER_FORMAT, "format_version": TRAINER_VERSION, "step": step,
             "data_position": {"next_batch": step, "seed": config.seed},
             "scheduler": {"schedule": config.schedule, "next_step": step, "next_lr": lr_at(step, config)},
             "tokens_seen": step * config.tokens_per_step, **extra, "optimizer": structure,
             "config": config.to_dict(), "model_fingerprint": recipe.model.fingerprint(),
-            "tokenizer": tokenizer_fingerprint(tokenizer)}
+            "tokenizer": tokenizer_fingerprint(tokenizer), "weights_sha256": recorded_weights_id(staging)}
+    info["content_sha256"] = json_sha256(info, without="content_sha256")
     (staging / TRAINER_JSON).write_text(json.dumps(info, indent=1) + "\n")
     fsync_folder(staging)
     swap_into_place(staging, folder)
@@ -102,7 +111,7 @@ def resume_weights(folder: Path, recipe: Recipe, config: TrainConfig, tokenizer:
     the trainer state that ``resume_trainer`` puts back once the optimizer exists."""
     saved = _read_trainer_files(folder)
     _check_compatible(folder, saved["info"], recipe, config, tokenizer, say)
-    _load_model_weights(folder, model)
+    _load_model_weights(folder, model, saved["info"].get("weights_sha256"))
     return saved
 
 
@@ -185,6 +194,9 @@ def _read_trainer_files(folder: Path) -> dict:
     except (OSError, ValueError, TypeError) as err:
         raise TrainError(f"{path} is not readable (corrupt?): {err}. Delete {folder} to resume from the "
                          "checkpoint before it") from None
+    if "content_sha256" in info and info["content_sha256"] != json_sha256(info, without="content_sha256"):
+        raise TrainError(f"{path}: its contents do not match the hash recorded in it (corrupted or edited). "
+                         f"Delete {folder} to resume from the checkpoint before it")
     if info.get("format") != TRAINER_FORMAT or info.get("format_version") != TRAINER_VERSION:
         raise TrainError(f"{path}: not a trainer state this version reads (format {info.get('format')!r} "
                          f"version {info.get('format_version')!r}; expected {TRAINER_FORMAT!r} {TRAINER_VERSION})")
@@ -199,6 +211,10 @@ def _read_trainer_files(folder: Path) -> dict:
         raise TrainError(f"{err}. Delete {folder} to resume from the checkpoint before it") from None
     if metadata.get("format") != TRAINER_FORMAT or "rng.torch" not in tensors:
         raise TrainError(f"{folder / TRAINER_TENSORS} is not a trainer state (format {metadata.get('format')!r})")
+    recorded = metadata.get("content_sha256")
+    if recorded is not None and recorded != tensors_sha256(tensors):
+        raise TrainError(f"{folder / TRAINER_TENSORS}: its contents do not match the hash recorded when it was saved "
+                         f"(corrupted or edited). Delete {folder} to resume from the checkpoint before it")
     return {"info": info, "tensors": tensors}
 
 
@@ -241,12 +257,19 @@ def _differences(old: Any, new: Any, prefix: str) -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')} {old!r} in the checkpoint, {new!r} now"]
 
 
-def _load_model_weights(folder: Path, model: HybridLM) -> None:
+def _load_model_weights(folder: Path, model: HybridLM, expected: str | None) -> None:
+    """Load the step's weights into ``model``; ``expected``: the weights' content hash that trainer.json
+    recorded (None in folders written before it was recorded)."""
     try:
         _, saved, _ = load_checkpoint(folder)
     except CheckpointError as err:
         raise TrainError(f"cannot resume from {folder}: {err}. Delete it to resume from the checkpoint "
                          "before it") from None
+    if expected is not None and saved.weights_id != expected:
+        raise TrainError(f"cannot resume from {folder}: its model.safetensors (weights {short(saved.weights_id)}) is "
+                         f"not the one its trainer state was saved with (weights {short(expected)}): replaced by "
+                         f"another step's? Put its own back, or delete {folder} to resume from the checkpoint "
+                         "before it")
     model.load_state_dict(saved.state_dict())
 
 

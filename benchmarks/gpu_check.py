@@ -12,9 +12,12 @@ compared with the same layer, same weights and same inputs, run in fp64 on the C
 torch path: outputs, continuation outputs, the final state's tensors, the input's and every
 parameter's gradient. The device side runs ``backend: fla`` on CUDA; on a CPU it can only run the
 torch path (fla's kernels need CUDA), in the check's dtype, so a CPU run checks the script and the
-torch path's precision, not fla's kernels. KVM is checked twice: with autograd (the training route)
-and without (the inference route: on CUDA the same exact route with in-place slot buffers, on a CPU
-the fused C kernels), each against the fp64 CPU layer with autograd.
+torch path's precision, not fla's kernels. KVM is checked twice, each time against the fp64 CPU
+layer with autograd: with autograd (the training route, ``blocks/kvm/autograd.py``) and without (the
+inference route). ``blocks.kvm.runner.runner_for`` picks the inference route's runner: on CUDA the
+PyTorch ``InferenceRunner`` (``blocks/kvm/inference.py``: slots updated in place, every chunk an
+exact tile), on a CPU the fused C kernels (``blocks/kvm/native.py``), or the PyTorch runner with its
+split read where they are not built.
 
 The error of a tensor is ``|device - reference| / |reference|`` (Frobenius norms: a relative RMS
 error); a check's error is its worst tensor's. Tolerances: ``TOLERANCE`` (fp32 5e-3: fla's kernels
@@ -24,12 +27,12 @@ matmul, and KVM's discrete routing may send a near-tie to another slot).
 **(b) Training and prefill speed.** Tokens per second of a training step (forward, backward, AdamW;
 batch 1, bf16 autocast) of the 120M all-KVM recipe (``paper/120m/kvm_fixed256``) and the GLA + KVM
 hybrid (``hybrids/gla_kvm``) against the full-attention model of the same size
-(``hybrid.evaluation.bench.full_attention_config``: causal SDPA, flash on CUDA) at 4k and 16k tokens; and the
-seconds of a prefill (one forward without autograd, bf16 weights) at 32k.
+(``hybrid.evaluation.bench.full_attention_config``: causal SDPA, flash on CUDA) at 4k and 16k
+tokens; and the seconds of a prefill (one forward without autograd, bf16 weights) at 32k.
 
 **(c) Decode.** Milliseconds per token of the three models in bf16 at 1k-32k tokens of context, from a
-state shaped as after that many tokens (``hybrid.evaluation.bench.decode_seconds``), over ``decode_steps`` steps
-(one KVM chunk: its state update included, amortised as in a long generation).
+state shaped as after that many tokens (``hybrid.evaluation.bench.decode_seconds``), over
+``decode_steps`` steps (one KVM chunk: its state update included, amortised as in a long generation).
 
 ``--tiny`` runs everything at tiny sizes (``recipes/tiny/``, short lengths), which a CPU does in
 about a minute. The output is one table on stdout and the same figures in the ``--out`` JSON.
@@ -198,8 +201,9 @@ def kvm_sync_check(sizes: Sizes, device: torch.device) -> dict:
     """KVM's layer with host synchronisation forbidden: a forward, a continuation by ``DECODE_TOKENS``
     one-token steps and a backward with autograd, the same without autograd. On CUDA under
     ``torch.cuda.set_sync_debug_mode("error")``; elsewhere on the meta device, which holds no data, so
-    that every host sync (``item``, ``bool``, ``int``, ``tolist``, ``nonzero``) raises and the C
-    kernels' CPU-only guards refuse its tensors: the route a CUDA device takes, without one."""
+    that every host sync (``item``, ``bool``, ``int``, ``tolist``, ``nonzero``) raises, and which
+    ``blocks.kvm.runner.runner_for`` treats as it treats CUDA (the C kernels only take fp32 CPU
+    tensors, the split read only CPU ones): the route a CUDA device takes, without one."""
     _, model, layer, index = parity_layers(sizes)[-1]
     target = device if device.type == "cuda" else torch.device("meta")
     mixer = build_layer(model, layer, index, None).to(target)

@@ -15,6 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import blocks.kvm.attention
+from blocks.kvm.autograd import AutogradRunner
+from blocks.kvm.inference import InferenceRunner
+from blocks.kvm.runner import runner_for
 from blocks.native import kvm_cpu
 from blocks.registry import get_mixer
 from hybrid.model.model import HybridLM
@@ -110,20 +114,33 @@ def run_kvm(mixer, x):
 
 
 def test_kvm_off_the_cpu_never_syncs_nor_calls_the_c_kernels(monkeypatch):
-    """On the meta device (no data: every host sync raises) KVM runs the route a CUDA device takes, with
-    the C kernels made to fail if anything asks for them; on the CPU the same call does ask."""
+    """On the meta device (no data: every host sync raises) KVM runs the route a CUDA device takes:
+    ``runner_for`` picks the autograd runner, or without autograd the PyTorch inference runner with
+    every chunk an exact tile, and every entry point of the C kernels is made to fail if anything
+    asks for it; on the CPU the same call does ask."""
     mixer, options = kvm_layer()
     x = torch.randn(2, options.chunk_len * 9 + 3, mixer.d_model)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the C kernels were asked for")
 
-    monkeypatch.setattr(kvm_cpu, "library", refuse)
-    monkeypatch.setattr(kvm_cpu, "blas_kernels", refuse)
+    kernels = [name for name in dir(kvm_cpu) if not name.startswith("_")
+               and getattr(getattr(kvm_cpu, name), "__module__", None) == kvm_cpu.__name__]
+    assert {"library", "blas_kernels", "absorb", "run_chunks", "incoming"} <= set(kernels)
+    for name in kernels:
+        monkeypatch.setattr(kvm_cpu, name, refuse)
+    picked = []
+
+    def recording_runner_for(*args):
+        picked.append(runner_for(*args))
+        return picked[-1]
+
+    monkeypatch.setattr(blocks.kvm.attention, "runner_for", recording_runner_for)
     with torch.no_grad(), pytest.raises(AssertionError, match="C kernels"):
         run_kvm(mixer, x)
     meta = mixer.to("meta")
     for grad in (False, True):
+        picked.clear()
         with torch.set_grad_enabled(grad):
             inputs = x.to("meta").requires_grad_(grad)
             y = run_kvm(meta, inputs)
@@ -131,6 +148,11 @@ def test_kvm_off_the_cpu_never_syncs_nor_calls_the_c_kernels(monkeypatch):
             if grad:
                 y.sum().backward()
                 assert inputs.grad.shape == x.shape
+        assert len(picked) == 2  # the forward and the one-token step
+        if grad:
+            assert all(type(runner) is AutogradRunner for runner in picked)
+        else:
+            assert all(type(runner) is InferenceRunner and not runner.split_reads for runner in picked)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

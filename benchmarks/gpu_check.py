@@ -304,8 +304,9 @@ def speed_checks(sizes: Sizes, device: torch.device, log: Callable[[str], None])
 # ----------------------------------------------------------------------------- the report
 
 def table(results: list[dict]) -> str:
-    """Every check and measure, one line each."""
-    lines = [f"{'section':<8} {'check':<40} {'result':>16} {'vs full attention / tolerance':>30}"]
+    """Every check and measure, one line each, the check column as wide as its longest name."""
+    width = max([len("check"), *(len(r["name"]) for r in results)])
+    lines = [f"{'section':<8} {'check':<{width}} {'result':>16} {'vs full attention / tolerance':>30}"]
     for r in results:
         if r["section"] == "parity":
             result, other = f"{r['error']:.2e}", f"<= {r['tolerance']:.0e} {'ok' if r['passed'] else 'FAILED'}"
@@ -317,7 +318,7 @@ def table(results: list[dict]) -> str:
             result, other = f"{r['seconds']:.3f} s", f"{r['vs_full_attention']:.2f}x"
         else:
             result, other = f"{r['ms_per_token']:.3f} ms/tok", f"{r['vs_full_attention']:.2f}x"
-        lines.append(f"{r['section']:<8} {r['name']:<40} {result:>16} {other:>30}")
+        lines.append(f"{r['section']:<8} {r['name']:<{width}} {result:>16} {other:>30}")
     return "\n".join(lines)
 
 

@@ -2,8 +2,9 @@
 benchmark scripts' imports resolve); their import graph, read from the source with ``ast`` (imports
 at module level and inside functions alike), has no cycle; no module imports another module's
 private name; nothing imports the command line except ``python -m hybrid``; every module has a
-docstring. Each check is also run on a small planted package that breaks it, so none can pass by
-seeing nothing."""
+docstring; no function of these packages or of ``benchmarks`` is longer than 80 lines, argument
+tables excepted. Each check is also run on a small planted package that breaks it, so none can pass
+by seeing nothing."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ PACKAGES = ("blocks", "hybrid", "convert")
 CLI = "hybrid.cli"
 CLI_ENTRY = "hybrid.__main__"  # runs the command line when imported: checked, never imported here
 OPTIONAL = {"hybrid.evaluation.lm_eval_adapter": "lm_eval"}  # module -> the extra it needs
+MAX_FUNCTION_LINES = 80
+ARGPARSE_BUILDERS = {"ArgumentParser", "add_argument", "add_argument_group", "add_mutually_exclusive_group",
+                     "add_parser", "add_subparsers", "set_defaults"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +127,48 @@ def without_docstring(root: Path, packages: tuple[str, ...]) -> list[str]:
             if not ast.get_docstring(ast.parse(path.read_text()))]
 
 
+def is_argument_table(function: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """Whether the function's body is an argument table and nothing else: every statement, other
+    than a docstring and one ``return`` of a plain name at the end, is a call (bare or assigned to
+    names) to ``argparse.ArgumentParser`` or to a parser's ``add_argument``, ``add_parser``,
+    ``add_subparsers``, ``add_argument_group``, ``add_mutually_exclusive_group`` or ``set_defaults``.
+    A loop, a condition, or any other work in the body makes it an ordinary function."""
+    body = list(function.body)
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    if body and isinstance(body[-1], ast.Return) and isinstance(body[-1].value, ast.Name):
+        body = body[:-1]
+
+    def builder_call(statement: ast.stmt) -> bool:
+        if isinstance(statement, ast.Expr):
+            value = statement.value
+        elif isinstance(statement, ast.Assign) and all(isinstance(t, ast.Name) for t in statement.targets):
+            value = statement.value
+        else:
+            return False
+        if not isinstance(value, ast.Call):
+            return False
+        name = value.func.attr if isinstance(value.func, ast.Attribute) else getattr(value.func, "id", None)
+        return name in ARGPARSE_BUILDERS
+
+    return bool(body) and all(builder_call(statement) for statement in body)
+
+
+def long_functions(root: Path, folders: tuple[str, ...]) -> list[str]:
+    """``path:line name (N lines)`` for every function or method of a ``.py`` file under ``folders``
+    longer than ``MAX_FUNCTION_LINES``, from its ``def`` (decorators not counted) to its last line,
+    unless it is an argument table."""
+    found = []
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > MAX_FUNCTION_LINES and not is_argument_table(node):
+                        found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
 # ----------------------------------------------------------------------------- the project
 
 def test_every_module_imports():
@@ -175,13 +221,27 @@ def test_every_module_has_a_docstring():
     assert not without_docstring(ROOT, PACKAGES)
 
 
+def test_no_function_is_longer_than_80_lines():
+    found = long_functions(ROOT, PACKAGES + ("benchmarks",))
+    assert not found, "\n".join(found)
+
+
 # ----------------------------------------------------------------------------- the checks themselves
 
 @pytest.fixture
 def planted(tmp_path) -> Path:
     """A package ``pkg`` with one of each fault: a cycle through an import inside a function (a -> b
     -> a), a private name taken from another module, the command line imported from a library
-    module, and a module without a docstring."""
+    module, a module without a docstring; and in ``long.py`` an argument table of 84 lines (which
+    passes), a table with one more call in it (82 lines), a function of 80 lines (which passes) and
+    a method of 81 lines."""
+    table = "    parser.add_argument('--x')\n" * 80
+    work = "    x = 1\n"
+    long = ('"""Long functions."""\nimport argparse\n\n\n'
+            'def table():\n    """A table."""\n    parser = argparse.ArgumentParser()\n' + table + "    return parser\n\n\n"
+            "def almost_table(parser):\n" + table + "    parser.parse_args()\n\n\n"
+            "def fits():\n" + work * 79 + "\n\n"
+            "class K:\n    def too_long(self):\n" + ("    " + work) * 80)
     modules = {
         "__init__.py": '"""The package."""\n',
         "a.py": '"""A."""\nfrom pkg import b\n_hidden = 1\n',
@@ -191,6 +251,7 @@ def planted(tmp_path) -> Path:
         "cli/__init__.py": '"""The command line."""\n',
         "cli/main.py": '"""Main."""\nfrom pkg import c\n',
         "lib.py": '"""A library module."""\nfrom pkg.cli import main\n',
+        "long.py": long,
     }
     for name, text in modules.items():
         (tmp_path / "pkg" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -208,3 +269,5 @@ def test_the_checks_find_what_is_planted(planted, monkeypatch):
     assert [(i.importer, i.name) for i in private_imports(imports)] == [("pkg.b", "_hidden")]
     assert [i.importer for i in cli_imports(imports)] == ["pkg.lib"]
     assert without_docstring(planted, ("pkg",)) == ["pkg.d"]
+    assert long_functions(planted, ("pkg",)) == ["pkg/long.py:91 almost_table (82 lines)",
+                                                  "pkg/long.py:258 too_long (81 lines)"]

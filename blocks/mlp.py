@@ -1,7 +1,7 @@
 """The feed-forward half of a block: ReLU² (the KVM paper), SwiGLU (Llama) or GELU, with an
 optional token shift on the input.
 
-Token shift (kvm.md §3): ``x + shift * (x_prev - x)``, where ``x_prev`` is the previous token's
+Token shift (docs/kvm.md §2): ``x + shift * (x_prev - x)``, where ``x_prev`` is the previous token's
 input and the first token of a sequence sees zero. Decoding carries the last input as a tail so a
 continuation equals the uninterrupted sequence.
 """
@@ -30,7 +30,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=bias)
         self.shift = None
         if token_shift:
-            # kvm.md §3: 1 - (i/D)^(r^4), r going from 1 at the first layer towards 0 at the last.
+            # The paper's backbone (docs/kvm.md §2): 1 - (i/D)^(r^4), r from 1 at the first layer towards 0 at the last.
             r = 1.0 - layer_idx / max(n_layers, 1)
             self.shift = nn.Parameter(1.0 - (torch.arange(d_model) / d_model) ** (r ** 4))
 

@@ -6,7 +6,7 @@ attend. Everything the two families need is an option here:
 
 * the Llama family (conversion teachers): biases on q/k/v (Qwen2), per-head q/k RMSNorm (Qwen3),
   grouped-query attention, full "llama"-style RoPE;
-* the KVM paper's backbone (kvm.md §2.1): per-head q/k LayerNorm, partial "kvm_paper" RoPE, token
+* the KVM paper's backbone (docs/kvm.md §2): per-head q/k LayerNorm, partial "kvm_paper" RoPE, token
   shift on the projected q/k/v (the first token's previous value is itself), and the RWKV-style
   value residual ``v <- v + (v_first - v) * sigmoid(v_residual_bias + up(down(x)))`` where
   ``v_first`` is the raw value projection of the first value-residual layer of its group in this

@@ -8,7 +8,7 @@
   ``i + R/2`` of the first ``R`` dims rotate together (``rotate_half``).
 
 Angles are always computed in fp32 from positions, so a model moved to bf16 keeps exact positions
-(the published code's lazily created buffer broke under ``.to(bf16)``, kvm.md B8).
+(the published code's lazily created buffer broke under ``.to(bf16)``, docs/kvm.md §10, B8).
 ``round_bf16=True`` reproduces the published code's rounding of cos/sin through bf16.
 
 Both layouts rotate pair i by its angle: (a, b) -> (a cos - b sin, b cos + a sin), the angle negated
@@ -54,7 +54,7 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq.copy_(self.frequencies())
 
     def _apply(self, fn, recurse=True):
-        # Keep the frequencies in fp32 whatever dtype the model is moved to (kvm.md B8).
+        # Keep the frequencies in fp32 whatever dtype the model is moved to (docs/kvm.md §10, B8).
         super()._apply(fn, recurse)
         self.inv_freq = self.inv_freq.float()
         return self

@@ -1,7 +1,7 @@
 """Run fla's real Triton kernels on CPU, through Triton's interpreter, in a child process.
 
 Parity tests compare our torch mixers with fla's own layers. fla's layers are Triton-only, and
-Triton runs on CPU only under ``TRITON_INTERPRET=1`` plus a small patch (docs/fla.md §4): the
+Triton runs on CPU only under ``TRITON_INTERPRET=1`` plus a small patch (tested with triton 3.8 and 3.9): the
 autotuner benchmarks on a GPU driver (we make the first config win), loop variables are Python
 ints without ``.to()`` (we wrap them), and module-level aliases of Triton builtins (``gather =
 tl.gather``) are not patched for the interpreter (we patch them too). The variable must be set

@@ -1,14 +1,14 @@
 """Long-context recall: the experiment behind the KVM paper's central claim, at CPU scale.
 
-The claim (``docs/kvm.md``): a KVM layer whose compressed memory *grows* with the context keeps
-recalling where memories of a fixed size (a linear RNN, KVM with a fixed budget, a sliding window)
-fade. A growing memory can only beat a fixed one when there is more to remember in a longer
-context, so in this task the number of facts grows with the length: one key/value pair per
-``tokens_per_pair`` tokens, spread through the whole context, and the queries at the end ask about
-pairs from anywhere. At 16 times the training length the pairs outnumber a fixed memory's slots
-several times over. The experiment trains tiny models of (nearly) equal size on the task at one
-length, with several seeds, and measures recall at 1, 2, 4, 8 and 16 times that length, the state
-each model holds there, and a needle in a haystack far beyond it.
+The claim (the paper's abstract; docs/kvm.md describes the layer): a KVM layer whose compressed
+memory *grows* with the context keeps recalling where memories of a fixed size (a linear RNN, KVM
+with a fixed budget, a sliding window) fade. A growing memory can only beat a fixed one when there
+is more to remember in a longer context, so in this task the number of facts grows with the length:
+one key/value pair per ``tokens_per_pair`` tokens, spread through the whole context, and the
+queries at the end ask about pairs from anywhere. At 16 times the training length the pairs
+outnumber a fixed memory's slots several times over. The experiment trains tiny models of (nearly)
+equal size on the task at one length, with several seeds, and measures recall at 1, 2, 4, 8 and 16
+times that length, the state each model holds there, and a needle in a haystack far beyond it.
 
 The task (``RecallTask.sample``), multi-query associative recall with the pairs spread::
 

@@ -31,14 +31,14 @@ Traps, each handled here and worth knowing when reading published configs:
   layer 0's. Our model computes exactly that per value-residual group (hybrid/model/model.py), so the two
   families simply get two groups (one when shared).
 * KVM zeroes ``rope_partial_dim`` key dims (all of them when it is 0) before ``ln_s_k``, taken from the
-  *main* RoPE setting even in an alt layer (kvm.md B4): passed explicitly as ``state_key_zero_dims``.
+  *main* RoPE setting even in an alt layer (docs/kvm.md §10, B4): passed explicitly as ``state_key_zero_dims``.
 * Budget: the published ``kvm_saturation`` is our ``saturation``; ``state_min_len=-1`` (the default,
   "never grow" for ``fixed``) is our 0; ``n_max_d_chunks`` is ``max_state_chunks`` (<= 0: never grows).
 * ``swa_window_size <= 0`` means ``chunk_len``; ``residual_scale`` None (or 0) means 1;
   ``logit_softcap`` 0 means none; MLP hidden size is ``int(ffn_expansion * D) // 32 * 32``; the
   value-residual LoRA rank is ``max(32, round(1.3 * sqrt(D) / 32) * 32)``; the head is never tied.
 * bf16 roundings: the published math rounds RoPE cos/sin to bf16 and KVM state values to bf16 at
-  read, even in fp32 runs (kvm.md B6). ``compat=True`` reproduces both (``rope_round_bf16``,
+  read, even in fp32 runs (docs/kvm.md §10, B6). ``compat=True`` reproduces both (``rope_round_bf16``,
   ``bf16_state_values``); the released checkpoints were trained with them, so use it to match their
   numbers. The default (off) is the clean fp32 math; on the tiny fixture it moves logits by ~0.04
   because three winner-take-all merges flip.
@@ -381,12 +381,13 @@ def _kvm_options(cfg: dict, head_dim: int, compat: bool) -> dict[str, Any]:
     if cfg["kvm_use_vlens"] == 0:
         raise PublishedCheckpointError(
             "published config kvm_use_vlens=0 is not supported: the published no-vlens path adds one to every "
-            "slot per merge round (or crashes when the state grows, kvm.md B2); our count averaging divides each "
-            "slot by its own count, so the logits would differ")
+            "slot per merge round (or crashes when the state grows, docs/kvm.md §10, B2); our count averaging "
+            "divides each slot by its own count, so the logits would differ")
     if cfg["kvm_apply_merge_gate_to_initial_state"]:
         raise PublishedCheckpointError(
             "published config kvm_apply_merge_gate_to_initial_state=1 is not supported: the published code gates "
-            "the first chunk in prefill but not in decode (kvm.md B3), which has no consistent equivalent here")
+            "the first chunk in prefill but not in decode (docs/kvm.md §10, B3), which has no consistent equivalent "
+            "here")
     mode = cfg["state_budget_mode"]
     if mode not in _BUDGETS:
         raise PublishedCheckpointError(f"published config state_budget_mode={mode!r} is not supported: "
@@ -401,7 +402,7 @@ def _kvm_options(cfg: dict, head_dim: int, compat: bool) -> dict[str, Any]:
         "merge_gate_values": bool(cfg["kvm_use_merge_gate_values"]),
         "merge_gate_appends": bool(cfg["kvm_apply_merge_gate_to_appends"]),
         "merge_gate_initial_state": False,
-        # kvm.md B4: the zeroed dims follow the *main* rope_partial_dim (0: all of them), even in an alt layer.
+        # docs/kvm.md §10, B4: the zeroed dims follow the *main* rope_partial_dim (0: all), even in an alt layer.
         "state_key_zero_dims": cfg["rope_partial_dim"] if cfg["rope_partial_dim"] > 0 else head_dim,
         "bf16_state_values": compat,
     }

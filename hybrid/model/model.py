@@ -7,7 +7,7 @@ and the new ``ModelState``, the same call for training, prefill, continuation an
 
 Cross-layer streams travel in a per-forward ``ctx`` dict:
 
-* the attention value residual (kvm.md §3): ``v_first`` of a value-residual group is the group's
+* the attention value residual (docs/kvm.md §2): ``v_first`` of a value-residual group is the group's
   first layer's ``v_proj`` applied to that layer's norm of the *embedding stream*, as the
   published backbone computes it (for the first layer itself this is just its own value);
 * RWKV-7's ``v_first`` comes from the first RWKV-7 layer of the model.
@@ -90,7 +90,7 @@ class HybridLM(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """``normal``: embeddings and MLP weights N(0, init_std), residual outputs scaled by
-        1/sqrt(2 * n_layers) (GPT-2). ``kvm_paper`` (kvm.md §3): tiny uniform embeddings, orthogonal
+        1/sqrt(2 * n_layers) (GPT-2). ``kvm_paper`` (docs/kvm.md §2): tiny uniform embeddings, orthogonal
         MLP input and head, zero MLP and attention output projections. Mixers keep their own init
         otherwise (fla's for the LRNN layers)."""
         cfg = self.config

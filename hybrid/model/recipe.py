@@ -77,7 +77,7 @@ class RecipeError(InputError):
 class BlockConfig:
     """What surrounds each mixer: ``x += rs * mixer(norm(x)); x += rs * mlp(norm(x))``.
 
-    The paper's backbone (kvm.md §3): LayerNorm, ReLU² MLP with token shift, residual scale.
+    The paper's backbone (docs/kvm.md §2): LayerNorm, ReLU² MLP with token shift, residual scale.
     The Llama family: RMSNorm, SwiGLU, no token shift.
     """
 
@@ -127,7 +127,7 @@ class ModelConfig:
     embedding_norm: bool = False  # normalise the embeddings (the paper's ln_emb)
     tie_embeddings: bool = True  # the head reuses the embedding matrix
     logit_softcap: float | None = None  # tanh soft cap on the logits
-    init: str = "normal"  # kvm_paper (kvm.md §3) | normal (std init_std, scaled residual outputs)
+    init: str = "normal"  # kvm_paper (docs/kvm.md §2) | normal (std init_std, scaled residual outputs)
     init_std: float = 0.02
 
     def fingerprint(self) -> str:

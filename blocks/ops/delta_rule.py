@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from blocks.ops.backend import resolve_backend
+from blocks.ops.chunks import across_chunks, compute_dtype, to_chunks
 
 DEFAULT_CHUNK_SIZE = 64
 
@@ -104,11 +105,6 @@ def _check_inputs(q, k, v, g, beta, initial_state, chunk_size) -> tuple[int, int
     return B, T, H, K
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """fp32 for half/bf16/fp32 inputs (states are always kept at least fp32); fp64 stays fp64."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def _step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float, state: Tensor):
     """One token (decode): the recurrence written out directly, no chunk bookkeeping."""
     out_dtype = q.dtype
@@ -125,23 +121,15 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: fl
              chunk_size: int) -> tuple[Tensor, Tensor]:
     """WY-form chunks in parallel, then one affine state update per chunk (see the module docstring)."""
     out_dtype = q.dtype
-    B, T, H, K = q.shape
+    T, K = q.shape[1], q.shape[3]
     V = v.shape[-1]
     C = min(chunk_size, T)
     N = -(-T // C)  # chunks
-    pad = N * C - T  # zero tokens at the end: g = 0, k = 0, beta = 0 leave the state unchanged
-
     dtype = compute_dtype(q)
-
-    def chunks(x: Tensor) -> Tensor:  # [B, T, H, *] -> [B, H, N, C, *] in the compute dtype
-        x = x.to(dtype)
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
-        return x.transpose(1, 2).reshape(B, H, N, C, *x.shape[3:])
-
-    q, k, v = chunks(q) * scale, chunks(k), chunks(v)  # [B, H, N, C, K|V]
-    beta = chunks(beta)  # [B, H, N, C]
-    G = chunks(g).cumsum(-1)  # [B, H, N, C] cumulative log decay inside each chunk
+    # [B, H, N, C, *]: the zero tokens that fill the last chunk (g = 0, k = 0, beta = 0) leave the state unchanged
+    q, k, v, beta, g = (to_chunks(x, N, C, dtype) for x in (q, k, v, beta, g))
+    q = q * scale  # [B, H, N, C, K]
+    G = g.cumsum(-1)  # [B, H, N, C] cumulative log decay inside each chunk
     G_last = G[..., -1]  # [B, H, N]
 
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # j <= i
@@ -161,13 +149,7 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: fl
     F = G_last.exp()[..., None, None] * eye - k_end.mT @ W  # [B, H, N, K, K] S_next = F @ S + Gm
     Gm = k_end.mT @ U  # [B, H, N, K, V]
 
-    state = state.to(dtype)
-    starts = []
-    for n in range(N):
-        starts.append(state)
-        state = F[:, :, n] @ state + Gm[:, :, n]  # [B, H, K, V]
-    o = o_intra + q_start @ torch.stack(starts, dim=2)  # [B, H, N, C, V]
-    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)  # [B, T, H, V]
+    o, state = across_chunks(F, Gm, state, q_start, o_intra, T)
     return o.to(out_dtype), state
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from blocks.ops.backend import resolve_backend
-from blocks.ops.delta_rule import compute_dtype
+from blocks.ops.chunks import across_chunks, compute_dtype, to_chunks
 
 DEFAULT_CHUNK_SIZE = 64
 EXACT_CHUNK_SIZE = 16
@@ -128,27 +128,21 @@ def _step(q, k, v, a, b, w, scale: float, state: Tensor) -> tuple[Tensor, Tensor
 def _chunked(q, k, v, a, b, w, scale: float, state: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
     """Chunk-parallel solve, then one affine state update per chunk (see the module docstring)."""
     out_dtype = q.dtype
-    B, T, H, K = q.shape
+    T, K = q.shape[1], q.shape[3]
     V = v.shape[-1]
     C = min(chunk_size, T)
     N = -(-T // C)  # chunks
-    pad = N * C - T  # zero tokens at the end: w = k = b = 0 leave the state unchanged
     dtype = compute_dtype(q)
-
-    def chunks(x: Tensor) -> Tensor:  # [B, T, H, D] -> [B, H, N, C, D] in the compute dtype
-        x = x.to(dtype)
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
-        return x.transpose(1, 2).reshape(B, H, N, C, x.shape[-1])
-
-    w_chunks = chunks(w)  # [B, H, N, C, K]
+    # [B, H, N, C, *]: the zero tokens that fill the last chunk (w = k = b = 0) leave the state unchanged
+    w_chunks = to_chunks(w, N, C, dtype)  # [B, H, N, C, K]
     G = w_chunks.cumsum(-2)  # [B, H, N, C, K] log decay of the state from the chunk start through token i
     factorable = bool(G.abs().amax() <= SAFE_SPAN)
     if not factorable and C > EXACT_CHUNK_SIZE:
         return _chunked(q, k, v, a, b, w, scale, state, EXACT_CHUNK_SIZE)  # decays too strong to factor
     G_excl = G - w_chunks  # [B, H, N, C, K] ... through token i - 1 (what a_i reads)
     G_last = G[..., -1, :]  # [B, H, N, K]
-    q, k, v, a, b = chunks(q) * scale, chunks(k), chunks(v), chunks(a), chunks(b)  # [B, H, N, C, K|V]
+    q, k, v, a, b = (to_chunks(x, N, C, dtype) for x in (q, k, v, a, b))  # [B, H, N, C, K|V]
+    q = q * scale
 
     intra = _intra_factored if factorable else _intra_exact
     M_qk, M_qb, M_ak, M_ab = intra(q, k, a, b, G, G_excl)  # [B, H, N, C, C] each
@@ -164,13 +158,7 @@ def _chunked(q, k, v, a, b, w, scale: float, state: Tensor, chunk_size: int) -> 
     F = torch.diag_embed(G_last.exp()) + b_end.mT @ W  # [B, H, N, K, K]   S_next = F @ S + Gm
     Gm = k_end.mT @ v + b_end.mT @ U  # [B, H, N, K, V]
 
-    state = state.to(dtype)
-    starts = []
-    for n in range(N):
-        starts.append(state)
-        state = F[:, :, n] @ state + Gm[:, :, n]  # [B, H, K, V]
-    o = o_intra + q_start @ torch.stack(starts, dim=2)  # [B, H, N, C, V]
-    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)  # [B, T, H, V]
+    o, state = across_chunks(F, Gm, state, q_start, o_intra, T)
     return o.to(out_dtype), state
 
 

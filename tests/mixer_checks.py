@@ -14,6 +14,10 @@ Each check below runs a mixer on a small fp32 input ``x`` [B, T, d_model] and ra
 The checks never rely on a state being left unmodified by ``forward``; they snapshot it themselves.
 Tolerances are for fp32: the worst absolute difference, relative to the largest reference value.
 
+The mixers that follow an fla layer keep two promises besides, checked by
+``check_runs_without_fla`` (their CPU path imports neither fla nor Triton) and
+``check_loads_fla_state_dict`` (they load the fla layer's weights strictly).
+
 ``MixerContract`` runs the five checks as tests: a test file lists its mixer configurations as
 ``ContractCase``s in a subclass named ``Test...``, and pytest collects one test per check and run.
 """
@@ -21,7 +25,10 @@ Tolerances are for fp32: the worst absolute difference, relative to the largest 
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -31,6 +38,7 @@ from torch import Tensor, nn
 from blocks.state import LayerState, StateError
 
 RTOL = 1e-5
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def assert_close(actual: Tensor, expected: Tensor, rtol: float = RTOL, what: str = "output") -> None:
@@ -189,6 +197,23 @@ def check_state_roundtrip(mixer, x: Tensor, rtol: float = RTOL) -> None:
             pass
         else:
             raise AssertionError("load_state_dict accepted tensors of the wrong shape")
+
+
+# ----------------------------------------------------------------------------- the fla-compatible mixers
+
+def check_runs_without_fla(code: str) -> None:
+    """``code``, which builds a mixer and runs it on the CPU, runs in a fresh interpreter without
+    importing fla or Triton."""
+    code += ("import sys\nbad = sorted(n for n in sys.modules if n.split('.')[0] in ('fla', 'triton'))\n"
+             "assert not bad, bad\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def check_loads_fla_state_dict(ours: nn.Module, fla_layer: nn.Module) -> None:
+    """``ours`` loads the fla layer's ``state_dict`` with ``strict=True``: the same tensor names."""
+    ours.load_state_dict(fla_layer.state_dict(), strict=True)
+    assert set(ours.state_dict()) == set(fla_layer.state_dict())
 
 
 # ----------------------------------------------------------------------------- the checks as a test suite

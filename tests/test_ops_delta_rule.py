@@ -11,6 +11,7 @@ from blocks.ops.backend import BackendError
 from blocks.ops.delta_rule import gated_delta_rule
 from fla_interpreter import requires_fla_interpreter, requires_triton, run_with_fla_kernels
 from mixer_checks import assert_close
+from op_checks import check_gradients_equal_the_token_loop
 
 CHUNK = 16
 
@@ -82,16 +83,9 @@ def test_continuing_from_the_final_state_equals_one_call():
 
 
 def test_gradients_equal_the_token_loop():
-    (q, k, v, g, beta), h0 = make_inputs(T=2 * CHUNK + 3, HV=4)
-    inputs = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
-    o, state = gated_delta_rule(*inputs[:5], initial_state=inputs[5], output_final_state=True, chunk_size=CHUNK)
-    w_o, w_s = torch.randn_like(o), torch.randn_like(state)
-    grads = torch.autograd.grad((o * w_o).sum() + (state * w_s).sum(), inputs)
-    ref_inputs = [x.detach().double().requires_grad_() for x in inputs]
-    o_ref, state_ref = recurrent_oracle(*ref_inputs[:5], 8**-0.5, ref_inputs[5])
-    ref_grads = torch.autograd.grad((o_ref * w_o.double()).sum() + (state_ref * w_s.double()).sum(), ref_inputs)
-    for name, grad, ref in zip(("q", "k", "v", "g", "beta", "initial_state"), grads, ref_grads):
-        assert_close(grad, ref, rtol=1e-4, what=f"d/d{name}")
+    inputs, h0 = make_inputs(T=2 * CHUNK + 3, HV=4)
+    check_gradients_equal_the_token_loop(gated_delta_rule, recurrent_oracle, inputs, h0, 8**-0.5,
+                                         ("q", "k", "v", "g", "beta", "initial_state"), rtol=1e-4, chunk_size=CHUNK)
 
 
 def test_half_precision_inputs_keep_an_fp32_state():

@@ -11,6 +11,7 @@ from blocks.ops.backend import BackendError
 from blocks.ops.dplr import EXACT_CHUNK_SIZE, SAFE_SPAN, _intra_exact, _intra_factored, dplr_delta_rule
 from fla_interpreter import requires_fla_interpreter, requires_triton, run_with_fla_kernels
 from mixer_checks import assert_close
+from op_checks import check_gradients_equal_the_token_loop
 
 CHUNK = 8
 RWKV_W_BOUND = -0.6065306597126334
@@ -106,15 +107,8 @@ def test_continuing_from_the_final_state_equals_one_call():
 
 def test_gradients_equal_the_token_loop():
     inputs, h0 = make_inputs(T=2 * CHUNK + 3)
-    leaves = [x.clone().requires_grad_() for x in (*inputs, h0)]
-    o, state = dplr_delta_rule(*leaves[:6], initial_state=leaves[6], output_final_state=True, chunk_size=CHUNK)
-    w_o, w_s = torch.randn_like(o), torch.randn_like(state)
-    grads = torch.autograd.grad((o * w_o).sum() + (state * w_s).sum(), leaves)
-    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
-    o_ref, state_ref = recurrent_oracle(*ref_leaves[:6], 8**-0.5, ref_leaves[6])
-    ref_grads = torch.autograd.grad((o_ref * w_o.double()).sum() + (state_ref * w_s.double()).sum(), ref_leaves)
-    for name, grad, ref in zip(("q", "k", "v", "a", "b", "w", "initial_state"), grads, ref_grads):
-        assert_close(grad, ref, rtol=1e-4, what=f"d/d{name}")
+    check_gradients_equal_the_token_loop(dplr_delta_rule, recurrent_oracle, inputs, h0, 8**-0.5,
+                                         ("q", "k", "v", "a", "b", "w", "initial_state"), rtol=1e-4, chunk_size=CHUNK)
 
 
 def test_half_precision_inputs_keep_an_fp32_state():

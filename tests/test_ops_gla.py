@@ -11,6 +11,7 @@ from blocks.ops.backend import BackendError
 from blocks.ops.gla import CHUNK_SIZE_PER_HEAD, CHUNK_SIZE_PER_KEY, chunk_gla_torch, gla
 from fla_interpreter import requires_fla_interpreter, requires_triton, run_with_fla_kernels
 from mixer_checks import assert_close
+from op_checks import check_gradients_equal_the_token_loop
 
 
 def recurrent_oracle(q, k, v, g, scale, initial_state=None):
@@ -55,15 +56,8 @@ def test_chunked_equals_token_loop(T, per_key):
 @GATES
 def test_gradients_equal_token_loop(per_key):
     q, k, v, g, h0 = make_inputs(T=37, per_key=per_key)
-    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
-    o, state = chunk_gla_torch(*leaves[:4], scale=0.5, initial_state=leaves[4], output_final_state=True)
-    w_o, w_s = torch.randn_like(o), torch.randn_like(state)
-    grads = torch.autograd.grad((o * w_o).sum() + (state * w_s).sum(), leaves)
-    ref_leaves = [x.double().requires_grad_() for x in (q, k, v, g, h0)]
-    o_ref, state_ref = recurrent_oracle(*ref_leaves[:4], 0.5, ref_leaves[4])
-    ref_grads = torch.autograd.grad((o_ref * w_o.double()).sum() + (state_ref * w_s.double()).sum(), ref_leaves)
-    for name, grad, ref in zip(("q", "k", "v", "g", "initial_state"), grads, ref_grads):
-        assert_close(grad, ref, rtol=2e-5, what=f"d/d{name}")
+    check_gradients_equal_the_token_loop(chunk_gla_torch, recurrent_oracle, (q, k, v, g), h0, 0.5,
+                                         ("q", "k", "v", "g", "initial_state"), rtol=2e-5)
 
 
 @GATES

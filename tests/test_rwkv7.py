@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import subprocess
-import sys
-from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -19,7 +16,7 @@ from blocks.registry import build_mixer, get_mixer, get_mixer_by_symbol
 from blocks.rwkv7 import RWKV7Attention, RWKV7State
 from blocks.state import LayerState
 from fla_interpreter import requires_fla_interpreter, requires_triton, run_with_fla_kernels
-from mixer_checks import ContractCase, MixerContract, assert_close
+from mixer_checks import ContractCase, MixerContract, assert_close, check_loads_fla_state_dict, check_runs_without_fla
 
 D_MODEL, HEAD_DIM = 32, 8
 CHUNK = 16  # a small op chunk so that short inputs cross chunk boundaries
@@ -184,16 +181,12 @@ def test_registered_and_configured():
 
 
 def test_cpu_path_imports_neither_fla_nor_triton():
-    code = ("import sys, torch\n"
-            "from blocks.registry import build_mixer\n"
-            "first, second = (build_mixer('rwkv7', 32, i, head_dim=8, num_hidden_layers=2) for i in (0, 1))\n"
-            "ctx = {}; x = torch.randn(1, 20, 32)\n"
-            "y, s = second(x + first(x, None, ctx)[0], None, ctx); y.sum().backward()\n"
-            "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('fla', 'triton'))\n"
-            "assert not bad, bad\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    check_runs_without_fla("import torch\n"
+                           "from blocks.registry import build_mixer\n"
+                           "first, second = (build_mixer('rwkv7', 32, i, head_dim=8, num_hidden_layers=2) "
+                           "for i in (0, 1))\n"
+                           "ctx = {}; x = torch.randn(1, 20, 32)\n"
+                           "y, s = second(x + first(x, None, ctx)[0], None, ctx); y.sum().backward()\n")
 
 
 # fla 0.6's RWKV7Attention cannot be built with elementwise_affine=False (its init writes g_norm.weight)
@@ -210,7 +203,7 @@ def test_fla_state_dict_loads_strictly(options, layer_idx):
 
     fla_layer = FlaRWKV7(hidden_size=D_MODEL, head_dim=HEAD_DIM, layer_idx=layer_idx, num_hidden_layers=2, **options)
     ours = build_mixer("rwkv7", D_MODEL, layer_idx, head_dim=HEAD_DIM, num_hidden_layers=2, **options)
-    ours.load_state_dict(fla_layer.state_dict(), strict=True)
+    check_loads_fla_state_dict(ours, fla_layer)
 
 
 # ---------------------------------------------------------------- parity with fla (interpreter, slow)

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -43,7 +41,7 @@ from torch import Tensor
 
 from blocks.errors import InputError
 from blocks.state import StateError
-from hybrid.formats.atomic import fsync_folder, share, swap_into_place
+from hybrid.formats.atomic import new_folder
 from hybrid.formats.hf_config import hf_config, write_hf_config
 from hybrid.formats.integrity import file_sha256, first_nonfinite, short, tensors_sha256
 from hybrid.formats.tokenizer import Tokenizer, TokenizerError, check_fits, load_tokenizer
@@ -84,9 +82,7 @@ def save_checkpoint(folder: str | Path, recipe: Recipe, model: HybridLM, tokeniz
         raise CheckpointError(f"{folder} exists and is not a checkpoint (no {RECIPE_FILE} and {WEIGHTS_FILE}); "
                               "refusing to replace it: choose a new folder or remove it yourself")
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with new_folder(folder) as tmp:
         spec = tokenizer.save(tmp)
         (tmp / RECIPE_FILE).write_text(dataclasses.replace(recipe, tokenizer=spec).to_yaml())
         tensors, aliases = unique_tensors(model.state_dict())
@@ -97,12 +93,6 @@ def save_checkpoint(folder: str | Path, recipe: Recipe, model: HybridLM, tokeniz
         metadata["tokenizer_sha256"] = file_sha256(tmp / spec["path"]) if has_file else NO_FILE
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         write_hf_config(tmp, hf_config(recipe.model, tokenizer, next(iter(tensors.values())).dtype))
-        share(tmp)
-        fsync_folder(tmp)
-        swap_into_place(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return folder
 
 

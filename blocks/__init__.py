@@ -1,4 +1,6 @@
-"""Token mixers (KVM attention, softmax attention baselines, linear-RNN layers) and their states.
+"""Token mixers (KVM attention, softmax attention baselines, linear-RNN layers), their states, and
+the parts a block is built from (projections, RoPE, norms, short convolutions, the MLP, the
+linear-RNN ops and the native CPU kernels).
 
 Importing this package registers every built-in mixer in ``blocks.registry``.
 """

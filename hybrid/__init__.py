@@ -5,7 +5,7 @@ Each subpackage has one job, and the data paths walk through them one way:
 * ``hybrid.model``: a recipe (YAML) -> a validated config -> ``HybridLM`` -> its decoding state.
 * ``hybrid.generation``: prompts -> prefill -> sampled tokens, batched without padding.
 * ``hybrid.formats``: what goes to disk and comes back: checkpoint folders, training run folders,
-  tokenizers, the published paper checkpoints, atomic writes.
+  tokenizers, the published paper checkpoints, atomic writes and content hashes.
 * ``hybrid.training``: text -> token cache -> packed batches -> the train loop -> resumable checkpoints.
 * ``hybrid.evaluation``: perplexity, needle in a haystack, lm-eval tasks, speed and state benchmarks,
   the long-context recall experiment.

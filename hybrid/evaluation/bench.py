@@ -1,6 +1,6 @@
-"""``hybrid bench``: prefill time, decode time per token and state bytes against context length, for
-whole models (recipes, checkpoints) or one mixer, each against the full-attention model of the
-same size measured in the same run.
+"""What ``hybrid bench`` measures: prefill time, decode time per token and state bytes against context
+length, for whole models (recipes, checkpoints) or one mixer, each against the full-attention model
+of the same size measured in the same run.
 
 What is measured, at each context length T:
 

@@ -1,1 +1,2 @@
-"""Training: settings, data -> token cache -> batches, the train loop, and checkpoints that resume exactly."""
+"""Training: settings, data -> token cache -> batches, the train loop with its optimizer and metrics,
+checkpoints that resume exactly, and data parallelism over the processes ``torchrun`` starts."""

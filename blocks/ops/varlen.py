@@ -9,9 +9,10 @@ chunk boundary of one of several *lanes* (rows of a batch), pads it with zero to
 the carried state of a lane at every chunk where a sequence begins. Inside a chunk nothing changes,
 so each sequence is computed exactly as if it ran alone.
 
-Lanes hold as many chunks as the longest sequence and take sequences in order, a new lane when the
-next one does not fit (next fit): the loop over chunks runs no longer than for that sequence alone,
-and a sequence wastes less than one chunk of padding (plus what lanes leave empty at their end).
+Lanes hold as many chunks as the longest sequence, which the loop over chunks takes no longer to
+walk than that sequence alone; sequences go into the first lane with room for them, longest first
+(first-fit decreasing, which leaves few lanes part empty), and each wastes less than one chunk of
+padding.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ class ChunkLayout:
                              f"got {bounds[:8]}{' ...' if len(bounds) > 8 else ''}")
         counts = [-(-n // chunk) for n in lengths]  # chunks of each sequence
         self.chunk, self.chunks = chunk, max(counts)
-        lanes, offsets, lane, used = [], [], 0, 0
-        for count in counts:  # next fit
-            if used + count > self.chunks:
-                lane, used = lane + 1, 0
-            lanes.append(lane)
-            offsets.append(used)
-            used += count
-        self.lanes = lane + 1
+        lanes, offsets, used = [0] * len(counts), [0] * len(counts), []  # used: chunks taken in each lane
+        for i in sorted(range(len(counts)), key=lambda i: -counts[i]):  # first fit, longest first
+            lane = next((j for j, taken in enumerate(used) if taken + counts[i] <= self.chunks), len(used))
+            if lane == len(used):
+                used.append(0)
+            lanes[i], offsets[i] = lane, used[lane]
+            used[lane] += counts[i]
+        self.lanes = len(used)
         lane_of = torch.tensor(lanes, device=device)  # (N,)
         first_chunk = torch.tensor(offsets, device=device)  # (N,)
         self.last_chunk = first_chunk + torch.tensor(counts, device=device) - 1  # (N,)

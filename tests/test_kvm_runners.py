@@ -1,5 +1,6 @@
 """The ways of running a KVM call (blocks/kvm/runner.py): the chunk schedule they all follow against
-the budget and window functions, and each runner against the autograd reference."""
+the budget and window functions, each runner against the autograd reference, and the tiles' window
+masks (one per call for every whole chunk) against the window rule and against masks built per chunk."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from blocks.kvm import KVMConfig, runs_update, slots_after, window_begin
 from blocks.kvm.autograd import AutogradRunner
 from blocks.kvm.inference import InferenceRunner
 from blocks.kvm.native import NativeHelpersRunner, NativeRunner
+from blocks.kvm.reads import TileMasks
 from blocks.kvm.schedule import plan_call
 from blocks.native import kvm_cpu
 from mixer_checks import assert_close
@@ -94,3 +96,51 @@ def test_every_runner_equals_the_autograd_reference(monkeypatch, name, budget, o
         assert_close(got, reference.detach(), 1e-5, f"output, splits {splits}")
         for key, value in state.state_dict().items():
             assert_close(value, reference_state.state_dict()[key].detach(), 1e-5, f"state '{key}', splits {splits}")
+
+
+@pytest.mark.parametrize("nb", [1, 2, 3])
+def test_tile_masks_let_each_query_see_its_window_up_to_itself(nb):
+    config = KVMConfig(num_heads=2, chunk_len=C, n_bswa_chunks=nb, budget="fixed")
+    total = (nb + 4) * C
+    for n0 in range(total):
+        for n1 in range(n0 + 1, total + 1):
+            masks = TileMasks(config, torch.device("cpu"))
+            for step in plan_call(n0, n1, config).steps:
+                keys = torch.arange(step.window, step.queries.stop)  # the positions of the tile's window keys
+                expected = keys[None, :] <= torch.tensor(list(step.queries))[:, None]
+                got = masks.of(step)
+                assert got.dtype == torch.bool and torch.equal(got, expected), (n0, n1, step)
+                assert not step.whole or got is masks.of(step)  # built once for every whole chunk of the call
+
+
+@pytest.mark.parametrize("name", ["autograd", "inference_tiles"])
+@pytest.mark.parametrize("chunk", [C, 32])  # tiles of at most SMALL_TILE queries, and larger ones (one SDPA call)
+def test_tile_masks_built_once_per_call_give_the_outputs_of_masks_built_per_chunk(monkeypatch, name, chunk):
+    config = KVMConfig(num_heads=4, num_kv_heads=2, chunk_len=chunk, rope_partial_dim=4, **BUDGETS["power_law"])
+    t = 7 * chunk + 5
+    torch.manual_seed(3)
+    q, k, v = torch.randn(2, 4, t, 16), torch.randn(2, 2, t, 16), torch.randn(2, 2, t, 16)
+    g = 1 + F.elu(torch.randn(2, 2, t, 1))
+    norm = torch.nn.LayerNorm(16)
+    runner_for, _ = _runner(name)
+    monkeypatch.setattr(blocks.kvm.attention, "runner_for", runner_for)
+
+    def run(splits):
+        inputs = [x.clone().requires_grad_(name == "autograd") for x in (q, k, v)]
+        with torch.set_grad_enabled(name == "autograd"):
+            out, state = attend_in_splits(*inputs, g, config, splits, state_key_norm=norm)
+            if name == "autograd":
+                (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return [out.detach(), *(x.grad for x in inputs if x.grad is not None),
+                *(value.detach() for value in state.state_dict().values())]
+
+    of = TileMasks.of
+    for splits in ([t], [chunk + 3, 1, 2 * chunk + 1, 1, t - 3 * chunk - 6]):
+        monkeypatch.setattr(TileMasks, "of", of)
+        hoisted = run(splits)
+        # every tile's mask built anew, as each chunk once built its own
+        monkeypatch.setattr(TileMasks, "of", lambda masks, step: of(TileMasks(masks.config, masks.device), step))
+        per_chunk = run(splits)
+        assert len(hoisted) == len(per_chunk)
+        for a, b in zip(hoisted, per_chunk):
+            assert torch.equal(a, b), f"splits {splits}"

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from blocks.kvm.codec import Incoming, SlotCodec, Slots
-from blocks.kvm.reads import ReadScales, read_tile
+from blocks.kvm.reads import ReadScales, TileMasks, read_tile
 from blocks.kvm.routing import add_rows, max_over_slots, route_chunk
 from blocks.kvm.schedule import CallSchedule
 from blocks.kvm.tokens import RawTokens
@@ -30,12 +30,13 @@ class AutogradRunner:
         for the next call (the read is part of the graph)."""
         chunk = self.codec.config.chunk_len
         normed = None  # state_key_norm(slots.keys) from the last read, the slots unchanged since
+        masks = TileMasks(self.codec.config, q.device)
         for step in schedule.steps:
             if step.update is not None:
                 leaving = self.codec.incoming(*raw.between(step.update.leaving, step.update.leaving + chunk))
                 slots = absorb(self.codec, slots, leaving, step.update.appends, normed)
             normed, values = self.codec.read(*slots, q.dtype)
-            read_tile(q, out, schedule, step, raw, normed, values, self.scales, self.codec.config)
+            read_tile(q, out, schedule, step, raw, normed, values, self.scales, masks)
         return slots, None
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from blocks.kvm.codec import Incoming, SlotCodec, Slots
-from blocks.kvm.reads import ReadScales, read_tile
+from blocks.kvm.reads import ReadScales, TileMasks, read_tile
 from blocks.kvm.room import Room
 from blocks.kvm.routing import Routed, add_rows, max_over_slots, route_chunk
 from blocks.kvm.schedule import CallSchedule, ChunkStep, Update
@@ -41,6 +41,7 @@ class InferenceRunner:
             self.room = Room.around(self.codec, slots, schedule.slots, q.dtype)
         elif schedule.steps:
             self.view = self.read_view(slots, q.dtype)
+        masks = TileMasks(self.codec.config, q.device)
         for run in schedule.runs():
             if run[0].whole and self.split_reads:
                 self.read_whole_chunks(q, out, schedule, run, raw)
@@ -48,7 +49,7 @@ class InferenceRunner:
                 for step in run:
                     if step.update is not None:
                         self.update(step.update, raw)
-                    read_tile(q, out, schedule, step, raw, *self.slot_reads(step), self.scales, self.codec.config)
+                    read_tile(q, out, schedule, step, raw, *self.slot_reads(step), self.scales, masks)
         return (slots if self.room is None else self.room.slots(schedule.slots)), self.view
 
     def read_view(self, slots: Slots, dtype: torch.dtype) -> ReadView:

@@ -38,18 +38,39 @@ def read_plain(q: Tensor, out: Tensor, schedule: CallSchedule, raw: RawTokens, s
         attn_mask=allowed, scale=scales.scale)
 
 
+class TileMasks:
+    """The window masks of a call's tiles, on ``device``: the query at chunk offset i sees the window
+    keys j <= (Nb - 1)*C + i. Every whole chunk has the same (C, W) mask, built at the first one and
+    kept for the rest of the call; a partial chunk (at most two per call) gets its own rows."""
+
+    def __init__(self, config: KVMConfig, device: torch.device):
+        self.config, self.device = config, device
+        self.whole: Tensor | None = None
+
+    def of(self, step: ChunkStep) -> Tensor:
+        """The mask (queries, window keys) of ``step``'s tile, True where a query may see a key."""
+        if step.whole:
+            if self.whole is None:
+                self.whole = self.rows(0, self.config.chunk_len)
+            return self.whole
+        first = step.chunk * self.config.chunk_len
+        return self.rows(step.queries.start - first, step.queries.stop - first)
+
+    def rows(self, lo: int, hi: int) -> Tensor:
+        """The mask of chunk offsets [lo, hi) over the (Nb - 1)*C + hi window keys they read."""
+        before = (self.config.n_bswa_chunks - 1) * self.config.chunk_len
+        return (torch.arange(before + hi, device=self.device)[None, :]
+                <= before + torch.arange(lo, hi, device=self.device)[:, None])
+
+
 def read_tile(q: Tensor, out: Tensor, schedule: CallSchedule, step: ChunkStep, raw: RawTokens, slot_keys: Tensor,
-              slot_values: Tensor, scales: ReadScales, config: KVMConfig) -> None:
+              slot_values: Tensor, scales: ReadScales, masks: TileMasks) -> None:
     """A chunk's queries read exactly, into their rows of ``out``: against the slots as
-    ``slot_keys``/``slot_values`` (B, Hkv, S, d | dv) and the raw keys of their window."""
+    ``slot_keys``/``slot_values`` (B, Hkv, S, d | dv) and the raw keys of their window, masked by
+    ``masks.of(step)``."""
     keys, values = raw.keys_values(step.window, step.queries.stop)  # (B, Hkv, L, d | dv)
-    first = step.chunk * config.chunk_len
-    # (queries, keys): the query at chunk offset i sees window keys j <= (Nb - 1)*C + i
-    mask = (torch.arange(keys.shape[2], device=q.device)[None, :]
-            <= (config.n_bswa_chunks - 1) * config.chunk_len
-            + torch.arange(step.queries.start - first, step.queries.stop - first, device=q.device)[:, None])
     rows = schedule.rows(step.queries)
-    out[:, :, rows] = attend_tile(q[:, :, rows], slot_keys, slot_values, keys, values, mask, scales)
+    out[:, :, rows] = attend_tile(q[:, :, rows], slot_keys, slot_values, keys, values, masks.of(step), scales)
 
 
 def attend_tile(q: Tensor, slot_keys: Tensor, slot_values: Tensor, keys: Tensor, values: Tensor, mask: Tensor,

@@ -98,12 +98,14 @@ def dplr_delta_rule(
 
     if initial_state is None:
         initial_state = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
-    if T == 0:
-        o, state = v.new_empty(v.shape).to(q.dtype), initial_state.to(compute_dtype(q))
-    elif T == 1:
-        o, state = _step(q, k, v, a, b, w, scale, initial_state)
-    else:
-        o, state = _chunked(q, k, v, a, b, w, scale, initial_state, chunk_size)
+    # autocast would turn the compute dtype's products back into bf16, where torch has no triangular solve
+    with torch.autocast(q.device.type, enabled=False):
+        if T == 0:
+            o, state = v.new_empty(v.shape).to(q.dtype), initial_state.to(compute_dtype(q))
+        elif T == 1:
+            o, state = _step(q, k, v, a, b, w, scale, initial_state)
+        else:
+            o, state = _chunked(q, k, v, a, b, w, scale, initial_state, chunk_size)
     return o, (state if output_final_state else None)
 
 

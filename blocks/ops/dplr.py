@@ -88,18 +88,12 @@ def dplr_delta_rule(
         return _fla_dplr(q, k, v, a, b, w, scale, initial_state, output_final_state, w_lower_bound, cu_seqlens)
     if cu_seqlens is not None:
         check_varlen("dplr_delta_rule", q, initial_state)
-        layout = ChunkLayout(cu_seqlens, chunk_size, T, q.device)
-        if chunk_size > EXACT_CHUNK_SIZE and not _factorable(layout.spread(w), chunk_size):
-            layout = ChunkLayout(cu_seqlens, EXACT_CHUNK_SIZE, T, q.device)  # decays too strong to factor
-        lanes = [layout.spread(x) for x in (q, k, v, a, b, w)]  # [lanes, N * C, H, *]
-        state = q.new_zeros(layout.lanes, H, K, v.shape[-1], dtype=torch.float32)
-        o, state = _chunked(*lanes, scale, state, layout.chunk, layout, output_final_state)
-        return layout.collect(o), state
-
     if initial_state is None:
         initial_state = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
     # autocast would turn the compute dtype's products back into bf16, where torch has no triangular solve
     with torch.autocast(q.device.type, enabled=False):
+        if cu_seqlens is not None:
+            return _varlen(q, k, v, a, b, w, scale, chunk_size, cu_seqlens, output_final_state)
         if T == 0:
             o, state = v.new_empty(v.shape).to(q.dtype), initial_state.to(compute_dtype(q))
         elif T == 1:
@@ -137,6 +131,20 @@ def _step(q, k, v, a, b, w, scale: float, state: Tensor) -> tuple[Tensor, Tensor
     state = w.exp()[..., None] * state + b[..., :, None] * z[..., None, :] + k[..., :, None] * v[..., None, :]
     o = torch.einsum("bhkv,bhk->bhv", state, q * scale)  # [B, H, V]
     return o[:, None].to(out_dtype), state
+
+
+def _varlen(q, k, v, a, b, w, scale: float, chunk_size: int, cu_seqlens: Tensor,
+            final_states: bool) -> tuple[Tensor, Tensor | None]:
+    """The sequences of ``cu_seqlens`` (one flattened row) laid out chunk-aligned in lanes
+    (blocks/ops/varlen.py), in chunks of ``chunk_size`` or, where decays are too strong to factor, 16."""
+    T, H, K = q.shape[1:]
+    layout = ChunkLayout(cu_seqlens, chunk_size, T, q.device)
+    if chunk_size > EXACT_CHUNK_SIZE and not _factorable(layout.spread(w), chunk_size):
+        layout = ChunkLayout(cu_seqlens, EXACT_CHUNK_SIZE, T, q.device)
+    lanes = [layout.spread(x) for x in (q, k, v, a, b, w)]  # [lanes, N * C, H, *]
+    state = q.new_zeros(layout.lanes, H, K, v.shape[-1], dtype=torch.float32)
+    o, state = _chunked(*lanes, scale, state, layout.chunk, layout, final_states)
+    return layout.collect(o), state
 
 
 def _factorable(w: Tensor, chunk: int) -> bool:

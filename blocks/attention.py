@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from blocks.config import require_positive
+from blocks.document_attention import document_attention
+from blocks.documents import documents_in
 from blocks.projection import ProjectedAttention, ProjectionConfig
 from blocks.registry import register_mixer
 from blocks.state import LayerState, StateError
@@ -99,13 +101,18 @@ class SoftmaxAttention(ProjectedAttention):
         return 0
 
     def forward(self, x: Tensor, state: KVCacheState | None = None, ctx: dict | None = None
-                ) -> tuple[Tensor, KVCacheState]:
-        """x: (B, T, d_model) -> y (B, T, d_model), the state after these T tokens."""
+                ) -> tuple[Tensor, KVCacheState | None]:
+        """x: (B, T, d_model) -> y (B, T, d_model), the state after these T tokens (None for packed
+        documents, ``ctx["documents"]``, which each attend within themselves from an empty history)."""
         self._check_input(x)
         if state is not None and not isinstance(state, self.state_cls):
             raise StateError(f"{type(self).__name__} got a {type(state).__name__}, expected a {self.state_cls.__name__}")
+        documents = documents_in(ctx, x, state, type(self).__name__)
         n0 = 0 if state is None else state.seq_len
         q, k, v, new_tails = self.project(x, n0, self.shift_tails(state), ctx)  # (B, H, T, d), (B, Hkv, T, d) x2
+        if documents is not None:
+            lowest = self.lowest_visible if self.windowed else None
+            return self.output(document_attention(q, k, v, documents, scale=self.scale, lowest_visible=lowest)), None
         buffer = None  # where the cache grows in place (None: with autograd, or no state yet)
         if state is not None:
             expected = n0 - self.keep_from(n0)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from blocks.config import require, require_choice, require_positive
 from blocks.conv import ShortConvolution
+from blocks.documents import documents_in
 from blocks.norm import GATE_ACTIVATIONS, GatedRMSNorm, RMSNorm
 from blocks.ops.backend import BACKENDS
 from blocks.ops.delta_rule import DEFAULT_CHUNK_SIZE, gated_delta_rule
@@ -182,20 +183,23 @@ class GatedDeltaNet(nn.Module):
                 raise StateError(f"GatedDeltaNetState.{name} is {got}, this layer needs shape {shape}")
 
     def forward(self, x: Tensor, state: GatedDeltaNetState | None = None,
-                ctx: dict | None = None) -> tuple[Tensor, GatedDeltaNetState]:
-        """``x`` [B, T, d_model] -> ``(y [B, T, d_model], state)``; ``ctx`` is unused (no cross-layer stream)."""
+                ctx: dict | None = None) -> tuple[Tensor, GatedDeltaNetState | None]:
+        """``x`` [B, T, d_model] -> ``(y [B, T, d_model], state)``; ``ctx`` is read only for
+        ``ctx["documents"]`` (packed documents, each from an empty history; the state returned is then None)."""
         if x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
             raise ValueError(f"Gated DeltaNet expects x of shape [B, T>0, {self.d_model}], got {tuple(x.shape)}")
         B, T, _ = x.shape
+        documents = documents_in(ctx, x, state, f"Gated DeltaNet layer {self.layer_idx}")
         if state is None:
             state = self.empty_state(B, x.device, x.dtype)
         self._check_state(state, B)
 
         tails = {}
         if self.config.use_short_conv:
-            q, tails["q_conv"] = self.q_conv1d(self.q_proj(x), state.q_conv)  # [B, T, key_dim]
-            k, tails["k_conv"] = self.k_conv1d(self.k_proj(x), state.k_conv)  # [B, T, key_dim]
-            v, tails["v_conv"] = self.v_conv1d(self.v_proj(x), state.v_conv)  # [B, T, value_dim]
+            cache = (None, None, None) if documents is not None else (state.q_conv, state.k_conv, state.v_conv)
+            q, tails["q_conv"] = self.q_conv1d(self.q_proj(x), cache[0], documents)  # [B, T, key_dim]
+            k, tails["k_conv"] = self.k_conv1d(self.k_proj(x), cache[1], documents)  # [B, T, key_dim]
+            v, tails["v_conv"] = self.v_conv1d(self.v_proj(x), cache[2], documents)  # [B, T, value_dim]
         else:
             q, k, v = F.silu(self.q_proj(x)), F.silu(self.k_proj(x)), F.silu(self.v_proj(x))
         q, k = (_l2norm(t.unflatten(-1, (self.num_heads, self.head_k_dim))) for t in (q, k))  # [B, T, H, K]
@@ -206,16 +210,24 @@ class GatedDeltaNet(nn.Module):
             beta = beta * 2
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())  # [B, T, HV]
 
-        o, recurrent = gated_delta_rule(
-            q, k, v, g, beta, scale=self.head_k_dim**-0.5, initial_state=state.recurrent, output_final_state=True,
-            chunk_size=self.config.chunk_size, backend=self.config.backend,
-        )  # o [B, T, HV, V]
+        if documents is not None:  # the rows as one sequence of documents (fla's varlen layout)
+            o, _ = gated_delta_rule(*(documents.flat(t) for t in (q, k, v, g, beta)), scale=self.head_k_dim**-0.5,
+                                    chunk_size=self.config.chunk_size, backend=self.config.backend,
+                                    cu_seqlens=documents.cu_seqlens)
+            o = documents.unflat(o)  # [B, T, HV, V]
+        else:
+            o, recurrent = gated_delta_rule(
+                q, k, v, g, beta, scale=self.head_k_dim**-0.5, initial_state=state.recurrent, output_final_state=True,
+                chunk_size=self.config.chunk_size, backend=self.config.backend,
+            )  # o [B, T, HV, V]
 
         if self.config.use_gate:
             o = self.o_norm(o, self.g_proj(x).unflatten(-1, (self.num_v_heads, self.head_v_dim)))
         else:
             o = self.o_norm(o)
         y = self.o_proj(o.flatten(-2))  # [B, T, d_model]
+        if documents is not None:
+            return y, None
         return y, GatedDeltaNetState(recurrent=recurrent, seq_len=state.seq_len + T, **tails)
 
 

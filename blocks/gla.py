@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from blocks.config import ConfigError, require, require_choice, require_positive
 from blocks.conv import ShortConvolution
+from blocks.documents import documents_in
 from blocks.norm import GatedRMSNorm, RMSNorm
 from blocks.ops.backend import BACKENDS
 from blocks.ops.gla import gla
@@ -169,16 +170,19 @@ class GatedLinearAttention(nn.Module):
                 "has no short convolutions but the state has"
             raise StateError(f"GLA layer {self.layer_idx} {has} convolution tails (state of another layer?)")
 
-    def forward(self, x: Tensor, state: GLAState | None = None, ctx: dict | None = None) -> tuple[Tensor, GLAState]:
+    def forward(self, x: Tensor, state: GLAState | None = None,
+                ctx: dict | None = None) -> tuple[Tensor, GLAState | None]:
         """``x`` [B, T, d_model] continuing ``state`` (``None``: empty history) -> (y [B, T, d_model], state).
-        ``ctx`` (cross-layer streams) is not used by GLA."""
+        GLA reads only ``ctx["documents"]`` (packed documents, each from an empty history; the state
+        returned is then None)."""
         self._check(x, state)
+        documents = documents_in(ctx, x, state, f"GLA layer {self.layer_idx}")
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, key_dim], [B, T, key_dim/G], [B, T, value_dim/G]
         conv_q = conv_k = conv_v = None
         if self.config.use_short_conv:
-            q, conv_q = self.q_conv1d(q, state.conv_q if state is not None else None)
-            k, conv_k = self.k_conv1d(k, state.conv_k if state is not None else None)
-            v, conv_v = self.v_conv1d(v, state.conv_v if state is not None else None)
+            q, conv_q = self.q_conv1d(q, state.conv_q if state is not None else None, documents)
+            k, conv_k = self.k_conv1d(k, state.conv_k if state is not None else None, documents)
+            v, conv_v = self.v_conv1d(v, state.conv_v if state is not None else None, documents)
         gk = self.gk_proj(x)                                        # [B, T, key_dim/G]
 
         q = q.unflatten(-1, (self.num_heads, self.head_k_dim))     # [B, T, H, K]
@@ -192,9 +196,14 @@ class GatedLinearAttention(nn.Module):
         if self.feature_map_fn is not None:
             q, k = self.feature_map_fn(q), self.feature_map_fn(k)
 
-        o, recurrent = gla(q, k, v, gk, scale=self.head_k_dim ** -0.5,
-                           initial_state=state.recurrent if state is not None else None,
-                           output_final_state=True, backend=self.config.backend)  # [B, T, H, V], [B, H, K, V]
+        if documents is not None:  # the rows as one sequence of documents (fla's varlen layout)
+            o, _ = gla(*(documents.flat(t) for t in (q, k, v, gk)), scale=self.head_k_dim ** -0.5,
+                       backend=self.config.backend, cu_seqlens=documents.cu_seqlens)
+            o = documents.unflat(o)                                  # [B, T, H, V]
+        else:
+            o, recurrent = gla(q, k, v, gk, scale=self.head_k_dim ** -0.5,
+                               initial_state=state.recurrent if state is not None else None,
+                               output_final_state=True, backend=self.config.backend)  # [B, T, H, V], [B, H, K, V]
 
         if self.fuse_norm_and_gate:
             g = self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim))  # [B, T, H, V]
@@ -203,5 +212,7 @@ class GatedLinearAttention(nn.Module):
             o = self.g_norm(o).flatten(-2) * self.gate_fn(self.g_proj(x))
         else:
             o = self.g_norm(o).flatten(-2)                          # [B, T, value_dim]
+        if documents is not None:
+            return self.o_proj(o), None
         seq_len = (state.seq_len if state is not None else 0) + x.shape[1]
         return self.o_proj(o), GLAState(recurrent, conv_q, conv_k, conv_v, seq_len)

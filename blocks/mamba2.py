@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from blocks.config import ConfigError, require, require_choice, require_positive
 from blocks.conv import ShortConvolution
+from blocks.documents import documents_in
 from blocks.norm import GatedRMSNorm
 from blocks.ops.backend import BACKENDS
 from blocks.ops.gla import gla
@@ -169,13 +170,16 @@ class Mamba2(nn.Module):
             raise StateError(f"Mamba2 layer {self.layer_idx}: state.ssm has shape {tuple(state.ssm.shape)}, "
                              f"expected {expected} [B, H, N, P] (state of another layer or batch?)")
 
-    def forward(self, x: Tensor, state: Mamba2State | None = None, ctx: dict | None = None) -> tuple[Tensor, Mamba2State]:
+    def forward(self, x: Tensor, state: Mamba2State | None = None,
+                ctx: dict | None = None) -> tuple[Tensor, Mamba2State | None]:
         """``x`` [B, T, d_model] continuing ``state`` (``None``: empty history) -> (y [B, T, d_model], state).
-        ``ctx`` (cross-layer streams) is not used by Mamba2."""
+        Mamba2 reads only ``ctx["documents"]`` (packed documents, each from an empty history; the
+        state returned is then None)."""
         self._check(x, state)
+        documents = documents_in(ctx, x, state, f"Mamba2 layer {self.layer_idx}")
         groups_state = self.n_groups * self.ssm_state_size
         gate, xBC, dt = self.in_proj(x).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-        xBC, conv = self.conv1d(xBC, state.conv if state is not None else None)  # [B, T, conv_dim]
+        xBC, conv = self.conv1d(xBC, state.conv if state is not None else None, documents)  # [B, T, conv_dim]
         xs, B, C = xBC.split([self.intermediate_size, groups_state, groups_state], dim=-1)
 
         heads_per_group = self.num_heads // self.n_groups
@@ -185,14 +189,21 @@ class Mamba2(nn.Module):
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.config.dt_limit)  # [B, T, H]
         A = -torch.exp(self.A_log.float())                                   # [H]
 
-        y, ssm = gla(C, B, xs * dt[..., None], A * dt, scale=1.0,
-                     initial_state=state.ssm if state is not None else None,
-                     output_final_state=True, backend=self.config.backend)   # [B, T, H, P], [B, H, N, P]
+        if documents is not None:  # the rows as one sequence of documents (fla's varlen layout)
+            y, _ = gla(*(documents.flat(t) for t in (C, B, xs * dt[..., None], A * dt)), scale=1.0,
+                       backend=self.config.backend, cu_seqlens=documents.cu_seqlens)
+            y = documents.unflat(y)                                          # [B, T, H, P]
+        else:
+            y, ssm = gla(C, B, xs * dt[..., None], A * dt, scale=1.0,
+                         initial_state=state.ssm if state is not None else None,
+                         output_final_state=True, backend=self.config.backend)  # [B, T, H, P], [B, H, N, P]
         D = self.D.float().view(self.num_heads, -1)                          # [H, P] or [H, 1]
         y = (y + xs * D).flatten(-2)                                          # [B, T, d_inner]
         if self.config.rmsnorm:
             y = self.norm(y, gate.float())
         else:
             y = y * F.silu(gate.float())
+        if documents is not None:
+            return self.out_proj(y.to(x.dtype)), None
         seq_len = (state.seq_len if state is not None else 0) + x.shape[1]
         return self.out_proj(y.to(x.dtype)), Mamba2State(ssm, conv, seq_len)

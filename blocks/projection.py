@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from blocks.config import check_heads, require, require_choice
+from blocks.documents import CONTEXT_KEY, Documents
 from blocks.rope import ROPE_STYLES, RotaryEmbedding
 
 QK_NORMS = ("none", "layernorm", "rmsnorm")
@@ -121,16 +122,22 @@ class ProjectedAttention(nn.Module):
         if tails is not None:
             state.prev_q, state.prev_k, state.prev_v = tails
 
-    def _shift(self, proj: Tensor, prev: Tensor | None, mix: Tensor) -> Tensor:
-        """proj: (B, T, F); prev: (B, F) last projection of the previous call, or None (first token: itself)."""
+    def _shift(self, proj: Tensor, prev: Tensor | None, mix: Tensor, documents: Documents | None) -> Tensor:
+        """proj: (B, T, F); prev: (B, F) last projection of the previous call, or None (first token: itself);
+        the first token of each of the ``documents`` is a first token too."""
         before = torch.cat([proj[:, :1] if prev is None else prev[:, None].to(proj.dtype), proj[:, :-1]], dim=1)
+        if documents is not None:
+            before = documents.restart(before, proj)
         return proj + mix * (before - proj)
 
     def project(self, x: Tensor, start: int, tails: tuple[Tensor, Tensor, Tensor] | None, ctx: dict | None
                 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
         """x: (B, T, d_model) at positions [start, start+T) ->
-        q (B, H, T, d), k (B, Hkv, T, d), v (B, Hkv, T, d) rotated, and the new token-shift tails."""
+        q (B, H, T, d), k (B, Hkv, T, d), v (B, Hkv, T, d) rotated, and the new token-shift tails.
+        With ``ctx["documents"]`` (packed documents, start 0) positions and token shift restart at
+        each document's first token."""
         b, t, _ = x.shape
+        documents = None if ctx is None else ctx.get(CONTEXT_KEY)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*d), (B, T, Hkv*d) x2
         if self.config.value_residual:
             if ctx is None:
@@ -145,9 +152,9 @@ class ProjectedAttention(nn.Module):
         if self.config.token_shift:
             prev_q, prev_k, prev_v = tails if tails is not None else (None, None, None)
             new_tails = (q[:, -1], k[:, -1], v[:, -1])
-            q = self._shift(q, prev_q, self.shift_q)
-            k = self._shift(k, prev_k, self.shift_k)
-            v = self._shift(v, prev_v, self.shift_v)
+            q = self._shift(q, prev_q, self.shift_q, documents)
+            k = self._shift(k, prev_k, self.shift_k, documents)
+            v = self._shift(v, prev_v, self.shift_v, documents)
         q = q.view(b, t, self.num_heads, self.head_dim)
         k = k.view(b, t, self.num_kv_heads, self.head_dim)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
@@ -155,7 +162,8 @@ class ProjectedAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
         if self.rotary is not None:
-            angles = self.rotary.angles(start, t, x.device)
+            angles = (self.rotary.angles(start, t, x.device) if documents is None
+                      else self.rotary.angles_at(documents.positions[:, None]))  # (T, R/2) or (B, 1, T, R/2)
             if torch.is_grad_enabled():
                 q, k = self.rotary(q, start, angles), self.rotary(k, start, angles)
             else:  # q and k are this call's own tensors here: rotate them in place

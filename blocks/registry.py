@@ -15,6 +15,12 @@ history, a state continues it by any number of tokens; ``ctx`` is a per-forward 
 cross-layer streams (RWKV-7's ``v_first``, value residuals). The same call serves training,
 prefill, continuation and one-token decode.
 
+``ctx["documents"]`` (``blocks.documents.Documents``, read with ``documents_in``), when present,
+says that the rows of ``x`` pack several documents: the mixer then computes every document as if it
+were a sequence of its own (its state, positions, token shift and convolutions restart at its first
+token, and no token reads another document), starts from ``state=None`` and returns ``None`` as the
+state. Training with ``train.document_isolation`` relies on it.
+
 The built-in mixers are registered by the ``blocks`` package itself (its ``__init__`` imports them),
 and Python runs a package's ``__init__`` before any of its modules, so ``from blocks.registry import
 get_mixer`` always sees every built-in mixer.

@@ -64,8 +64,13 @@ class RotaryEmbedding(nn.Module):
         in ``kvm_paper`` the angle is negated (the published code rotates by minus it).
 
         Compute them once and pass them to ``forward`` / ``rotate_`` for q and k alike."""
-        pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
-        angles = torch.outer(pos, self.inv_freq.to(device))  # (length, R/2)
+        return self.angles_at(torch.arange(start, start + length, device=device, dtype=torch.float32))
+
+    def angles_at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin (*positions.shape, rotary_dim / 2) fp32 at any positions, e.g. (B, 1, T) for rows
+        whose positions differ (packed documents, each counted from its start), which broadcast
+        over the heads of (B, H, T, head_dim)."""
+        angles = positions.float()[..., None] * self.inv_freq.to(positions.device)  # (..., R/2)
         cos, sin = angles.cos(), angles.sin()
         if self.round_bf16:
             cos, sin = cos.bfloat16().float(), sin.bfloat16().float()

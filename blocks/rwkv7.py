@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blocks.config import ConfigError, require, require_choice, require_positive
+from blocks.documents import documents_in
 from blocks.ops.backend import BACKENDS
 from blocks.ops.dplr import DEFAULT_CHUNK_SIZE, dplr_delta_rule
 from blocks.registry import register_mixer
@@ -256,16 +257,23 @@ class RWKV7Attention(nn.Module):
                 raise StateError(f"RWKV7State.{name} has shape {tuple(getattr(state, name).shape)}, "
                                  f"this layer needs {shape}")
 
-    def forward(self, x: Tensor, state: RWKV7State | None = None, ctx: dict | None = None) -> tuple[Tensor, RWKV7State]:
-        """``x`` [B, T, d_model] -> ``(y [B, T, d_model], state)``; ``ctx["v_first"]`` links the layers."""
+    def forward(self, x: Tensor, state: RWKV7State | None = None,
+                ctx: dict | None = None) -> tuple[Tensor, RWKV7State | None]:
+        """``x`` [B, T, d_model] -> ``(y [B, T, d_model], state)``; ``ctx["v_first"]`` links the layers.
+        With ``ctx["documents"]`` each packed document starts from an empty history (the token shift
+        sees zero before its first token; the state returned is None). ``v_first`` is per token and
+        needs nothing more."""
         if x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
             raise ValueError(f"RWKV-7 expects x of shape [B, T>0, {self.d_model}], got {tuple(x.shape)}")
         B, T, _ = x.shape
+        documents = documents_in(ctx, x, state, f"RWKV-7 layer {self.layer_idx}")
         if state is None:
             state = self.empty_state(B, x.device, x.dtype)
         self._check_state(state, B)
 
         previous = torch.cat([state.shift[:, None].to(x.dtype), x[:, :-1]], dim=1)  # [B, T, C] token shift
+        if documents is not None:
+            previous = documents.restart(previous, 0.0)  # a document's first token follows nothing
         delta = previous - x  # [B, T, C]
         xr, xw, xk, xv, xa, xg = (torch.addcmul(x, delta, mix) for mix in
                                   (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
@@ -291,14 +299,22 @@ class RWKV7Attention(nn.Module):
         r, w, k, a = (_heads(t, self.head_dim) for t in (r, w, k, a))  # [B, T, H, K]
         v = _heads(v, self.head_v_dim)  # [B, T, H, V]
 
-        o, recurrent = dplr_delta_rule(
-            r, k, v, -kk, kk * a, w, scale=1.0, initial_state=state.recurrent, output_final_state=True,
-            chunk_size=self.config.chunk_size, w_lower_bound=DECAY_LOWER_BOUND, backend=self.config.backend,
-        )  # o [B, T, H, V]
+        if documents is not None:  # the rows as one sequence of documents (fla's varlen layout)
+            o, _ = dplr_delta_rule(*(documents.flat(t) for t in (r, k, v, -kk, kk * a, w)), scale=1.0,
+                                   chunk_size=self.config.chunk_size, w_lower_bound=DECAY_LOWER_BOUND,
+                                   backend=self.config.backend, cu_seqlens=documents.cu_seqlens)
+            o = documents.unflat(o)  # [B, T, H, V]
+        else:
+            o, recurrent = dplr_delta_rule(
+                r, k, v, -kk, kk * a, w, scale=1.0, initial_state=state.recurrent, output_final_state=True,
+                chunk_size=self.config.chunk_size, w_lower_bound=DECAY_LOWER_BOUND, backend=self.config.backend,
+            )  # o [B, T, H, V]
 
         o = self.g_norm(o.reshape(B * T, self.value_dim)).view(B, T, self.value_dim)  # per-head GroupNorm
         bonus = (r * k * self.r_k).sum(-1, keepdim=True) * v  # [B, T, H, V] current-token term
         y = self.o_proj((o + bonus.flatten(-2)) * g)  # [B, T, d_model]
+        if documents is not None:
+            return y, None
         return y, RWKV7State(recurrent=recurrent, shift=x[:, -1], seq_len=state.seq_len + T)
 
     def _v_first(self, ctx: dict | None, B: int, T: int) -> Tensor:

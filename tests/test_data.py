@@ -1,7 +1,8 @@
 """Training data (hybrid/training/data.py): sources of each kind and their errors, the token cache (reuse
 without re-tokenizing, rebuild on change, dtype), the train/val split, packed batches (shapes, the
 target shift, determinism, ranks that split the single-process batch, epoch reshuffles), eval
-batches, and the built-in corpus. Every input is written to a temporary folder here."""
+batches, where documents start (recorded in the cache, carried by the batches, their first tokens not
+predicted), and the built-in corpus. Every input is written to a temporary folder here."""
 
 import json
 import os
@@ -20,8 +21,10 @@ from hybrid.training.data import (
     build_token_cache,
     builtin_corpus,
     find_documents,
+    IGNORE,
     iterate_eval_batches,
     num_eval_batches,
+    split_document_starts,
     split_train_val,
     token_dtype,
 )
@@ -159,7 +162,8 @@ def test_cache_is_reused_without_tokenizing_and_rebuilt_on_change(tmp_path, corp
     assert first.tokens.tobytes() == np.frombuffer(expected, np.uint8).astype(np.uint16).tobytes()
     assert first.dtype == np.uint16 and len(first) == len(expected) == first.meta["num_tokens"]
     assert isinstance(first.tokens, np.memmap) and np.asarray(first).shape == (len(expected),)
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"{first.key}.json", f"{first.key}.tokens"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"{first.key}.{suffix}"
+                                                                      for suffix in ("docs", "json", "tokens")]
 
     meta = json.loads((tmp_path / "cache" / f"{first.key}.json").read_text())
     source = meta["sources"][0]
@@ -185,6 +189,36 @@ def test_cache_is_reused_without_tokenizing_and_rebuilt_on_change(tmp_path, corp
     assert len({changed.key, words.key, no_eos.key}) == 3
 
 
+def test_cache_records_where_documents_start_and_an_older_cache_gains_it(tmp_path, corpus):
+    """Documents without tokens (an empty JSONL text, no eos) start nowhere; a cache written before the
+    offsets were recorded is tokenized again, into the same key, with the same tokens."""
+    with open(corpus / "c.jsonl", "a") as f:
+        f.write('{"text": ""}\n')
+    tok = CountingTokenizer()
+    first = build_token_cache([corpus], tok, tmp_path / "cache", progress=False)
+    lengths = [len(d.text.encode()) for d in find_documents([corpus])]
+    assert lengths[-2] == 0 and tok.calls == len(lengths) == 5
+    ends = np.cumsum(lengths)
+    assert first.document_starts.tolist() == [int(e - n) for e, n in zip(ends, lengths) if n]
+    assert first.meta["num_document_starts"] == 4 and isinstance(first.document_starts, np.memmap)
+
+    meta_path = first.path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    del meta["num_document_starts"]
+    meta_path.write_text(json.dumps(meta))
+    first.path.with_suffix(".docs").unlink()
+    assert TokenFile(first.path).document_starts is None  # an older cache still reads
+    again = build_token_cache([corpus], tok, tmp_path / "cache", progress=False)
+    assert tok.calls == 10 and again.path == first.path and again.tokens.tobytes() == first.tokens.tobytes()
+    assert again.document_starts.tolist() == first.document_starts.tolist()
+    assert build_token_cache([corpus], tok, tmp_path / "cache", progress=False).document_starts is not None
+    assert tok.calls == 10
+
+    first.path.with_suffix(".docs").write_bytes(b"\0" * 8)
+    with pytest.raises(DataError, match=r"document offsets .*\.docs are missing or not the 4"):
+        TokenFile(first.path)
+
+
 def test_documents_end_with_eos_and_large_vocabularies_use_uint32(tmp_path):
     (tmp_path / "a.txt").write_text("w1 w70000 w2")
     (tmp_path / "b.txt").write_text("w3")
@@ -207,7 +241,7 @@ def test_cache_errors(tmp_path):
     tokens = build_token_cache([tmp_path / "a.txt"], ByteTokenizer(), tmp_path / "cache", progress=False)
     with open(tokens.path, "ab") as f:
         f.write(b"\0")
-    with pytest.raises(DataError, match="delete both files to rebuild"):
+    with pytest.raises(DataError, match=r"delete \w+\.\* in .* to rebuild"):
         TokenFile(tokens.path)
 
 
@@ -285,6 +319,48 @@ def test_batch_errors():
         PackedBatches(np.arange(100), seq_len=7, batch_size=1, seed=-1)
     with pytest.raises(DataError, match="step must be a non-negative integer"):
         PackedBatches(np.arange(100), seq_len=7, batch_size=1, seed=0).batch(-1)
+
+
+def check_document_batch(batch, document_starts, seq_len: int) -> None:
+    """A batch of the token stream ``arange`` with ``document_starts``: its starts mark exactly the
+    documents' first tokens (and column 0), and exactly the targets that begin a document take no loss."""
+    inputs, targets, starts = batch
+    offsets = set(document_starts.tolist())
+    assert starts.dtype == torch.bool and starts.shape == inputs.shape == targets.shape
+    for row in range(inputs.shape[0]):
+        first = int(inputs[row, 0])
+        assert first % (seq_len + 1) == 0  # a whole window: its tokens are first, first + 1, ...
+        assert starts[row].tolist() == [j == 0 or first + j in offsets for j in range(seq_len)]
+        expected = [IGNORE if first + j + 1 in offsets else first + j + 1 for j in range(seq_len)]
+        assert targets[row].tolist() == expected and torch.equal(inputs[row], first + torch.arange(seq_len))
+
+
+def test_batches_say_where_documents_start_and_skip_predicting_their_first_token():
+    seq_len, tokens = 7, np.arange(8 * 50 + 3)
+    document_starts = np.unique(np.r_[0, np.random.default_rng(0).integers(1, len(tokens), 90), 8, 9, 16])
+    data = PackedBatches(tokens, seq_len, batch_size=4, seed=1, document_starts=document_starts)
+    plain = PackedBatches(tokens, seq_len, batch_size=4, seed=1)
+    for step in (0, 5, 30):
+        batch = data.batch(step)
+        check_document_batch(batch, document_starts, seq_len)
+        assert torch.equal(batch[0], plain.batch(step)[0])  # the same windows as without documents
+    again = PackedBatches(tokens, seq_len, batch_size=4, seed=1, document_starts=document_starts)
+    assert all(torch.equal(a, b) for a, b in zip(again.batch(5), data.batch(5)))  # a pure function of the step
+    ranks = [PackedBatches(tokens, seq_len, batch_size=2, seed=1, rank=r, world_size=2,
+                           document_starts=document_starts) for r in range(2)]
+    for part in range(3):
+        assert torch.equal(torch.cat([rank.batch(9)[part] for rank in ranks]), data.batch(9)[part])
+    with pytest.raises(DataError, match="document starts must be increasing token offsets"):
+        PackedBatches(tokens, seq_len, batch_size=4, seed=1, document_starts=np.array([0, 5, 5]))
+
+    evaluation = list(iterate_eval_batches(tokens, seq_len, 16, document_starts))
+    assert [len(b) for b in evaluation] == [3] * 4
+    check_document_batch([torch.cat(parts) for parts in zip(*evaluation)], document_starts, seq_len)
+
+    train, val = split_train_val(tokens, 0.2, seq_len)
+    train_starts, val_starts = split_document_starts(document_starts, len(train))
+    assert train_starts.tolist() == [s for s in document_starts.tolist() if s < len(train)]
+    assert (val_starts + len(train)).tolist() == [s for s in document_starts.tolist() if s >= len(train)]
 
 
 def test_eval_batches_cover_every_window_in_order():

@@ -1,6 +1,7 @@
 """Training (hybrid/training/, ``hybrid train``): parameter groups, the schedule, gradient accumulation,
-a loss that falls, checkpoints that resume bitwise after a real SIGKILL, NaN stops that keep the last
-good checkpoint, clear errors for corrupt or mismatched checkpoints and bad settings."""
+a loss that falls, checkpoints that resume bitwise after a real SIGKILL (documents isolated or not),
+the loss of isolated documents, NaN stops that keep the last good checkpoint, clear errors for corrupt
+or mismatched checkpoints and bad settings."""
 
 import json
 import math
@@ -16,6 +17,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+import torch.nn.functional as F
 from torch import nn
 
 from hybrid.cli.main import main
@@ -41,6 +43,17 @@ def corpus(tmp_path_factory) -> Path:
     lines = ["the quick brown fox jumps over the lazy dog.", "a stitch in time saves nine.",
              "all that glitters is not gold."]
     path.write_text("\n".join(lines[i % 3] for i in range(300)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory) -> Path:
+    """A JSONL file of 400 short documents (16 to 60 bytes): a 64-token row packs several."""
+    path = tmp_path_factory.mktemp("train_documents") / "documents.jsonl"
+    words = ["fox", "dog", "stitch", "time", "gold", "glitters", "the", "a", "lazy", "quick", "nine", "saves"]
+    lines = [json.dumps({"text": " ".join(words[(i * 7 + j * 5) % len(words)] for j in range(3 + i % 9)) + "."})
+             for i in range(400)]
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
@@ -138,6 +151,56 @@ def test_settings_are_strict_with_yaml_paths_and_overrides(corpus, tmp_path):
         parse_overrides(["lr=1e-3"])
 
 
+def test_document_isolation_is_a_strict_switch_for_text_data(corpus, tmp_path):
+    recipe = small_recipe(corpus, tmp_path / "run")
+    assert config_from_recipe(recipe, parse_overrides(["train.document_isolation=true"])).document_isolation
+    with pytest.raises(RecipeError, match=r"train\.document_isolation: must be bool, got 'yes'"):
+        config_from_recipe(recipe, {"document_isolation": "yes"})
+
+    class Synthetic:
+        def batch(self, step):
+            return torch.zeros(4, 32, dtype=torch.long), torch.zeros(4, 32, dtype=torch.long)
+
+    isolated = small_recipe(corpus, tmp_path / "run", document_isolation=True, val_every=0)
+    with pytest.raises(TrainError, match="train.document_isolation needs text data"):
+        train(isolated, config_from_recipe(isolated), progress=False, batches=Synthetic())
+
+
+def test_an_isolated_loss_is_the_mean_over_documents_alone_and_accumulates_like_one_batch():
+    """Targets that begin a document take no loss (the data marks them -100); the rest are predicted
+    from their own document only. Gradient accumulation splits the document starts with the rows and
+    weighs each micro-batch by the targets it scores: the loss and gradients of one batch."""
+    torch.manual_seed(0)
+    recipe = recipe_from_dict({"model": SMALL_MODEL})
+    tokens = torch.randint(0, 256, (4, 17))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
+    starts = torch.zeros(4, 16, dtype=torch.bool)
+    starts[:, 0] = starts[0, 5] = starts[1, 9] = starts[1, 10] = starts[3, 15] = True
+    targets[0, 4] = targets[1, 8] = targets[1, 9] = targets[3, 14] = -100  # before each later start
+    losses, grads = [], []
+    for accum in (1, 2, 4):
+        torch.manual_seed(1)
+        model = HybridLM(recipe.model).train()
+        losses.append(accumulate_gradients(model, inputs, targets, accum, document_starts=starts))
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[2] == pytest.approx(losses[0], rel=1e-6)
+    for name, grad in grads[0].items():
+        for other in grads[1:]:
+            torch.testing.assert_close(other[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    torch.manual_seed(1)
+    model = HybridLM(recipe.model)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in range(4):
+            bounds = [*starts[row].nonzero().flatten().tolist(), 16]
+            for begin, end in zip(bounds[:-1], bounds[1:]):
+                logits = model(inputs[row:row + 1, begin:end]).logits[0]
+                scored = targets[row, begin:end] != -100
+                total += F.cross_entropy(logits[scored], targets[row, begin:end][scored], reduction="sum").item()
+                count += int(scored.sum())
+    assert count == 60 and losses[0] == pytest.approx(total / count, rel=1e-5)
+
+
 def test_cli_user_errors_are_one_line_exit_2(corpus, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--help"])
@@ -195,21 +258,23 @@ def test_finished_run_is_not_trained_again_and_no_resume_refuses(finished):
         run(recipe, resume=False)
 
 
-def _kill_resume_recipe(corpus: Path, folder: Path) -> Path:
+def _kill_resume_recipe(corpus: Path, folder: Path, isolated: bool) -> Path:
     path = folder / "recipe.yaml"
     model = {**load_recipe("tiny/gla_kvm").to_dict()["model"]}
     path.write_text(yaml.safe_dump({"model": model, "train": settings(
         corpus, folder / "killed", seq_len=64, batch_size=8, max_steps=30, val_every=10, ckpt_every=4,
-        keep_last=3)}))
+        keep_last=3, document_isolation=isolated)}))
     return path
 
 
-def test_resume_after_sigkill_equals_an_uninterrupted_run_bitwise(corpus, tmp_path):
+@pytest.mark.parametrize("isolated", [False, True], ids=["packed", "documents isolated"])
+def test_resume_after_sigkill_equals_an_uninterrupted_run_bitwise(corpus, documents, tmp_path, isolated):
     """A real `hybrid train` process is SIGKILLed after its step-4 checkpoint, once it has logged step 6;
     a second process resumes from the newest checkpoint (dropping the killed run's metrics lines past
     it); every loss, gradient norm and validation loss, and the final weights, equal those of an
-    uninterrupted run of the same settings bit for bit."""
-    recipe_path = _kill_resume_recipe(corpus, tmp_path)
+    uninterrupted run of the same settings bit for bit. With document isolation too, on a corpus of
+    short documents."""
+    recipe_path = _kill_resume_recipe(documents if isolated else corpus, tmp_path, isolated)
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "hybrid", "train", str(recipe_path), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

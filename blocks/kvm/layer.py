@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blocks.documents import documents_in
 from blocks.kvm.attention import kvm_attention
 from blocks.kvm.config import KVMConfig
+from blocks.kvm.documents import kvm_attention_documents
 from blocks.kvm.state import KVMState
 from blocks.projection import ProjectedAttention
 from blocks.registry import register_mixer
@@ -30,18 +32,22 @@ class KVMAttention(ProjectedAttention):
             self.state_temp = nn.Parameter(torch.ones(self.num_heads))
         self.state_key_norm = nn.LayerNorm(self.head_dim, eps=config.norm_eps)
 
-    def forward(self, x: Tensor, state: KVMState | None = None, ctx: dict | None = None) -> tuple[Tensor, KVMState]:
-        """x: (B, T, d_model) -> y (B, T, d_model), the state after these T tokens."""
+    def forward(self, x: Tensor, state: KVMState | None = None,
+                ctx: dict | None = None) -> tuple[Tensor, KVMState | None]:
+        """x: (B, T, d_model) -> y (B, T, d_model), the state after these T tokens (None for packed
+        documents, ``ctx["documents"]``, which each run from an empty state: blocks/kvm/documents.py)."""
         self._check_input(x)
         if state is not None and not isinstance(state, KVMState):
             raise StateError(f"KVMAttention got a {type(state).__name__}, expected a KVMState")
+        documents = documents_in(ctx, x, state, "KVMAttention")
         q, k, v, new_tails = self.project(x, 0 if state is None else state.seq_len, self.shift_tails(state), ctx)
         gate = None
         if self.config.uses_merge_gate:
             gate = (1 + F.elu(self.merge_gate_proj(x))).transpose(1, 2).unsqueeze(-1)  # (B, Hkv, T, 1)
-        o, new_state = kvm_attention(
-            q, k, v, gate, self.config, state, state_key_norm=self.state_key_norm,
-            window_temp=getattr(self, "window_temp", None), state_temp=getattr(self, "state_temp", None),
-            scale=self.scale)
+        read = dict(state_key_norm=self.state_key_norm, window_temp=getattr(self, "window_temp", None),
+                    state_temp=getattr(self, "state_temp", None), scale=self.scale)
+        if documents is not None:
+            return self.output(kvm_attention_documents(q, k, v, gate, self.config, documents, **read)), None
+        o, new_state = kvm_attention(q, k, v, gate, self.config, state, **read)
         self.store_shift_tails(new_state, new_tails)
         return self.output(o), new_state

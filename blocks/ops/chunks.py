@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from blocks.ops.varlen import ChunkLayout, scan_chunks
+
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """fp32 for half/bf16/fp32 inputs (states are always kept at least fp32); fp64 stays fp64."""
@@ -23,21 +25,20 @@ def to_chunks(x: Tensor, n_chunks: int, chunk: int, dtype: torch.dtype) -> Tenso
     return x.transpose(1, 2).reshape(B, H, n_chunks, chunk, *x.shape[3:])
 
 
-def across_chunks(F: Tensor, Gm: Tensor, state: Tensor, q_start: Tensor, o_intra: Tensor,
-                  length: int) -> tuple[Tensor, Tensor]:
+def across_chunks(F: Tensor, Gm: Tensor, state: Tensor, q_start: Tensor, o_intra: Tensor, length: int,
+                  layout: ChunkLayout | None = None, final_states: bool = False) -> tuple[Tensor, Tensor | None]:
     """The state entering each chunk, from ``state`` through each chunk's ``S_next = F @ S + Gm``, and
     every token's output ``o_intra + q_start @ S_start`` (the part inside its chunk plus its read of
     the state the chunk began with).
 
     F: [B, H, N, K, K]; Gm: [B, H, N, K, V]; state: [B, H, K, V]; q_start: [B, H, N, C, K]; o_intra:
     [B, H, N, C, V], in the compute dtype. Returns the outputs of the first ``length`` tokens
-    [B, length, H, V] and the state after the last chunk [B, H, K, V], both in the compute dtype."""
+    [B, length, H, V] and the final state in the compute dtype: after the last chunk [B, H, K, V], or
+    with a ``layout`` (packed sequences in lanes, blocks/ops/varlen.py) each sequence's own when
+    ``final_states``, else None."""
     B, H, N, C, V = o_intra.shape
-    state = state.to(o_intra.dtype)
-    starts = []
-    for n in range(N):
-        starts.append(state)
-        state = F[:, :, n] @ state + Gm[:, :, n]  # [B, H, K, V]
-    o = o_intra + q_start @ torch.stack(starts, dim=2)  # [B, H, N, C, V]
+    starts, state = scan_chunks(state.to(o_intra.dtype), lambda s, n: F[:, :, n] @ s + Gm[:, :, n], N,
+                                layout, final_states)  # starts: [B, H, N, K, V]
+    o = o_intra + q_start @ starts  # [B, H, N, C, V]
     o = o.reshape(B, H, N * C, V)[:, :, :length].transpose(1, 2)  # [B, T, H, V]
     return o, state

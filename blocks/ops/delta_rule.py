@@ -32,6 +32,7 @@ from torch import Tensor
 
 from blocks.ops.backend import resolve_backend
 from blocks.ops.chunks import across_chunks, compute_dtype, to_chunks
+from blocks.ops.varlen import ChunkLayout, check_varlen
 
 DEFAULT_CHUNK_SIZE = 64
 
@@ -48,6 +49,7 @@ def gated_delta_rule(
     output_final_state: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Run the gated delta rule over ``T`` tokens, starting from ``initial_state`` (zeros if ``None``).
 
@@ -61,6 +63,9 @@ def gated_delta_rule(
         output_final_state: also return the state after the last token.
         chunk_size: tokens per chunk of the torch path (the fla path uses fla's own).
         backend: ``"auto"`` (fla on CUDA, torch elsewhere), ``"torch"`` or ``"fla"``.
+        cu_seqlens: [N + 1] offsets of N sequences in one flattened row (B = 1), fla's varlen
+            convention: each starts from a zero state (the torch path needs ``initial_state`` None) and
+            the final state is each sequence's, [N, HV, K, V] (blocks/ops/varlen.py).
 
     Returns:
         ``(o, final_state)``: o [B, T, HV, V] in q's dtype; final_state [B, HV, K, V] fp32 (fp64 for fp64
@@ -70,11 +75,18 @@ def gated_delta_rule(
     if scale is None:
         scale = K**-0.5
     if resolve_backend(backend, q.device) == "fla":
-        return _fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state)
+        return _fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
 
     HV = v.shape[2]
     if HV != H:  # grouped value heads: value head i reads q/k head i // (HV // H)
         q, k = (x.repeat_interleave(HV // H, dim=2) for x in (q, k))  # [B, T, HV, K]
+    if cu_seqlens is not None:
+        check_varlen("gated_delta_rule", q, initial_state)
+        layout = ChunkLayout(cu_seqlens, chunk_size, T, q.device)
+        lanes = [layout.spread(x) for x in (q, k, v, g, beta)]  # [lanes, N * C, HV, *]
+        state = q.new_zeros(layout.lanes, HV, K, v.shape[-1], dtype=torch.float32)
+        o, state = _chunked(*lanes, scale, state, chunk_size, layout, output_final_state)
+        return layout.collect(o), state
     if initial_state is None:
         initial_state = q.new_zeros(B, HV, K, v.shape[-1], dtype=torch.float32)
     if T == 0:
@@ -118,8 +130,10 @@ def _step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float
 
 
 def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float, state: Tensor,
-             chunk_size: int) -> tuple[Tensor, Tensor]:
-    """WY-form chunks in parallel, then one affine state update per chunk (see the module docstring)."""
+             chunk_size: int, layout: ChunkLayout | None = None, final_states: bool = False) -> tuple[Tensor, Tensor]:
+    """WY-form chunks in parallel, then one affine state update per chunk (see the module docstring).
+    With a ``layout`` the state restarts where it says, and the final state is each sequence's
+    (``final_states``) or None."""
     out_dtype = q.dtype
     T, K = q.shape[1], q.shape[3]
     V = v.shape[-1]
@@ -149,11 +163,11 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: fl
     F = G_last.exp()[..., None, None] * eye - k_end.mT @ W  # [B, H, N, K, K] S_next = F @ S + Gm
     Gm = k_end.mT @ U  # [B, H, N, K, V]
 
-    o, state = across_chunks(F, Gm, state, q_start, o_intra, T)
+    o, state = across_chunks(F, Gm, state, q_start, o_intra, T, layout, final_states)
     return o.to(out_dtype), state
 
 
-def _fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state):
+def _fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
     """fla's Triton kernels (CUDA): chunked while training or for long inputs, fused recurrent otherwise."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
@@ -161,4 +175,4 @@ def _fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_s
         initial_state = initial_state.float()
     kernel = chunk_gated_delta_rule if torch.is_grad_enabled() or q.shape[1] > 64 else fused_recurrent_gated_delta_rule
     return kernel(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
-                  output_final_state=output_final_state, state_v_first=False)
+                  output_final_state=output_final_state, state_v_first=False, cu_seqlens=cu_seqlens)

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from blocks.ops.backend import resolve_backend
 from blocks.ops.chunks import across_chunks, compute_dtype, to_chunks
+from blocks.ops.varlen import ChunkLayout, check_varlen
 
 DEFAULT_CHUNK_SIZE = 64
 EXACT_CHUNK_SIZE = 16
@@ -56,6 +57,7 @@ def dplr_delta_rule(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     w_lower_bound: float | None = None,
     backend: str = "auto",
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Run the DPLR delta rule over ``T`` tokens, starting from ``initial_state`` (zeros if ``None``).
 
@@ -71,6 +73,9 @@ def dplr_delta_rule(
         w_lower_bound: a promise that ``w >= w_lower_bound`` everywhere (RWKV-7: ``-exp(-0.5)``);
             only the fla path uses it, to pick its faster 64-token chunks.
         backend: ``"auto"`` (fla on CUDA, torch elsewhere), ``"torch"`` or ``"fla"``.
+        cu_seqlens: [N + 1] offsets of N sequences in one flattened row (B = 1), fla's varlen
+            convention: each starts from a zero state (the torch path needs ``initial_state`` None) and
+            the final state is each sequence's, [N, H, K, V] (blocks/ops/varlen.py).
 
     Returns:
         ``(o, final_state)``: o [B, T, H, V] in q's dtype; final_state [B, H, K, V] fp32 (fp64 for fp64
@@ -80,12 +85,15 @@ def dplr_delta_rule(
     if scale is None:
         scale = K**-0.5
     if resolve_backend(backend, q.device) == "fla":
-        return _fla_dplr(q, k, v, a, b, w, scale, initial_state, output_final_state, w_lower_bound)
-
+        return _fla_dplr(q, k, v, a, b, w, scale, initial_state, output_final_state, w_lower_bound, cu_seqlens)
+    if cu_seqlens is not None:
+        check_varlen("dplr_delta_rule", q, initial_state)
     if initial_state is None:
         initial_state = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
     # autocast would turn the compute dtype's products back into bf16, where torch has no triangular solve
     with torch.autocast(q.device.type, enabled=False):
+        if cu_seqlens is not None:
+            return _varlen(q, k, v, a, b, w, scale, chunk_size, cu_seqlens, output_final_state)
         if T == 0:
             o, state = v.new_empty(v.shape).to(q.dtype), initial_state.to(compute_dtype(q))
         elif T == 1:
@@ -125,8 +133,33 @@ def _step(q, k, v, a, b, w, scale: float, state: Tensor) -> tuple[Tensor, Tensor
     return o[:, None].to(out_dtype), state
 
 
-def _chunked(q, k, v, a, b, w, scale: float, state: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Chunk-parallel solve, then one affine state update per chunk (see the module docstring)."""
+def _varlen(q, k, v, a, b, w, scale: float, chunk_size: int, cu_seqlens: Tensor,
+            final_states: bool) -> tuple[Tensor, Tensor | None]:
+    """The sequences of ``cu_seqlens`` (one flattened row) laid out chunk-aligned in lanes
+    (blocks/ops/varlen.py), in chunks of ``chunk_size`` or, where decays are too strong to factor, 16."""
+    T, H, K = q.shape[1:]
+    layout = ChunkLayout(cu_seqlens, chunk_size, T, q.device)
+    if chunk_size > EXACT_CHUNK_SIZE and not _factorable(layout.spread(w), chunk_size):
+        layout = ChunkLayout(cu_seqlens, EXACT_CHUNK_SIZE, T, q.device)
+    lanes = [layout.spread(x) for x in (q, k, v, a, b, w)]  # [lanes, N * C, H, *]
+    state = q.new_zeros(layout.lanes, H, K, v.shape[-1], dtype=torch.float32)
+    o, state = _chunked(*lanes, scale, state, layout.chunk, layout, final_states)
+    return layout.collect(o), state
+
+
+def _factorable(w: Tensor, chunk: int) -> bool:
+    """Whether the cumulative log decay inside every chunk of ``chunk`` tokens of w [B, T, H, K] stays
+    within ``SAFE_SPAN`` (w <= 0, so the chunk's total is its largest)."""
+    T = w.shape[1]
+    total = torch.nn.functional.pad(w, (0, 0, 0, 0, 0, -T % chunk)).unflatten(1, (-1, chunk)).sum(2)  # [B, N, H, K]
+    return bool(total.abs().amax() <= SAFE_SPAN)
+
+
+def _chunked(q, k, v, a, b, w, scale: float, state: Tensor, chunk_size: int, layout: ChunkLayout | None = None,
+             final_states: bool = False) -> tuple[Tensor, Tensor]:
+    """Chunk-parallel solve, then one affine state update per chunk (see the module docstring). With a
+    ``layout`` (whose chunks were chosen by ``_factorable``) the state restarts where it says, and the
+    final state is each sequence's (``final_states``) or None."""
     out_dtype = q.dtype
     T, K = q.shape[1], q.shape[3]
     V = v.shape[-1]
@@ -137,7 +170,7 @@ def _chunked(q, k, v, a, b, w, scale: float, state: Tensor, chunk_size: int) -> 
     w_chunks = to_chunks(w, N, C, dtype)  # [B, H, N, C, K]
     G = w_chunks.cumsum(-2)  # [B, H, N, C, K] log decay of the state from the chunk start through token i
     factorable = bool(G.abs().amax() <= SAFE_SPAN)
-    if not factorable and C > EXACT_CHUNK_SIZE:
+    if not factorable and C > EXACT_CHUNK_SIZE and layout is None:
         return _chunked(q, k, v, a, b, w, scale, state, EXACT_CHUNK_SIZE)  # decays too strong to factor
     G_excl = G - w_chunks  # [B, H, N, C, K] ... through token i - 1 (what a_i reads)
     G_last = G[..., -1, :]  # [B, H, N, K]
@@ -158,7 +191,7 @@ def _chunked(q, k, v, a, b, w, scale: float, state: Tensor, chunk_size: int) -> 
     F = torch.diag_embed(G_last.exp()) + b_end.mT @ W  # [B, H, N, K, K]   S_next = F @ S + Gm
     Gm = k_end.mT @ v + b_end.mT @ U  # [B, H, N, K, V]
 
-    o, state = across_chunks(F, Gm, state, q_start, o_intra, T)
+    o, state = across_chunks(F, Gm, state, q_start, o_intra, T, layout, final_states)
     return o.to(out_dtype), state
 
 
@@ -194,7 +227,7 @@ def _intra_exact(q, k, a, b, G, G_excl):
     return (*M_q.unbind(-3), *M_a.unbind(-3))
 
 
-def _fla_dplr(q, k, v, a, b, w, scale, initial_state, output_final_state, w_lower_bound):
+def _fla_dplr(q, k, v, a, b, w, scale, initial_state, output_final_state, w_lower_bound, cu_seqlens):
     """fla's Triton kernels (CUDA): chunked while training or for long inputs, fused recurrent otherwise."""
     from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
 
@@ -203,6 +236,6 @@ def _fla_dplr(q, k, v, a, b, w, scale, initial_state, output_final_state, w_lowe
     if torch.is_grad_enabled() or q.shape[1] >= 64:
         bound = {} if w_lower_bound is None else {"safe_gate": True, "lower_bound": w_lower_bound, "chunk_size": 64}
         return chunk_rwkv7(r=q, w=w, k=k, v=v, a=a, b=b, scale=scale, initial_state=initial_state,
-                           output_final_state=output_final_state, **bound)
+                           output_final_state=output_final_state, cu_seqlens=cu_seqlens, **bound)
     return fused_recurrent_rwkv7(r=q, w=w, k=k, v=v, a=a, b=b, scale=scale, initial_state=initial_state,
-                                 output_final_state=output_final_state)
+                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)

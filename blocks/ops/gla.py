@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from blocks.ops.backend import resolve_backend
+from blocks.ops.varlen import ChunkLayout, check_varlen, scan_chunks
 
 CHUNK_SIZE_PER_HEAD = 64
 CHUNK_SIZE_PER_KEY = 16
@@ -116,6 +117,7 @@ def chunk_gla_torch(
     output_final_state: bool = False,
     chunk_size: int | None = None,
     sub_chunk: int = SUB_CHUNK,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunked GLA in pure PyTorch (see the module docstring for the recurrence).
 
@@ -127,6 +129,9 @@ def chunk_gla_torch(
         output_final_state: also return the state after the last token.
         chunk_size: tokens per chunk; ``None`` picks ``CHUNK_SIZE_PER_KEY`` or ``CHUNK_SIZE_PER_HEAD``.
         sub_chunk: tokens per secondary chunk (per-key gates only); must divide ``chunk_size``.
+        cu_seqlens: [N + 1] offsets of N sequences in one flattened row (B = 1), fla's varlen
+            convention: each starts from a zero state (``initial_state`` must be None) and the final
+            state is each sequence's, [N, H, K, V] (blocks/ops/varlen.py).
 
     Returns:
         ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] fp32 or None)``.
@@ -139,13 +144,28 @@ def chunk_gla_torch(
         sub_chunk = 1
     if chunk_size <= 0 or sub_chunk <= 0 or chunk_size % sub_chunk:
         raise ValueError(f"gla: sub_chunk ({sub_chunk}) must be positive and divide chunk_size ({chunk_size})")
-    batch, length, heads, key_dim = q.shape
+    if cu_seqlens is not None:
+        check_varlen("gla", q, initial_state)
+        layout = ChunkLayout(cu_seqlens, chunk_size, q.shape[1], q.device)
+        q, k, v, g = (layout.spread(t) for t in (q, k, v, g))  # [lanes, N * C, H, *]
+        o, state = _chunked(q, k, v, g, scale, None, chunk_size, sub_chunk, layout, output_final_state)
+        return layout.collect(o), state
+    length = q.shape[1]
     if length == 1:
         o, state = recurrent_step(q, k, v, g, scale=scale, state=initial_state)
         return o, state if output_final_state else None
     chunk = min(chunk_size, -(-length // sub_chunk) * sub_chunk)  # short inputs: one small chunk
+    return _chunked(q, k, v, g, scale, initial_state, chunk, sub_chunk, None, output_final_state)
+
+
+def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, initial_state: Tensor | None, chunk: int,
+             sub_chunk: int, layout: ChunkLayout | None, output_final_state: bool) -> tuple[Tensor, Tensor | None]:
+    """``chunk_gla_torch`` in chunks of ``chunk`` tokens; with a ``layout``, q is [lanes, N * chunk, H, K]
+    and the state restarts where the layout says."""
+    batch, length, heads, key_dim = q.shape
     n_chunks = -(-length // chunk)
     pad = n_chunks * chunk - length
+    per_key = g.dim() == 4
 
     def to_chunks(t: Tensor) -> Tensor:  # [B, T, H, *] -> [B, H, N, C, *] fp32, zero-padded
         t = t.float().transpose(1, 2)
@@ -167,11 +187,8 @@ def chunk_gla_torch(
     chunk_states = k_to_end.transpose(-1, -2) @ vc       # [B, H, N, K, V] each chunk's own contribution
     chunk_decay = torch.exp(G_end).transpose(-1, -2)     # [B, H, N, K|1, 1]
     state = initial_state.float() if initial_state is not None else qc.new_zeros(batch, heads, key_dim, vc.shape[-1])
-    states_before = []
-    for decay_n, state_n in zip(chunk_decay.unbind(2), chunk_states.unbind(2)):  # carry across chunks
-        states_before.append(state)
-        state = decay_n * state + state_n
-    states_before = torch.stack(states_before, dim=2)    # [B, H, N, K, V] state entering each chunk
+    states_before, state = scan_chunks(  # [B, H, N, K, V] state entering each chunk
+        state, lambda s, n: chunk_decay[:, :, n] * s + chunk_states[:, :, n], n_chunks, layout, output_final_state)
     o = o + (qc * torch.exp(G)) @ states_before          # inter-chunk part
 
     o = o.flatten(2, 3)[:, :, :length].transpose(1, 2)   # [B, T, H, V]
@@ -188,19 +205,21 @@ def gla(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     backend: str = "auto",
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """GLA on the best engine for q's device: fla's kernels on CUDA, ``chunk_gla_torch`` elsewhere.
 
     Same arguments and results as ``chunk_gla_torch``; ``backend`` is ``"auto"``, ``"torch"`` or
     ``"fla"`` (see ``blocks.ops.backend``). Per-key gates use fla's ``fused_recurrent_gla`` up to
     64 tokens and ``chunk_gla`` above (as fla's layer does); per-head gates use ``chunk_simple_gla``.
+    ``cu_seqlens`` goes to either as fla defines it.
     """
     if resolve_backend(backend, q.device) == "torch":
         return chunk_gla_torch(q, k, v, g, scale=scale, initial_state=initial_state,
-                               output_final_state=output_final_state)
+                               output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     _check_inputs(q, k, v, g, initial_state)
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                  state_v_first=False)
+                  state_v_first=False, cu_seqlens=cu_seqlens)
     if g.dim() == 3:
         from fla.ops.simple_gla import chunk_simple_gla
 

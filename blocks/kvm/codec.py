@@ -5,6 +5,11 @@ re-fills them). Slots hold *sums* of prepared (gated) keys and values; a read re
 in time: keys through the state-key norm, values as their direction times the norm of the value that
 created the slot ("vlens"), or divided by a count. Routing compares prepared keys with read slot keys
 in fp32, over fewer dims where the norm is a LayerNorm (``SlotCodec.fewer_routing_dims``).
+
+The mean read (``state_read: mean``, docs/kvm.md §7) has no state-key norm: prepared keys are the
+keys as they are, a slot is read as the mean of its tokens (sums divided by the count) with log(count)
+added to its logits, so that a slot of n equal tokens weighs what those n tokens would, and routing
+compares directions (cosine similarity).
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ import functools
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blocks.kvm.config import KVMConfig
+
+NO_NORM = nn.Identity()  # the mean read's state-key "norm": keys as they are
 
 
 class Slots(NamedTuple):
@@ -24,6 +32,14 @@ class Slots(NamedTuple):
     keys: Tensor  # (B, Hkv, S, d): sums of prepared (gated) keys
     values: Tensor  # (B, Hkv, S, dv): sums of (gated) values
     lens: Tensor  # (B, Hkv, S, 1) fp32: creating-value norm (vlens) or count of absorbed tokens
+
+
+class SlotReads(NamedTuple):
+    """Slots as attention reads them."""
+
+    keys: Tensor  # (..., S, d)
+    values: Tensor  # (..., S, dv)
+    bias: Tensor | None  # (..., S) fp32 added to the slots' logits (the mean read's log count), or None
 
 
 class Incoming(NamedTuple):
@@ -36,10 +52,11 @@ class Incoming(NamedTuple):
 
 
 class SlotCodec:
-    """The slot formulas of one layer: its config, state-key norm and zeroed key dims."""
+    """The slot formulas of one layer: its config, state-key norm (none for the mean read) and zeroed key dims."""
 
     def __init__(self, config: KVMConfig, state_key_norm: nn.Module, zero_dims: int):
-        self.config, self.norm, self.zero_dims = config, state_key_norm, zero_dims
+        self.config, self.zero_dims = config, zero_dims
+        self.norm = NO_NORM if config.reads_mean else state_key_norm
 
     def prepare_keys(self, k: Tensor) -> Tensor:
         """Keys entering the state: zero the rotated dims, then the state-key norm (which re-fills them)."""
@@ -67,6 +84,8 @@ class SlotCodec:
         """Prepared keys (..., C, d) -> fp32 (..., C, r): their routing score against a slot is the
         product with the slot's ``slot_features``."""
         k_u, wb, z = k_u.detach().float(), self.fewer_routing_dims, self.zero_dims
+        if self.config.reads_mean:
+            return F.normalize(k_u, dim=-1)
         if wb is None:
             return k_u
         w, b = wb
@@ -77,6 +96,8 @@ class SlotCodec:
     def slot_features(self, normed: Tensor) -> Tensor:
         """Normed slot keys (..., S, d) -> fp32 (..., S, r), the other side of ``token_features``."""
         normed, wb, z = normed.detach().float(), self.fewer_routing_dims, self.zero_dims
+        if self.config.reads_mean:
+            return F.normalize(normed, dim=-1)
         if wb is None:
             return normed
         return torch.cat([normed[..., z:], normed[..., :z] @ torch.stack(wb, -1)], -1)  # (..., S, d - z + 2)
@@ -104,14 +125,17 @@ class SlotCodec:
         k_u = self.prepare_keys(k)
         return Incoming(k_u, v, torch.cat(self.gated(k_u, v, g), -1), self.token_features(k_u))
 
-    def read(self, keys: Tensor, values: Tensor, lens: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def read(self, keys: Tensor, values: Tensor, lens: Tensor, dtype: torch.dtype) -> SlotReads:
         """The read formula, row by row: (..., d) key sums, (..., dv) value sums, (..., 1) lens ->
-        attention keys (the state-key norm; the next update routes against them too) and values in
-        ``dtype``."""
+        attention keys (the next update routes against them too), values in ``dtype`` and the logit
+        bias. Normed: keys through the state-key norm, no bias; mean: the sums over the count of
+        tokens (``use_vlens`` is off: lens count them), bias log(count)."""
+        if self.config.reads_mean:
+            return SlotReads((keys.float() / lens).to(dtype), (values.float() / lens).to(dtype), lens.log().squeeze(-1))
         if self.config.use_vlens:  # direction times length: F.normalize(values) * lens in one pass over the values
             values = values.float() * (lens / values.float().norm(dim=-1, keepdim=True).clamp_min(1e-12))
         else:
             values = values.float() / lens
         if self.config.bf16_state_values:
             values = values.bfloat16()
-        return self.norm(keys), values.to(dtype)
+        return SlotReads(self.norm(keys), values.to(dtype), None)

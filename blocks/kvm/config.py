@@ -8,6 +8,7 @@ from blocks.config import require, require_choice, require_positive
 from blocks.projection import ProjectionConfig
 
 BUDGETS = ("fixed", "power_law", "saturation")
+STATE_READS = ("normed", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,7 @@ class KVMConfig(ProjectionConfig):
     round_down: int = 1  # slot targets are rounded down to a multiple of this
     max_state_chunks: int | None = None  # cap slots at chunk_len * this (None: no cap)
     use_vlens: bool = True  # read slot values as direction * creating-value norm (else: mean)
+    state_read: str = "normed"  # normed: the paper's read (state-key norm); mean: sums / count, + log(count) (§7)
     use_head_temps: bool = True  # per-head temperatures on window and state logits
     merge_gate_keys: bool = True  # weight merged keys by the 1+ELU merge gate
     merge_gate_values: bool = True  # weight merged values by the merge gate
@@ -45,6 +47,9 @@ class KVMConfig(ProjectionConfig):
         require(isinstance(self.sink_len, int) and 0 <= self.sink_len < self.chunk_len, "sink_len",
                 f"must be in [0, chunk_len={self.chunk_len}) so that merges have a slot to go to, got {self.sink_len}")
         require_choice("budget", self.budget, BUDGETS)
+        require_choice("state_read", self.state_read, STATE_READS)
+        require(self.state_read != "mean" or not self.use_vlens, "use_vlens",
+                "the mean read divides by the count of absorbed tokens: set use_vlens: false with state_read: mean")
         require(self.growth_factor > 0, "growth_factor", f"must be > 0, got {self.growth_factor}")
         require(0 < self.growth_exponent <= 1, "growth_exponent", f"must be in (0, 1], got {self.growth_exponent}")
         if self.budget == "saturation":
@@ -59,6 +64,11 @@ class KVMConfig(ProjectionConfig):
     @property
     def window_len(self) -> int:
         return self.chunk_len * self.n_bswa_chunks
+
+    @property
+    def reads_mean(self) -> bool:
+        """Whether slots are read as the mean of their tokens, weighted by their count (docs/kvm.md §7)."""
+        return self.state_read == "mean"
 
     @property
     def uses_merge_gate(self) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from blocks.kvm.codec import Incoming, SlotCodec, Slots
+from blocks.kvm.codec import Incoming, SlotCodec, SlotReads, Slots
 from blocks.kvm.reads import ReadScales, TileMasks, read_tile
 from blocks.kvm.room import Room
 from blocks.kvm.routing import Routed, add_rows, max_over_slots, route_chunk
@@ -49,7 +49,7 @@ class InferenceRunner:
                 for step in run:
                     if step.update is not None:
                         self.update(step.update, raw)
-                    read_tile(q, out, schedule, step, raw, *self.slot_reads(step), self.scales, masks)
+                    read_tile(q, out, schedule, step, raw, self.slot_reads(step), self.scales, masks)
         return (slots if self.room is None else self.room.slots(schedule.slots)), self.view
 
     def read_view(self, slots: Slots, dtype: torch.dtype) -> ReadView:
@@ -58,7 +58,7 @@ class InferenceRunner:
         key = self.view_key(slots, dtype)
         view = self.view
         if view is None or view.key != key or any(a is not b for a, b in zip(view.sums, slots)):
-            view = ReadView(tuple(slots), key, *self.codec.read(*slots, dtype))
+            view = ReadView(tuple(slots), key, self.codec.read(*slots, dtype))
         return view
 
     def view_key(self, slots: Slots, dtype: torch.dtype) -> tuple:
@@ -68,12 +68,12 @@ class InferenceRunner:
         version = lambda x: None if x.is_inference() else x._version  # noqa: E731
         norm, config = self.codec.norm, self.codec.config
         return (tuple(map(version, slots)), id(norm), tuple(map(version, norm.parameters())), dtype,
-                config.use_vlens, config.bf16_state_values)
+                config.use_vlens, config.state_read, config.bf16_state_values)
 
-    def slot_reads(self, step: ChunkStep) -> tuple[Tensor, Tensor]:
-        """The slots as the step's queries read them, keys and values (B, Hkv, S, d | dv)."""
+    def slot_reads(self, step: ChunkStep) -> SlotReads:
+        """The slots as the step's queries read them."""
         if self.room is None:
-            return self.view.keys, self.view.values
+            return self.view.reads
         return self.room.reads(step.slots)
 
     def read_whole_chunks(self, q: Tensor, out: Tensor, schedule: CallSchedule, run: tuple[ChunkStep, ...],
@@ -94,7 +94,7 @@ class InferenceRunner:
                 win_out, win_lse = attend_windows(q[:, :, queries], keys, values, chunk, config.window_len, mask,
                                                   self.scales)
             rows = schedule.rows(step.queries)
-            o_s, lse_s = attend_slots(q[:, :, rows], *self.slot_reads(step), self.scales)  # (B, Hq, C, dv), (B, Hq, C)
+            o_s, lse_s = attend_slots(q[:, :, rows], self.slot_reads(step), self.scales)  # (B, Hq, C, dv), (B, Hq, C)
             o_w, lse_w = win_out[:, :, i % group], win_lse[:, :, i % group]  # (B, Hkv, g, C, dv), (B, Hkv, g, C)
             self.join(o_w, lse_w, o_s.view_as(o_w), lse_s.view_as(lse_w), out[:, :, rows].view_as(o_w))
 

@@ -30,7 +30,8 @@ class KVMAttention(ProjectedAttention):
         if config.use_head_temps:
             self.window_temp = nn.Parameter(torch.ones(self.num_heads))
             self.state_temp = nn.Parameter(torch.ones(self.num_heads))
-        self.state_key_norm = nn.LayerNorm(self.head_dim, eps=config.norm_eps)
+        # the mean read reads slot keys as the mean of the keys that entered them: no norm (§7)
+        self.state_key_norm = nn.Identity() if config.reads_mean else nn.LayerNorm(self.head_dim, eps=config.norm_eps)
 
     def forward(self, x: Tensor, state: KVMState | None = None,
                 ctx: dict | None = None) -> tuple[Tensor, KVMState | None]:

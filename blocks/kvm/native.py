@@ -60,7 +60,7 @@ class NativeRunner(InferenceRunner):
             for step in run:
                 keys, values = raw.keys_values(step.window, step.window + config.window_len)
                 rows = schedule.rows(step.queries)
-                kvm_cpu.attend_chunk(q[:, :, rows], *self.slot_reads(step), keys, values, *scales, out[:, :, rows])
+                kvm_cpu.attend_chunk(q[:, :, rows], *self.slot_reads(step)[:2], keys, values, *scales, out[:, :, rows])
             return
         first, last = run[0], run[-1]
         rows = schedule.rows(range(first.queries.start, last.queries.stop))

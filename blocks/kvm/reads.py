@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from blocks.kvm.codec import SlotReads
 from blocks.kvm.config import KVMConfig
 from blocks.kvm.schedule import CallSchedule, ChunkStep
 from blocks.kvm.tokens import RawTokens
@@ -63,39 +64,45 @@ class TileMasks:
                 <= before + torch.arange(lo, hi, device=self.device)[:, None])
 
 
-def read_tile(q: Tensor, out: Tensor, schedule: CallSchedule, step: ChunkStep, raw: RawTokens, slot_keys: Tensor,
-              slot_values: Tensor, scales: ReadScales, masks: TileMasks) -> None:
-    """A chunk's queries read exactly, into their rows of ``out``: against the slots as
-    ``slot_keys``/``slot_values`` (B, Hkv, S, d | dv) and the raw keys of their window, masked by
-    ``masks.of(step)``."""
+def read_tile(q: Tensor, out: Tensor, schedule: CallSchedule, step: ChunkStep, raw: RawTokens, slots: SlotReads,
+              scales: ReadScales, masks: TileMasks) -> None:
+    """A chunk's queries read exactly, into their rows of ``out``: against the slots as ``slots``
+    reads them and the raw keys of their window, masked by ``masks.of(step)``."""
     keys, values = raw.keys_values(step.window, step.queries.stop)  # (B, Hkv, L, d | dv)
     rows = schedule.rows(step.queries)
-    out[:, :, rows] = attend_tile(q[:, :, rows], slot_keys, slot_values, keys, values, masks.of(step), scales)
+    out[:, :, rows] = attend_tile(q[:, :, rows], slots, keys, values, masks.of(step), scales)
 
 
-def attend_tile(q: Tensor, slot_keys: Tensor, slot_values: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
-                scales: ReadScales) -> Tensor:
+def attend_tile(q: Tensor, slots: SlotReads, keys: Tensor, values: Tensor, mask: Tensor, scales: ReadScales) -> Tensor:
     """The exact read of one tile: one softmax per query over [state ; window] keys.
 
-    q (B, Hq, Lq, d); slot_keys/slot_values (B, Hkv, S, d) as the slots are read; keys/values
-    (B, Hkv, L, d) the raw window; mask (Lq, L) True where a query may see a window key.
-    -> (B, Hq, Lq, dv)"""
+    q (B, Hq, Lq, d); slots: keys/values (B, Hkv, S, d | dv) as the slots are read and their logit
+    bias (B, Hkv, S) or None; keys/values (B, Hkv, L, d) the raw window; mask (Lq, L) True where a
+    query may see a window key. -> (B, Hq, Lq, dv)"""
     if q.shape[2] <= SMALL_TILE:
-        return attend_small_tile(q, slot_keys, slot_values, keys, values, mask, scales)
+        return attend_small_tile(q, slots, keys, values, mask, scales)
     groups = q.shape[1] // keys.shape[1]
+    slot_keys, slot_values, bias = slots
     keys = torch.cat([per_query_head(slot_keys, groups, scales.state_temp),
                       per_query_head(keys, groups, scales.window_temp)], 2)  # (B, Hq, S + L, d)
     values = repeat_heads(torch.cat([slot_values, values], 2), groups)
-    mask = torch.cat([mask.new_ones(mask.shape[0], slot_keys.shape[2]), mask], 1)  # (Lq, S + L)
+    if bias is None:
+        mask = torch.cat([mask.new_ones(mask.shape[0], slot_keys.shape[2]), mask], 1)  # (Lq, S + L)
+    else:  # additive: the slots' bias, then 0 / -inf over the window
+        window = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -torch.inf)  # (Lq, L)
+        b, _, lq, _ = q.shape
+        mask = torch.cat([repeat_heads(bias, groups)[:, :, None, :].to(q.dtype).expand(-1, -1, lq, -1),
+                          window.expand(b, q.shape[1], -1, -1)], -1)  # (B, Hq, Lq, S + L)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scales.scale)
 
 
-def attend_small_tile(q: Tensor, slot_keys: Tensor, slot_values: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
+def attend_small_tile(q: Tensor, slots: SlotReads, keys: Tensor, values: Tensor, mask: Tensor,
                       scales: ReadScales) -> Tensor:
     """``attend_tile`` for a few queries (decode): the temperatures scale the queries, not the S + L
     keys, and the state and the window are read by products of their own, so no key or value is
     copied; the logits (a few rows) are joined for one softmax in fp32."""
     b, hq, lq, _ = q.shape
+    slot_keys, slot_values, bias = slots
     hkv, num = keys.shape[1], slot_keys.shape[2]
     groups = hq // hkv
 
@@ -104,7 +111,10 @@ def attend_small_tile(q: Tensor, slot_keys: Tensor, slot_values: Tensor, keys: T
         return (rows @ k.transpose(-1, -2)).float() * scales.scale
 
     window_logits = logits(scales.window_temp, keys).masked_fill(~mask.repeat(groups, 1), -torch.inf)
-    weights = torch.cat([logits(scales.state_temp, slot_keys), window_logits], -1).softmax(-1).to(values.dtype)
+    state_logits = logits(scales.state_temp, slot_keys)
+    if bias is not None:
+        state_logits = state_logits + bias[:, :, None, :]  # (B, Hkv, 1, S) over the g*Lq rows
+    weights = torch.cat([state_logits, window_logits], -1).softmax(-1).to(values.dtype)
     out = weights[..., :num] @ slot_values + weights[..., num:] @ values  # (B, Hkv, g*Lq, dv)
     return out.view(b, hq, lq, -1)
 

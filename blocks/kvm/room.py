@@ -9,7 +9,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from blocks.kvm.codec import SlotCodec, Slots
+from blocks.kvm.codec import SlotCodec, SlotReads, Slots
 from blocks.kvm.routing import flat_rows
 
 
@@ -22,6 +22,7 @@ class Room:
     lens: Tensor  # (B, Hkv, R, 1) fp32
     read_keys: Tensor  # (B, Hkv, R, d): state_key_norm(keys)
     read_values: Tensor  # (B, Hkv, R, dv): the values as attention reads them, in the model dtype
+    read_bias: Tensor | None  # (B, Hkv, R) fp32: the slots' logit bias (the mean read), or None
     features: Tensor  # (B, Hkv, R, r) fp32: slot_features(read_keys), the slots as routing reads them
     scores: Tensor  # (B * Hkv * R * C,) fp32 scratch for routing scores: one buffer, not a fresh one per update
 
@@ -35,12 +36,17 @@ class Room:
         lens = slots.lens.new_empty(b, h, rows, 1)
         lens[:, :, :num] = slots.lens
         read_keys, read_values = sums.new_empty(b, h, rows, d), sums.new_empty(b, h, rows, dv, dtype=dtype)
-        read_keys[:, :, :num], read_values[:, :, :num] = codec.read(*slots, dtype)
+        reads = codec.read(*slots, dtype)
+        read_keys[:, :, :num], read_values[:, :, :num] = reads.keys, reads.values
+        read_bias = None
+        if reads.bias is not None:
+            read_bias = lens.new_empty(b, h, rows)
+            read_bias[:, :, :num] = reads.bias
         features = codec.slot_features(read_keys[:, :, :num])
         room_features = features.new_empty(b, h, rows, features.shape[-1])
         room_features[:, :, :num] = features
         scores = features.new_empty(b * h * codec.config.chunk_len * rows)
-        return cls(sums, lens, read_keys, read_values, room_features, scores)
+        return cls(sums, lens, read_keys, read_values, read_bias, room_features, scores)
 
     @property
     def buffers(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -52,9 +58,10 @@ class Room:
         d = self.read_keys.shape[-1]
         return Slots(self.sums[:, :, :num, :d], self.sums[:, :, :num, d:], self.lens[:, :, :num])
 
-    def reads(self, num: int) -> tuple[Tensor, Tensor]:
-        """The first ``num`` slots as attention reads them, keys and values (B, Hkv, num, d | dv): views."""
-        return self.read_keys[:, :, :num], self.read_values[:, :, :num]
+    def reads(self, num: int) -> SlotReads:
+        """The first ``num`` slots as attention reads them (views)."""
+        bias = None if self.read_bias is None else self.read_bias[:, :, :num]
+        return SlotReads(self.read_keys[:, :, :num], self.read_values[:, :, :num], bias)
 
     def append(self, num: int, keys: Tensor, values: Tensor, lens: Tensor) -> None:
         """New slots (B, Hkv, A, *) written after the first ``num``; their read view is left to the caller."""
@@ -66,18 +73,22 @@ class Room:
         repeats allowed; the whole view when that is most of it (gathering rows costs more than it saves)."""
         d = self.read_keys.shape[-1]
         if 2 * touched.shape[2] >= num:
-            read_keys, read_values = codec.read(*self.slots(num), self.read_values.dtype)
-            features = codec.slot_features(read_keys)
-            if num == self.sums.shape[2]:  # the view spans the whole room: keep the new tensors as they are
-                self.read_keys, self.read_values, self.features = read_keys, read_values, features
-            else:
-                self.read_keys[:, :, :num], self.read_values[:, :, :num], self.features[:, :, :num] = (
-                    read_keys, read_values, features)
+            reads = codec.read(*self.slots(num), self.read_values.dtype)
+            news = (reads.keys, reads.values, codec.slot_features(reads.keys), reads.bias)
+            for name, new in zip(("read_keys", "read_values", "features", "read_bias"), news):
+                if new is None:
+                    continue
+                if num == self.sums.shape[2]:  # the view spans the whole room: keep the new tensors as they are
+                    setattr(self, name, new)
+                else:
+                    getattr(self, name)[:, :, :num] = new
             return
         flat = flat_rows(self.sums, touched)  # (B*Hkv*M,)
         rows = lambda buf: buf.view(-1, buf.shape[-1]).index_select(0, flat)  # noqa: E731
         sums = rows(self.sums)  # (B*Hkv*M, d + dv)
-        read_keys, read_values = codec.read(sums[:, :d], sums[:, d:], rows(self.lens), self.read_values.dtype)
+        reads = codec.read(sums[:, :d], sums[:, d:], rows(self.lens), self.read_values.dtype)
         for view, new in zip((self.read_keys, self.read_values, self.features),
-                             (read_keys, read_values, codec.slot_features(read_keys))):
+                             (reads.keys, reads.values, codec.slot_features(reads.keys))):
             view.view(-1, view.shape[-1]).index_copy_(0, flat, new)
+        if reads.bias is not None:
+            self.read_bias.view(-1).index_copy_(0, flat, reads.bias)

@@ -32,10 +32,11 @@ def runner_for(codec: SlotCodec, scales: ReadScales, tensors: tuple[Tensor, ...]
 
 
 def native_kernels_apply(codec: SlotCodec, tensors: tuple[Tensor, ...]) -> bool:
-    """Whether the C kernels can run a no-grad call: fp32 CPU tensors, a LayerNorm with fp32
-    parameters as state-key norm, no bf16 rounding of state values, and the kernels built here."""
+    """Whether the C kernels can run a no-grad call: the normed read (they have no logit bias), fp32
+    CPU tensors, a LayerNorm with fp32 parameters as state-key norm, no bf16 rounding of state
+    values, and the kernels built here."""
     norm = codec.norm
-    return (not codec.config.bf16_state_values
+    return (not codec.config.bf16_state_values and not codec.config.reads_mean
             and type(norm) is nn.LayerNorm and norm.weight is not None and norm.weight.dtype == torch.float32
             and (norm.bias is None or norm.bias.dtype == torch.float32)
             and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from blocks.kvm.reads import ReadScales, times_head_temp
+from blocks.kvm.codec import SlotReads
+from blocks.kvm.reads import ReadScales, repeat_heads, times_head_temp
 
 WINDOW_CALL_BYTES = 4 << 20  # queries per window flash call (see ``window_group``)
 flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # -> (output, log-sum-exp); lse has no grad
@@ -58,11 +59,16 @@ def attend_windows(q: Tensor, keys: Tensor, values: Tensor, chunk: int, window: 
     return out.view(b, hkv, n, groups, chunk, -1), lse.view(b, hkv, n, groups, chunk)
 
 
-def attend_slots(q: Tensor, slot_keys: Tensor, slot_values: Tensor, scales: ReadScales) -> tuple[Tensor, Tensor]:
-    """The state part of a split read: q (B, Hq, Lq, d) against every slot (B, Hkv, S, d).
-    -> output (B, Hq, Lq, dv) and its log-sum-exp (B, Hq, Lq) fp32."""
+def attend_slots(q: Tensor, slots: SlotReads, scales: ReadScales) -> tuple[Tensor, Tensor]:
+    """The state part of a split read: q (B, Hq, Lq, d) against every slot (keys (B, Hkv, S, d),
+    with their logit bias (B, Hkv, S) if any). -> output (B, Hq, Lq, dv) and its log-sum-exp
+    (B, Hq, Lq) fp32."""
     q = times_head_temp(q, scales.state_temp)  # (q t) . k == q . (k t): scale the fewer rows
-    return flash_cpu(q, slot_keys, slot_values, attn_mask=None, scale=scales.scale)
+    mask = None
+    if slots.bias is not None:
+        b, hq, lq, _ = q.shape
+        mask = repeat_heads(slots.bias, hq // slots.keys.shape[1])[:, :, None, :].to(q.dtype).expand(b, hq, lq, -1)
+    return flash_cpu(q, slots.keys, slots.values, attn_mask=mask, scale=scales.scale)
 
 
 def join(o_w: Tensor, lse_w: Tensor, o_s: Tensor, lse_s: Tensor, out: Tensor) -> None:

@@ -8,6 +8,7 @@ from typing import ClassVar, NamedTuple
 
 from torch import Tensor
 
+from blocks.kvm.codec import SlotReads
 from blocks.kvm.config import KVMConfig
 from blocks.kvm.schedule import CallSchedule
 from blocks.state import LayerState, StateError
@@ -20,8 +21,7 @@ class ReadView(NamedTuple):
 
     sums: tuple[Tensor, Tensor, Tensor]  # the slots' keys, values and lens
     key: tuple
-    keys: Tensor  # (B, Hkv, S, d)
-    values: Tensor  # (B, Hkv, S, dv)
+    reads: SlotReads  # keys (B, Hkv, S, d), values (B, Hkv, S, dv), logit bias (B, Hkv, S) or None
 
 
 @dataclasses.dataclass

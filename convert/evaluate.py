@@ -5,7 +5,8 @@ Inside the KVM window (``n_bswa_chunks * chunk_len`` tokens) a student initialis
 mostly measures what the conversion did not touch. What the conversion has to get right is the
 compressed state, which only the queries *beyond* the window read: ``long_range_perplexity`` scores
 only the predictions made at query positions ``>= window`` of each segment (the prediction of token
-``p + 1`` is made at query position ``p``).
+``p + 1`` is made at query position ``p``); ``long_range_predictions`` also gives each prediction's
+top-1 token, for the agreement with the teacher.
 
 ``state_bytes`` reports the decode state per kind (``kvm``, ``window``, ``kv``, ``recurrent``) at
 chosen context lengths from the state's shapes alone (``hybrid.model.state_shapes.state_at`` on the
@@ -41,11 +42,12 @@ def window_len(config: ModelConfig) -> int:
 
 
 @torch.no_grad()
-def long_range_nll(model: HybridLM, ids: torch.Tensor, window: int, segment_len: int,
-                   batch_size: int = 4) -> tuple[float, int]:
-    """(summed NLL, number of predictions) over ``ids`` (1-D) cut into consecutive segments of
-    ``segment_len`` tokens (a shorter tail is dropped), each read from an empty state, scoring the
-    predictions at query positions ``window .. segment_len - 2`` of every segment."""
+def long_range_predictions(model: HybridLM, ids: torch.Tensor, window: int, segment_len: int,
+                           batch_size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The predictions beyond the window: ``ids`` (1-D) cut into consecutive segments of
+    ``segment_len`` tokens (a shorter tail is dropped), each read from an empty state, scored at query
+    positions ``window .. segment_len - 2`` of every segment. -> (NLL of each prediction (N,) fp32,
+    the model's top-1 token at each (N,)), in segment order."""
     if not 0 <= window < segment_len - 1:
         raise ValueError(f"segment_len {segment_len} leaves nothing beyond the window of {window} tokens to score")
     n = len(ids) // segment_len
@@ -54,21 +56,21 @@ def long_range_nll(model: HybridLM, ids: torch.Tensor, window: int, segment_len:
     was_training = model.training
     model.eval()
     segments = ids[:n * segment_len].view(n, segment_len)
-    total, count = 0.0, 0
+    nll, top1 = [], []
     for rows in segments.split(batch_size):
         rows = rows.to(model.device)
-        logits = model(rows).logits[:, window:-1].float()  # (B, L - 1 - window, V)
-        total += F.cross_entropy(logits.flatten(0, 1), rows[:, window + 1:].flatten(), reduction="sum").item()
-        count += rows[:, window + 1:].numel()
+        logits = model(rows).logits[:, window:-1].float().flatten(0, 1)  # (B * (L - 1 - window), V)
+        nll.append(F.cross_entropy(logits, rows[:, window + 1:].flatten(), reduction="none").cpu())
+        top1.append(logits.argmax(-1).cpu())
     model.train(was_training)
-    return total, count
+    return torch.cat(nll), torch.cat(top1)
 
 
 def long_range_perplexity(model: HybridLM, ids: torch.Tensor, window: int, segment_len: int,
                           batch_size: int = 4) -> float:
-    """exp of the mean NLL of ``long_range_nll``: perplexity on the tokens beyond the window."""
-    total, count = long_range_nll(model, ids, window, segment_len, batch_size)
-    return math.exp(total / count)
+    """Perplexity on the tokens beyond the window (``long_range_predictions``)."""
+    nll, _ = long_range_predictions(model, ids, window, segment_len, batch_size)
+    return math.exp(nll.double().mean().item())
 
 
 def state_bytes(model: HybridLM, contexts: Sequence[int], batch_size: int = 1) -> dict[int, dict[str, int]]:

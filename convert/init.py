@@ -107,7 +107,8 @@ def _copy_projected(source: nn.Module, target: nn.Module) -> list[str]:
         for name in ("window_temp", "state_temp"):
             if hasattr(target, name):
                 nn.init.ones_(getattr(target, name))
-        target.state_key_norm.reset_parameters()  # weight 1, bias 0
+        if isinstance(target.state_key_norm, nn.LayerNorm):  # the normed read's: weight 1, bias 0
+            target.state_key_norm.reset_parameters()
     return sorted(state)
 
 

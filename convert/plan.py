@@ -15,8 +15,9 @@ depth.
 Student options start from what makes the copy of the teacher's attention exact (``student_defaults``):
 
 * ``kvm`` / ``bswa``: the teacher's projection options (heads, GQA, head_dim, biases, q/k norm,
-  ``rope_style: llama``, theta), no token shift, no value residual, and for KVM
-  ``state_key_zero_dims: 0`` (see ``convert.init`` for why). ``mixers={"kvm": {...}}`` may set
+  ``rope_style: llama``, theta), no token shift, no value residual, and for KVM the mean read
+  (``state_read: mean``, ``use_vlens: false``) of the rotated keys (``state_key_zero_dims: 0``):
+  see ``convert.init`` for why. ``mixers={"kvm": {...}}`` may set
   any KVM-only option (chunk_len, n_bswa_chunks, budget, ...); changing a projection option would
   break the copy and raises ``TeacherError``.
 * ``gla``: heads and key/value widths of the teacher (``expand_k = expand_v = H*d / D``, GQA groups
@@ -127,7 +128,7 @@ def student_defaults(mixer: str, teacher: ModelConfig) -> dict[str, Any]:
     projection.update(token_shift=False, value_residual=False)
     h, hkv, d, dm = attn.num_heads, attn.num_kv_heads or attn.num_heads, attn.head_dim, teacher.d_model
     if mixer == "kvm":
-        return {**projection, "state_key_zero_dims": 0}
+        return {**projection, "state_key_zero_dims": 0, "state_read": "mean", "use_vlens": False}
     if mixer == "bswa":
         return projection
     if mixer == "gla":

@@ -180,9 +180,11 @@ def _convert_report(args: argparse.Namespace) -> int:
 
 def _add_report_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-text", action="append", default=[], metavar="FILE",
-                        help="held-out text to score (repeatable; default: the play kept out of the distillation data)")
-    parser.add_argument("--eval-tokens", type=token_count, default=8192,
-                        help="held-out tokens to score (default 8k)")
+                        help="held-out text to score, one domain per file (repeatable; default: four kinds of text the "
+                             "distillation never sees: the held-out play, Python's licence, IDLE's release notes, the "
+                             "Python language reference)")
+    parser.add_argument("--eval-tokens", type=token_count, default=4096,
+                        help="held-out tokens to score per domain (default 4k)")
     parser.add_argument("--segment-len", type=positive_int, default=1024,
                         help="tokens per scored segment, each read from an empty state (default 1024)")
     parser.add_argument("--context", type=token_count, nargs="+", default=[1024, 4096, 16384],

@@ -59,7 +59,7 @@ import torch
 
 from convert.errors import TeacherError
 from convert.evaluate import window_len
-from convert.init import convert_teacher
+from convert.init import convert_teacher, new_parameter_names
 from convert.layer_scores import DEFAULT_SEQUENCES, as_sequences, check_keep, layer_scores
 from convert.losses import alignment_objective, kl_objective
 from convert.plan import LayerPlan, plan_student
@@ -72,7 +72,7 @@ from hybrid.model.model import HybridLM
 from hybrid.model.recipe import Recipe, build_dataclass
 from hybrid.training import data as datalib
 from hybrid.training.config import TrainConfig
-from hybrid.training.loop import Objective, TrainSummary, train
+from hybrid.training.loop import Objective, TrainSummary, accumulate_gradients, train
 
 STAGES = ("stage1", "stage2", "stage3")
 HELD_OUT = ("tragedies/hamlet.md",)  # plays of the built-in corpus kept out of the default distillation data
@@ -81,10 +81,15 @@ FINAL_FILES = ("tokenizer.json", "model.safetensors", "recipe.yaml")  # moved in
 COMMON_DEFAULTS: dict[str, Any] = {"val_fraction": 0.01, "val_every": 0, "val_batches": 4, "ckpt_every": 50,
                                    "keep_last": 2, "log_every": 1, "weight_decay": 0.0, "grad_clip": 1.0}
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "stage1": {"seq_len": 512, "batch_size": 8, "lr": 1e-3, "min_lr_ratio": 0.01, "schedule": "cosine"},
-    "stage2": {"seq_len": 512, "batch_size": 8, "lr": 1e-4, "schedule": "constant"},
+    "stage1": {"seq_len": 512, "batch_size": 8, "min_lr_ratio": 0.01, "schedule": "cosine"},
+    "stage2": {"seq_len": 512, "batch_size": 8, "schedule": "constant"},
     "stage3": {"seq_len": 1024, "batch_size": 8, "lr": 1e-5, "min_lr_ratio": 0.1, "schedule": "cosine"},
 }
+# What each stage trains (``stageN.params``): ``memory``, the converted layers' parameters that did not
+# come from the teacher (KVM's merge gate and temperatures; an LRNN mixer's gates and decays);
+# ``mixers``, every parameter of the converted layers' mixers; ``all``, every parameter.
+STAGE_PARAMETERS = {"stage1": "memory", "stage2": "memory", "stage3": "all"}
+PARAMETER_LR = {"memory": 3e-2, "mixers": 1e-3, "all": 1e-4}  # stage 1 and 2's lr for each (stage 3: 1e-5)
 MAX_WARMUP = 50  # warm-up steps: 10% of a stage's steps, at most this many (unless set)
 
 
@@ -97,7 +102,9 @@ def stage_config(stage: str, tokens: int, common: dict[str, Any], overrides: dic
     (``max_tokens``). Warm-up is 10% of the steps, at most ``MAX_WARMUP``, unless set. A budget below one
     batch is refused (the stage would silently train a whole batch more than asked)."""
     overrides = dict(overrides or {})
-    values = {**COMMON_DEFAULTS, **STAGE_DEFAULTS[stage], **common, **overrides, "max_tokens": tokens,
+    params = stage_parameters(stage, overrides.pop("params", None))
+    lr = {} if stage == "stage3" else {"lr": PARAMETER_LR[params]}
+    values = {**COMMON_DEFAULTS, **STAGE_DEFAULTS[stage], **lr, **common, **overrides, "max_tokens": tokens,
               "max_steps": None}
     batch = values["batch_size"] * values["seq_len"]
     if tokens < batch:
@@ -112,18 +119,52 @@ def stage_config(stage: str, tokens: int, common: dict[str, Any], overrides: dic
         raise TeacherError(f"{stage} settings: {err}") from None
 
 
-def stage_objective(stage: str, teacher: HybridLM, converted: Sequence[int], temperature: float) -> Objective | None:
-    """The stage's objective (None for stage 3: plain next-token cross-entropy)."""
+def stage_parameters(stage: str, params: str | None = None) -> str:
+    """The parameter set a stage trains: ``params`` (``--set STAGE.params=...``) or ``STAGE_PARAMETERS``."""
+    params = STAGE_PARAMETERS[stage] if params is None else params
+    if params not in PARAMETER_LR:
+        raise TeacherError(f"{stage}.params={params!r}: choose one of {', '.join(PARAMETER_LR)} (memory: the "
+                           "converted layers' new parameters; mixers: their whole mixers; all: every parameter)")
+    return params
+
+
+def trainable_parameters(stage: str, params: str, converted: Sequence[int], new: Sequence[str]
+                         ) -> Callable[[str], bool] | None:
+    """Which parameters ``params`` trains, by name (None: every one): ``converted`` the converted
+    layers, ``new`` the names of their parameters that did not come from the teacher
+    (``convert.init.new_parameter_names``). Refuses an empty set."""
+    if params == "all":
+        return None
+    if params == "mixers":
+        prefixes = tuple(f"blocks.{i}.mixer." for i in converted)
+        return lambda name: name.startswith(prefixes)
+    new = frozenset(new)
+    if not new:
+        raise TeacherError(f"{stage}.params=memory: the plan's converted layers have no parameters of their own "
+                           f"(all copied from the teacher); set {stage}.params=mixers or all")
+    return new.__contains__
+
+
+def stage_objective(stage: str, teacher: HybridLM, converted: Sequence[int], temperature: float,
+                    trainable: Callable[[str], bool] | None = None) -> Objective | None:
+    """The stage's objective, training the parameters ``trainable`` names (None: stage 1 the converted
+    mixers, stage 2 and 3 every parameter); None for stage 3 training all: plain next-token cross-entropy."""
     if stage == "stage1":
-        return alignment_objective(teacher, converted)
-    if stage == "stage2":
-        return kl_objective(teacher, temperature)
-    return None
+        objective = alignment_objective(teacher, converted)
+    elif stage == "stage2":
+        objective = kl_objective(teacher, temperature)
+    elif trainable is None:
+        return None
+    else:
+        objective = Objective(accumulate_gradients)
+    return objective if trainable is None else dataclasses.replace(objective, trainable=trainable)
 
 
 def run_stage(stage: str, recipe: Recipe, teacher: HybridLM, converted: Sequence[int], config: TrainConfig,
-              temperature: float = 1.0, progress: bool = True) -> TrainSummary:
-    """Train one stage into ``config.out_dir`` (resuming it), starting from ``config.init_from``.
+              temperature: float = 1.0, progress: bool = True,
+              trainable: Callable[[str], bool] | None = None) -> TrainSummary:
+    """Train one stage into ``config.out_dir`` (resuming it), starting from ``config.init_from``;
+    ``trainable``: the parameters it trains (``trainable_parameters``; None: ``stage_objective``'s).
 
     Refuses to continue a stage whose checkpoints started from other weights than ``init_from`` (an
     earlier stage was extended since), and a ``seq_len`` that does not reach past the student's
@@ -139,7 +180,7 @@ def run_stage(stage: str, recipe: Recipe, teacher: HybridLM, converted: Sequence
     device = resolve_device(config.device)
     teacher.to(device)
     return train(recipe, config, resume=True, progress=progress,
-                 objective=stage_objective(stage, teacher, converted, temperature))
+                 objective=stage_objective(stage, teacher, converted, temperature, trainable))
 
 
 def check_reaches_past_window(stage: str, recipe: Recipe, converted: Sequence[int], config: TrainConfig) -> None:
@@ -297,6 +338,7 @@ def run_conversion(settings: ConversionSettings, progress: bool = True) -> Conve
     student, teacher, plan = convert_teacher(teacher, selection["plan"] if selection else settings.plan,
                                              settings.mixers)
     say(f"{teacher.source}: {plan.summary()}")
+    trainables = stage_trainables(settings, plan, new_parameter_names(student, plan))
     if settings.teacher_sample_tokens:
         prompt_tokens = datalib.build_token_cache(sources, tokenizer, cache, progress=progress)
         samples = stages_dir / f"teacher_samples_{settings.teacher_sample_tokens}_seed{settings.seed}.jsonl"
@@ -308,13 +350,25 @@ def run_conversion(settings: ConversionSettings, progress: bool = True) -> Conve
     record = {"identity": settings.identity(), "plan_summary": plan.summary(), "converted": list(plan.converted),
               "data": sources, "held_out": [str(p) for p in held_out], "budgets": settings.budgets,
               "stage_overrides": settings.stage_overrides, "temperature": settings.temperature,
-              "window": window_len(plan.student.model), "layer_selection": selection}
+              "window": window_len(plan.student.model), "layer_selection": selection,
+              "stage_parameters": {stage: params for stage, (params, _) in trainables.items()}}
     (stages_dir / CONVERSION_FILE).write_text(json.dumps(record, indent=1) + "\n")
     init_dir = stages_dir / "init"
     if not (init_dir / "model.safetensors").is_file():
         save_checkpoint(init_dir, plan.student, student, tokenizer)
     del student
-    return _distil(settings, plan, teacher.model, common, started, say, progress)
+    return _distil(settings, plan, teacher.model, common, trainables, started, say, progress)
+
+
+def stage_trainables(settings: ConversionSettings, plan: LayerPlan, new: Sequence[str]
+                     ) -> dict[str, tuple[str, Callable[[str], bool] | None]]:
+    """Per stage with a budget: its parameter set and what it trains (``trainable_parameters``)."""
+    result = {}
+    for stage in STAGES:
+        if settings.budgets.get(stage, 0):
+            params = stage_parameters(stage, settings.stage_overrides.get(stage, {}).get("params"))
+            result[stage] = params, trainable_parameters(stage, params, plan.converted, new)
+    return result
 
 
 def _recorded_conversion(out: Path, settings: ConversionSettings) -> dict:
@@ -334,9 +388,11 @@ def _recorded_conversion(out: Path, settings: ConversionSettings) -> dict:
 
 
 def _distil(settings: ConversionSettings, plan: LayerPlan, teacher: HybridLM, common: dict[str, Any],
-            started: float, say: Callable[[str], None], progress: bool) -> ConversionResult:
-    """Train the stages with a budget, each from the previous one's final checkpoint (the first from
-    ``stages/init``), then export the last as ``OUT``; stops early at the time limit."""
+            trainables: dict[str, tuple], started: float, say: Callable[[str], None],
+            progress: bool) -> ConversionResult:
+    """Train the stages with a budget (``trainables``: what each trains), each from the previous one's
+    final checkpoint (the first from ``stages/init``), then export the last as ``OUT``; stops early at
+    the time limit."""
     out = Path(settings.out)
     stages_dir = out / "stages"
     previous, summaries = str(stages_dir / "init"), {}
@@ -351,8 +407,11 @@ def _distil(settings: ConversionSettings, plan: LayerPlan, teacher: HybridLM, co
                 return ConversionResult(out, summaries, False)
         config = stage_config(stage, tokens, {**common, "out_dir": str(stages_dir / stage), "init_from": previous,
                                               "time_limit_s": left}, settings.stage_overrides.get(stage))
-        say(f"{stage}: {tokens:,} tokens, {config.total_steps} steps of {config.batch_size}x{config.seq_len}")
-        summary = run_stage(stage, plan.student, teacher, plan.converted, config, settings.temperature, progress)
+        params, trainable = trainables[stage]
+        say(f"{stage}: {tokens:,} tokens, {config.total_steps} steps of {config.batch_size}x{config.seq_len}, "
+            f"training {params} parameters at lr {config.lr:g}")
+        summary = run_stage(stage, plan.student, teacher, plan.converted, config, settings.temperature, progress,
+                            trainable)
         summaries[stage] = summary
         if summary.stopped == "time_limit":
             return ConversionResult(out, summaries, False)

@@ -7,7 +7,8 @@ so the student starts equal to the teacher inside the KVM window. ``convert.dist
 towards the teacher in stages whose losses are ``convert.losses`` (stage 1 attention-output
 alignment, stage 2 logit KL, stage 3 cross-entropy; ``run_conversion`` is ``hybrid convert``);
 ``convert.evaluate`` and ``convert.report`` measure it (perplexity beyond the window, state bytes;
-``hybrid convert-report``). ``convert.layer_scores`` scores which layers are most worth keeping as
+``hybrid convert-report``). ``convert.samples`` samples text from the teacher, part of the default
+distillation data. ``convert.layer_scores`` scores which layers are most worth keeping as
 attention (the KL gain of restoring each alone; ``hybrid convert-scores``, ``hybrid convert
 --keep-attention N``). ``convert.experiments`` holds the measurements behind the defaults.
 

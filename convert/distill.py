@@ -25,7 +25,8 @@ to the whole student, so that short runs move). Token budgets are per stage.
       stages/init/            the converted-at-init student (checkpoint)
       stages/stage1/          step_* checkpoints, latest, metrics.jsonl, loss.png of each stage
       stages/stage2/ ...
-      stages/teacher_samples_*.jsonl   text sampled from the teacher (when asked for)
+      stages/teacher_samples.jsonl  text sampled from the teacher, part of the data (``convert.samples``),
+                              and teacher_samples.json beside it, the settings it was sampled with
 
 Running the same command again resumes: a finished stage is not trained again, an interrupted one
 continues from its newest checkpoint, a larger budget extends the stage. A later stage that already
@@ -37,8 +38,13 @@ N converted layers whose restoring alone lowers the KL to the teacher most (``co
 ``select_layers``); a resumed run reuses the recorded choice.
 
 Data: text/JSONL files and folders (``hybrid.training.data``), by default the built-in Shakespeare corpus
-without the held-out play (``HELD_OUT``, which the report scores), plus optional text sampled
-from the teacher (prompts: 16-token snippets of the data; temperature 1, top-p 0.95).
+without the held-out play (``HELD_OUT``, which the report scores), followed by text sampled from the
+teacher (``convert.samples``: continuations of varied everyday openings, temperature 1, top-p 0.95, up
+to 512 tokens each), which broadens the narrow corpus. ``teacher_sample_tokens`` (``--teacher-samples``)
+sets how much; by default, with the built-in corpus, ``sample_budget``: a quarter of the stage 1 + 2
+budgets, at most 2M tokens (whole samples; none below one); with the user's ``data`` none, the
+corpus being their choice. Samples already in the folder are not sampled again. Data that holds no
+text (an empty file, a folder without text files) is refused before any work.
 """
 
 from __future__ import annotations
@@ -63,10 +69,11 @@ from convert.init import convert_teacher, new_parameter_names
 from convert.layer_scores import DEFAULT_SEQUENCES, as_sequences, check_keep, layer_scores
 from convert.losses import alignment_objective, kl_objective
 from convert.plan import LayerPlan, plan_student
+from convert.samples import sample_budget, sample_count, sample_teacher
 from convert.teacher import Teacher, load_teacher
+from hybrid.formats.atomic import write_text
 from hybrid.formats.checkpoint import load_checkpoint, save_checkpoint
 from hybrid.formats.run_folder import TRAINER_JSON, latest_checkpoint
-from hybrid.formats.tokenizer import Tokenizer
 from hybrid.model.device import resolve_device
 from hybrid.model.model import HybridLM
 from hybrid.model.recipe import Recipe, build_dataclass
@@ -217,45 +224,27 @@ def check_disjoint(sources: Sequence[str], held_out: Sequence[Path]) -> None:
                            "(the report measures perplexity on it)")
 
 
-@torch.no_grad()
-def sample_teacher_text(teacher: HybridLM, tokenizer: Tokenizer, prompt_tokens, n_tokens: int, path: Path, seed: int = 0,
-                        sample_len: int = 256, prompt_len: int = 16, batch_size: int = 8,
-                        progress: bool = True) -> Path:
-    """Write about ``n_tokens`` tokens of text sampled from the teacher to ``path`` (JSONL, one
-    ``{"text": ...}`` per sample) and return it; an existing ``path`` is kept as it is.
+def check_data(sources: Sequence[str]) -> None:
+    """Refuse, before any work, distillation data that the stages could not train on: what
+    ``hybrid.training.data`` refuses (a missing path, a folder without data files, an unsupported
+    file type) and a source that holds no text (an empty file, a folder of empty files)."""
+    for source in sources:
+        if not any(holds_text(path) for path in datalib.source_files([source])):
+            what = "only empty files" if Path(source).is_dir() else "no text (the file is empty)"
+            raise TeacherError(f"the data source {source} holds {what}: name text, JSONL or Parquet files with "
+                               "something to distil on")
 
-    Each sample continues a ``prompt_len``-token snippet of ``prompt_tokens`` (1-D token ids, snippets
-    at seeded random positions) by up to ``sample_len`` tokens (temperature 1, top-p 0.95, stopping
-    at the tokenizer's end-of-sequence token)."""
-    from tqdm.auto import tqdm
 
-    from hybrid.generation.generate import SamplingConfig, generate
-
-    if path.is_file():
-        return path
-    tokens = torch.from_numpy(np.asarray(prompt_tokens).astype(np.int64))
-    if len(tokens) <= prompt_len:
-        raise TeacherError(f"the data has {len(tokens)} tokens, too few for {prompt_len}-token sampling prompts")
-    n_samples = math.ceil(n_tokens / sample_len)
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(tokens) - prompt_len, (n_samples,), generator=generator).tolist()
-    stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
-    lines = []
-    with tqdm(total=n_samples * sample_len, unit="tok", desc="sampling the teacher", disable=not progress,
-              file=sys.stderr) as bar:
-        for b in range(0, n_samples, batch_size):
-            prompts = [tokens[s:s + prompt_len].tolist() for s in starts[b:b + batch_size]]
-            config = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=sample_len, stop_tokens=stop,
-                                    seed=seed + b)
-            result = generate(teacher, prompts, config)
-            for prompt, new in zip(prompts, result.tokens):
-                lines.append(json.dumps({"text": tokenizer.decode(prompt + [t for t in new if t not in stop])}))
-            bar.update(len(prompts) * sample_len)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+def holds_text(path: Path) -> bool:
+    """Whether the data file ``path`` holds anything but white space (read in blocks of 1 MiB until the
+    first text; a saved dataset folder counts as text)."""
+    if path.is_dir():
+        return True
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            if chunk.strip():
+                return True
+    return False
 
 
 # ----------------------------------------------------------------------------- the whole conversion
@@ -272,7 +261,7 @@ class ConversionSettings:
         default_factory=lambda: {"stage1": 5_000_000, "stage2": 20_000_000, "stage3": 0})  # tokens; 0 skips
     stage_overrides: dict[str, dict] = dataclasses.field(default_factory=dict)  # {"stage2": {"lr": 3e-5}}
     data: tuple[str, ...] | None = None  # None: the built-in corpus without HELD_OUT
-    teacher_sample_tokens: int = 0  # text sampled from the teacher, added to the data
+    teacher_sample_tokens: int | None = None  # sampled from the teacher, after the data (None: sample_tokens())
     temperature: float = 1.0  # stage 2's KL temperature
     teacher_layers: int | None = None  # use only the teacher's first layers (quick trials)
     seed: int = 0
@@ -286,6 +275,13 @@ class ConversionSettings:
         """What makes two runs the same conversion (a resumed run must match)."""
         return {"teacher": str(Path(self.teacher).resolve()), "teacher_layers": self.teacher_layers,
                 "plan": self.plan, "keep_attention": self.keep_attention, "mixers": self.mixers}
+
+    def sample_tokens(self) -> int:
+        """Tokens of text to sample from the teacher: ``teacher_sample_tokens`` when set, else the
+        default mix (``sample_budget``) with the built-in data and none with the user's ``data``."""
+        if self.teacher_sample_tokens is not None:
+            return self.teacher_sample_tokens
+        return sample_budget(self.budgets) if self.data is None else 0
 
 
 @dataclasses.dataclass
@@ -308,6 +304,9 @@ def run_conversion(settings: ConversionSettings, progress: bool = True) -> Conve
     unknown = sorted(set(settings.budgets) - set(STAGES)) + sorted(set(settings.stage_overrides) - set(STAGES))
     if unknown:
         raise TeacherError(f"unknown stages {unknown}: the stages are {', '.join(STAGES)}")
+    n_samples = sample_count(settings.sample_tokens())
+    if settings.data is not None:
+        check_data(settings.data)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     out = Path(settings.out)
@@ -339,20 +338,23 @@ def run_conversion(settings: ConversionSettings, progress: bool = True) -> Conve
                                              settings.mixers)
     say(f"{teacher.source}: {plan.summary()}")
     trainables = stage_trainables(settings, plan, new_parameter_names(student, plan))
-    if settings.teacher_sample_tokens:
-        prompt_tokens = datalib.build_token_cache(sources, tokenizer, cache, progress=progress)
-        samples = stages_dir / f"teacher_samples_{settings.teacher_sample_tokens}_seed{settings.seed}.jsonl"
-        sources.append(str(sample_teacher_text(teacher.model, tokenizer, prompt_tokens, settings.teacher_sample_tokens,
-                                               samples, settings.seed, progress=progress)))
-    common["data"] = sources
-
     stages_dir.mkdir(parents=True, exist_ok=True)
     record = {"identity": settings.identity(), "plan_summary": plan.summary(), "converted": list(plan.converted),
               "data": sources, "held_out": [str(p) for p in held_out], "budgets": settings.budgets,
               "stage_overrides": settings.stage_overrides, "temperature": settings.temperature,
-              "window": window_len(plan.student.model), "layer_selection": selection,
+              "window": window_len(plan.student.model), "layer_selection": selection, "teacher_samples": None,
               "stage_parameters": {stage: params for stage, (params, _) in trainables.items()}}
-    (stages_dir / CONVERSION_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    record_path = stages_dir / CONVERSION_FILE
+    write_text(record_path, json.dumps(record, indent=1) + "\n")  # first: the folder is a conversion's
+    if n_samples:
+        teacher.model.to(resolve_device(settings.device))
+        samples = sample_teacher(teacher.model, tokenizer, settings.sample_tokens(), stages_dir, settings.seed,
+                                 progress)
+        say(f"distilling also on {samples.samples:,} samples of the teacher's text ({samples.tokens:,} tokens)")
+        sources.append(str(samples.path))
+        record["teacher_samples"] = samples.to_dict()
+        write_text(record_path, json.dumps(record, indent=1) + "\n")
+    common["data"] = sources
     init_dir = stages_dir / "init"
     if not (init_dir / "model.safetensors").is_file():
         save_checkpoint(init_dir, plan.student, student, tokenizer)

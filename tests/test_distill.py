@@ -23,6 +23,7 @@ from convert.distill import (
 )
 from convert.init import convert_teacher, new_parameter_names
 from convert.losses import alignment_losses, mean_kl
+from convert.samples import OPENINGS
 from convert.teacher import load_teacher
 from hybrid.cli.convert import parse_set_options
 from hybrid.cli.main import main
@@ -209,10 +210,11 @@ def test_hybrid_convert_end_to_end_then_generate_train_and_report(teacher_folder
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), stage2.state_dict().values()))
     record = json.loads((out / "stages" / "conversion.json").read_text())
     assert record["converted"] == [1, 2] and record["window"] == 16
-    samples = out / "stages" / "teacher_samples_512_seed0.jsonl"  # 2 samples of 256 tokens after 16-token prompts
+    samples = out / "stages" / "teacher_samples.jsonl"  # one sample of 512 tokens (no EOS in the byte tokenizer)
     assert record["data"] == [str(corpus), str(samples)]
+    assert record["teacher_samples"] == {"file": str(samples), "samples": 1, "tokens": 512, "tokens_asked": 512}
     texts = [json.loads(line)["text"] for line in samples.read_text().splitlines()]
-    assert len(texts) == 2 and all(t[:16] in corpus.read_text() and len(t) > 100 for t in texts)
+    assert len(texts) == 1 and texts[0].startswith(OPENINGS[0]) and len(texts[0]) > 300
 
     assert main(args) == 0  # a finished conversion is not trained again
     assert "already trained to the last step" in capsys.readouterr().out

@@ -52,8 +52,10 @@ def add_convert(commands) -> None:
     conv.add_argument("--data", action="append", metavar="PATH",
                       help="distillation text: .txt/.md/.jsonl files or folders (repeatable; default: the built-in "
                            "Shakespeare corpus without the held-out play)")
-    conv.add_argument("--teacher-samples", type=token_count_or_zero, default=0, metavar="N",
-                      help="also distil on about N tokens of text sampled from the teacher (default 0)")
+    conv.add_argument("--teacher-samples", type=token_count_or_zero, default=None, metavar="N",
+                      help="also distil on N tokens of text the teacher writes, in samples of up to 512 tokens "
+                           "continuing varied openings (default: with the built-in data, a quarter of the stage "
+                           "1 + 2 budgets, at most 2m; with --data, 0)")
     conv.add_argument("--temperature", type=number(0, math.inf, "a temperature > 0", low_open=True), default=1.0,
                       help="stage 2 KL temperature (default 1)")
     conv.add_argument("--teacher-layers", type=positive_int, default=None,

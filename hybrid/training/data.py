@@ -93,10 +93,10 @@ def find_documents(sources: Sequence[str | Path], text_field: str = "text") -> l
     missing path, a folder with no data files, an unsupported suffix, a file that is not UTF-8, a bad
     JSONL line (named file:line) or row (named file[row]), a missing column.
     """
-    return [doc for path in _source_files(sources) for doc in _documents(path, text_field)]
+    return [doc for path in source_files(sources) for doc in _documents(path, text_field)]
 
 
-def _source_files(sources: Sequence[str | Path]) -> list[Path]:
+def source_files(sources: Sequence[str | Path]) -> list[Path]:
     """The data files (and saved dataset folders) that ``sources`` name, folders expanded (sorted), in order."""
     if isinstance(sources, (str, Path)):
         sources = [sources]
@@ -297,7 +297,7 @@ def build_token_cache(sources: Sequence[str | Path], tokenizer: Tokenizer, cache
     document begins (``TokenFile.document_starts``); a cache found without it (written before it was
     recorded) is tokenized again into the same files.
     """
-    files = _source_files(sources)
+    files = source_files(sources)
     source_info = [{"path": str(path.resolve()), **_fingerprint(path), "mtime": path.stat().st_mtime} for path in files]
     identity = tokenizer_identity(tokenizer)
     keyed = {"format": CACHE_FORMAT, "tokenizer": identity, "text_field": text_field, "append_eos": append_eos,

@@ -30,6 +30,10 @@ def require_positive(field: str, value: Any) -> None:
     require(isinstance(value, int) and not isinstance(value, bool) and value > 0, field, f"must be an integer > 0, got {value!r}")
 
 
+def require_non_negative(field: str, value: Any) -> None:
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, field, f"must be an integer >= 0, got {value!r}")
+
+
 def require_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
     require(value in choices, field, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
 

@@ -8,12 +8,13 @@ What is copied:
 
 * embedding, every block's two RMSNorms and SwiGLU MLP, final norm and (untied) head: as they are;
 * kept layers (``A`` in the plan): the whole attention layer;
-* ``kvm`` / ``bswa`` layers: q/k/v/o with their biases, GQA layout and q/k norms. The new KVM
+* ``kvm`` / ``bswa`` / ``swa`` layers: q/k/v/o with their biases, GQA layout and q/k norms. The new KVM
   parameters start as no-ops: ``merge_gate_proj`` zero (gate 1 + elu(0) = 1), window and state
   temperatures 1, ``state_key_norm`` the identity-affine LayerNorm; token shift and value residual
   are off. Inside the window (the first ``n_bswa_chunks * chunk_len`` tokens) KVM is plain causal
   softmax attention, so **the student's logits equal the teacher's there** (tests check 1e-4 in fp32);
-  beyond it only the compressed state is new.
+  beyond it only the compressed state is new. ``swa`` (with ``sink_len``: StreamingLLM) and ``bswa``
+  equal the teacher wherever their window and sinks cover the whole past.
 * ``gla``: q/k/v/o (the plan gives GLA the teacher's heads and widths, GQA as GLA's kv groups);
   the gate ``gk_proj``, output gate ``g_proj`` and norm keep fla's fresh init.
 * ``gated_deltanet``: q and o as they are, k and v repeated over each GQA group (it has no key
@@ -104,7 +105,7 @@ def new_parameter_names(student: HybridLM, plan: LayerPlan) -> tuple[str, ...]:
 
 
 def _copy_projected(source: nn.Module, target: nn.Module) -> list[str]:
-    """KVM / BSWA: the teacher's projections (and q/k norms); new KVM parameters as no-ops."""
+    """KVM / BSWA / SWA: the teacher's projections (and q/k norms); new KVM parameters as no-ops."""
     state = source.state_dict()
     _, unexpected = target.load_state_dict(state, strict=False)
     if unexpected:
@@ -150,7 +151,7 @@ def _copy_with_kv_repeated(source, target, query: str) -> list[str]:
                           "o_proj.weight": source.o_proj.weight}, target)
 
 
-_COPIERS = {"kvm": _copy_projected, "bswa": _copy_projected, "gla": _copy_gla,
+_COPIERS = {"kvm": _copy_projected, "bswa": _copy_projected, "swa": _copy_projected, "gla": _copy_gla,
             "gated_deltanet": functools.partial(_copy_with_kv_repeated, query="q_proj"),
             "rwkv7": functools.partial(_copy_with_kv_repeated, query="r_proj")}
 

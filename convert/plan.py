@@ -8,18 +8,19 @@ A plan is written like a recipe's layer pattern, one letter per teacher layer::
     plan_student(teacher.recipe, [3, 7, 11], to="gla")    # only these layer indices change
 
 Letters: ``A`` keeps the teacher's layer as it is (attention, or sliding window for a windowed
-teacher); ``K`` kvm, ``B`` bswa, ``G`` gla, ``R`` rwkv7, ``M`` mamba2, ``D`` gated_deltanet (the
+teacher); ``K`` kvm, ``B`` bswa, ``S`` swa, ``G`` gla, ``R`` rwkv7, ``M`` mamba2, ``D`` gated_deltanet (the
 registry's symbols). A trailing ``...`` (optionally ``*...``) cycles the pattern to the teacher's
 depth.
 
 Student options start from what makes the copy of the teacher's attention exact (``student_defaults``):
 
-* ``kvm`` / ``bswa``: the teacher's projection options (heads, GQA, head_dim, biases, q/k norm,
+* ``kvm`` / ``bswa`` / ``swa``: the teacher's projection options (heads, GQA, head_dim, biases, q/k norm,
   ``rope_style: llama``, theta), no token shift, no value residual, and for KVM the mean read
   (``state_read: mean``, ``use_vlens: false``) of the rotated keys (``state_key_zero_dims: 0``):
-  see ``convert.init`` for why. ``mixers={"kvm": {...}}`` may set
-  any KVM-only option (chunk_len, n_bswa_chunks, budget, ...); changing a projection option would
-  break the copy and raises ``TeacherError``.
+  see ``convert.init`` for why. ``mixers={"kvm": {...}}`` may set any KVM-only or window option
+  (chunk_len, n_bswa_chunks, budget, window, sink_len, ...); changing a projection option would
+  break the copy and raises ``TeacherError``. ``S*N`` with ``{"swa": {"window": W, "sink_len": n}}``
+  is StreamingLLM on the teacher, without training (``convert.baselines``).
 * ``gla``: heads and key/value widths of the teacher (``expand_k = expand_v = H*d / D``, GQA groups
   ``num_kv_heads``), so q/k/v/o copy as they are.
 * ``gated_deltanet``: ``num_heads = H``, ``head_dim = d``, ``expand_v = 1`` (k and v are the
@@ -27,7 +28,7 @@ Student options start from what makes the copy of the teacher's attention exact 
 * ``rwkv7``: ``head_dim = d`` (r/k/v/o copy when ``H*d == D``, k and v repeated over the groups).
 * ``mamba2``: its own defaults; nothing is copied (see ``convert.init``).
 
-User options win over these defaults (except the projection options of ``kvm`` / ``bswa``); shapes
+User options win over these defaults (except the projection options of ``kvm`` / ``bswa`` / ``swa``); shapes
 that then no longer match are simply not copied (the plan's ``copied`` lists what was).
 """
 
@@ -51,7 +52,7 @@ from hybrid.model.recipe import (
 )
 
 KEEP = "A"  # the plan letter that keeps a teacher layer
-_LETTERS = {"K": "kvm", "B": "bswa", "G": "gla", "R": "rwkv7", "M": "mamba2", "D": "gated_deltanet"}
+_LETTERS = {"K": "kvm", "B": "bswa", "S": "swa", "G": "gla", "R": "rwkv7", "M": "mamba2", "D": "gated_deltanet"}
 _PROJECTION_FIELDS = tuple(f.name for f in dataclasses.fields(ProjectionConfig))
 
 
@@ -129,7 +130,7 @@ def student_defaults(mixer: str, teacher: ModelConfig) -> dict[str, Any]:
     h, hkv, d, dm = attn.num_heads, attn.num_kv_heads or attn.num_heads, attn.head_dim, teacher.d_model
     if mixer == "kvm":
         return {**projection, "state_key_zero_dims": 0, "state_read": "mean", "use_vlens": False}
-    if mixer == "bswa":
+    if mixer in ("bswa", "swa"):
         return projection
     if mixer == "gla":
         return {"num_heads": h, "num_kv_heads": hkv, "expand_k": h * d / dm, "expand_v": h * d / dm}
@@ -163,13 +164,16 @@ def plan_student(teacher: Recipe, layers: str | Sequence[int] | Sequence[str],
         names[i] = mixer
         if mixer not in table:
             options = mixers.get(mixer, {})
-            if mixer in ("kvm", "bswa"):
+            if mixer in ("kvm", "bswa", "swa"):
                 clash = {k: v for k, v in options.items() if k in _PROJECTION_FIELDS and k not in ("token_shift", "value_residual")
                          and v != student_defaults(mixer, base)[k]}
                 if clash:
                     raise TeacherError(f"mixers.{mixer}: {clash} would change the projections copied from the "
                                        "teacher's attention; only the KVM/window options may be set")
             table[mixer] = {**student_defaults(mixer, base), **options}
+        elif any(table[mixer].get(k) != v for k, v in mixers.get(mixer, {}).items()):  # the teacher's own (swa)
+            raise TeacherError(f"mixers.{mixer}: the teacher's layers are {mixer} already, and a recipe holds one "
+                               "set of options per mixer; convert to another mixer or keep the teacher's options")
     data["layers"] = names
     data["mixers"] = {n: table[n] for n in dict.fromkeys(names)}
     try:

@@ -15,7 +15,7 @@ from convert.gguf_reader import (
     permute_rope_rows,
     unpermute_rope_rows,
 )
-from convert.init import convert_teacher
+from convert.init import convert_teacher, init_student
 from convert.plan import parse_layers, plan_student
 from convert.teacher import hf_name, load_teacher, teacher_recipe
 from hybrid.model.model import HybridLM
@@ -203,6 +203,7 @@ def test_plan_patterns_and_indices():
     assert "".join(parse_layers("A K*2 G", 4)) == "AKKG"
     assert "".join(parse_layers([0, 2], 4, to="gla")) == "GAGA"
     assert "".join(parse_layers(["kvm", "attention", "R"], 3)) == "KAR"
+    assert "".join(parse_layers(["swa", "S", "bswa"], 3)) == "SSB"
     with pytest.raises(TeacherError, match="gives 3 layers, the teacher has 4"):
         parse_layers("K*3", 4)
     with pytest.raises(TeacherError, match=r"unknown letters \['X'\]"):
@@ -258,6 +259,34 @@ def test_lrnn_students_copy_matching_projections(tmp_path):
     x = tokens(12)
     with torch.no_grad():
         assert torch.isfinite(student(x).logits).all()
+
+
+def test_swa_students_with_sinks_are_streaming_llm_of_the_teacher():
+    """``S*N`` with sinks: q/k/v/o copied, so while window + sinks cover the past the student is the teacher;
+    a bad sink_len names the option."""
+    teacher = HybridLM(teacher_recipe(TINY).model).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 if p.dim() > 1 else 1 + 0.3 * torch.randn_like(p))
+    x = tokens(24)
+    with torch.no_grad():
+        expected = teacher(x).logits
+        for window, equal in [(20, True), (24, True), (12, False)]:
+            plan = plan_student(teacher_recipe(TINY), "S*3", {"swa": {"window": window, "sink_len": 4}})
+            student = init_student(teacher, plan).eval()
+            assert plan.summary() == "3/3 layers converted: SSS"
+            assert set(plan.copied[2]) == {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"}
+            got = student(x).logits
+            covered = min(24, window + 4)  # the queries whose window and sinks hold their whole past
+            assert (got[:, :covered] - expected[:, :covered]).abs().max() <= 1e-5, f"window {window}"
+            assert equal or (got[:, covered:] - expected[:, covered:]).abs().max() > 1e-3
+    with pytest.raises(TeacherError, match=r"swa\.sink_len: must be an integer >= 0, got -1"):
+        plan_student(teacher_recipe(TINY), "S*3", {"swa": {"window": 8, "sink_len": -1}})
+    with pytest.raises(TeacherError, match="would change the projections"):
+        plan_student(teacher_recipe(TINY), "S*3", {"swa": {"num_kv_heads": 4}})
+    windowed = teacher_recipe({**TINY, "model_type": "mistral", "sliding_window": 12})
+    with pytest.raises(TeacherError, match="the teacher's layers are swa already"):
+        plan_student(windowed, "S*3", {"swa": {"sink_len": 4}})
 
 
 # ----------------------------------------------------------------------------- SmolLM2 (real weights)

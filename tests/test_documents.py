@@ -170,6 +170,8 @@ MIXERS = {
     "attention": ("attention", dict(num_heads=2, token_shift=True)),
     "swa": ("swa", dict(num_heads=2, window=5)),
     "bswa": ("bswa", dict(num_heads=2, chunk_len=4, n_bswa_chunks=2, rope_partial_dim=4)),
+    "swa, sinks": ("swa", dict(num_heads=4, num_kv_heads=2, window=5, sink_len=3)),
+    "bswa, sinks": ("bswa", dict(num_heads=2, chunk_len=4, n_bswa_chunks=1, sink_len=6, rope_partial_dim=4)),
 }
 
 

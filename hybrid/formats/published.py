@@ -368,7 +368,8 @@ def _layer_mixer(cfg: dict, field: str, compat: bool, rope_dim: int, rope_theta:
         if cfg["sink_len"]:
             raise PublishedCheckpointError(
                 f"published config sink_len={cfg['sink_len']!r} is not supported with {field}=gptalpha_bswa: "
-                "our bswa mixer has no always-visible sink tokens (the paper's BSWA config sets sink_len: 0)")
+                "mapping it to our bswa's sink_len is not yet checked against the published code (the paper's BSWA "
+                "config sets sink_len: 0)")
         options.update(chunk_len=cfg["chunk_len"], n_bswa_chunks=cfg["n_bswa_chunks"])
     name = published if field == "token_mixer" else f"alt_{published}"
     if any(entry["type"] == registry for entry in mixers.values()):  # alt and main of one kind: own letter

@@ -5,7 +5,7 @@ tokens, how many cached keys. ``state_at(model, n)`` builds a state of exactly t
 would hold after ``n`` tokens, so ``hybrid info`` can report bytes at 32k and the decode benchmark
 can time a step at position 32k without a 32k-token prefill (which, for full attention on a CPU,
 would take longer than the measurement). The shapes follow the same integer schedules the layers
-use (``blocks.kvm.slots_after``, the attention layers' ``keep_from``); a test checks them against
+use (``blocks.kvm.slots_after``, the attention layers' ``held``: window and sink tokens); a test checks them against
 real prefills.
 """
 
@@ -31,8 +31,11 @@ def token_axis_lengths(mixer, n_tokens: int) -> dict[str, int]:
         return {"slot_keys": slots, "slot_values": slots, "slot_lens": slots,
                 "window_keys": window, "window_values": window, "window_gates": window}
     if isinstance(mixer, SoftmaxAttention):
-        kept = n_tokens - mixer.keep_from(n_tokens)
-        return {"keys": kept, "values": kept}
+        sinks, begin = mixer.held(n_tokens)
+        lengths = {"keys": n_tokens - begin, "values": n_tokens - begin}
+        if mixer.sink_len:
+            lengths.update(sink_keys=sinks, sink_values=sinks)
+        return lengths
     return {}
 
 

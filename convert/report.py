@@ -119,6 +119,7 @@ def build_report(out: str | Path, eval_files: Sequence[str | Path] | None = None
                "ratio": sum(student_state[n].values()) / sum(teacher_state[n].values())} for n in contexts]
     return {"teacher": identity["teacher"], "plan": record["plan_summary"], "layer_selection": selection,
             "window": window, "sink_len": SINK_LEN, "equal_state_window": equal_window,
+            "equal_state_context": max(contexts),
             "domains": [{"name": d.name, "source": d.source, "tokens": len(ids[d.name]),
                          "scored_predictions": scored[d.name]} for d in domains],
             "segment_len": segment_len, "budgets": record["budgets"], "models": rows,
@@ -154,7 +155,9 @@ def verdict_line(report: dict) -> str:
         b = v[label]
         parts.append(f"{'beats' if b['every_domain'] else 'does not beat'} {report['sink_len']} sinks + "
                      f"{b['window']}-token window ({label}) on every domain ({len(b['beats_on'])}/{n})")
-    return f"**Verdict:** {v['model']} " + "; ".join(parts) + "."
+    return (f"**Verdict:** {v['model']} " + "; ".join(parts)
+            + f" (equal state: the window whose KV cache takes the student's state bytes at "
+              f"{report['equal_state_context']:,} tokens).")
 
 
 def format_report(report: dict) -> str:

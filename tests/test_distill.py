@@ -234,10 +234,20 @@ def test_hybrid_convert_end_to_end_then_generate_train_and_report(teacher_folder
     text = capsys.readouterr().out
     assert "| teacher |" in text and "| after stage2 |" in text and "| 4,096 |" in text
     report = json.loads((out / "report.json").read_text())
-    names = [row["model"] for row in report["perplexity"]]
-    assert names == ["teacher", "converted at init", "after stage1", "after stage2"]
-    assert report["perplexity"][0]["vs_teacher"] == 1.0 and report["eval_text"][0].endswith("hamlet.md")
-    assert report["scored_predictions"] == 8 * (256 - 1 - 16)
+    equal = report["equal_state_window"]
+    names = [row["model"] for row in report["models"]]
+    assert names == ["teacher", "4 sinks + 16-token window (own window)", f"4 sinks + {equal}-token window (equal state)",
+                     "converted at init", "after stage1", "after stage2"]
+    assert [d["name"] for d in report["domains"]] == ["play", "licence", "release notes", "technical docs"]
+    assert all(d["scored_predictions"] == 8 * (256 - 1 - 16) for d in report["domains"])
+    teacher, own = report["models"][0], report["models"][1]
+    assert set(teacher["top1_agreement"].values()) == {1.0} and own["window"] == 16
+    final = report["models"][-1]
+    beats = [d for d in own["perplexity"] if final["perplexity"][d] < own["perplexity"][d]]
+    assert report["verdict"]["own window"] == {"window": 16, "beats_on": beats, "every_domain": len(beats) == 4}
+    assert ("does not beat" if len(beats) < 4 else "beats") + " 4 sinks + 16-token window" in text
+    assert len(report["facts"]) == 10 and report["facts_agree"] == sum(f["agree"] for f in report["facts"])
+    assert f"{report['facts_agree']}/10 keep the teacher's first 8 greedy tokens" in text
     state = {row["context"]: row for row in report["state"]}
     assert set(state[4096]["teacher"]) == {"kv"} and state[4096]["ratio"] < state[1024]["ratio"] < 1
 

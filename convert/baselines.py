@@ -30,8 +30,9 @@ def sink_window_model(teacher: Teacher, window: int, sink_len: int = SINK_LEN) -
 
 
 def equal_state_window(student: HybridLM, teacher: HybridLM, context: int, sink_len: int = SINK_LEN) -> int:
-    """The sliding window whose decode state after ``context`` tokens (sinks included) takes as many
-    bytes as ``student``'s: the teacher's KV cache per token divided into the student's state."""
+    """The longest sliding window whose decode state after ``context`` tokens (sinks included) takes no
+    more bytes than ``student``'s: the teacher's KV cache per token divided into the student's state
+    gives the tokens it may hold; a window of w holds the w - 1 tokens before the next query."""
     student_bytes = sum(state_bytes(student, [context])[context].values())
     per_token = sum(state_bytes(teacher, [context])[context].values()) / context
-    return max(1, int(student_bytes // per_token) - sink_len)
+    return max(1, int(student_bytes // per_token) - sink_len + 1)

@@ -315,6 +315,7 @@ def run_conversion(settings: ConversionSettings, progress: bool = True) -> Conve
 
     teacher = load_teacher(settings.teacher, n_layers=settings.teacher_layers)
     target = plan_student(teacher.recipe, settings.plan, settings.mixers)
+    check_converts(target, settings.keep_attention)
     held_out = held_out_files()
     sources = list(settings.data) if settings.data is not None else default_sources()
     check_disjoint(sources, held_out)
@@ -371,6 +372,17 @@ def stage_trainables(settings: ConversionSettings, plan: LayerPlan, new: Sequenc
             params = stage_parameters(stage, settings.stage_overrides.get(stage, {}).get("params"))
             result[stage] = params, trainable_parameters(stage, params, plan.converted, new)
     return result
+
+
+def check_converts(target: LayerPlan, keep_attention: int | None) -> None:
+    """Refuse a conversion that would convert no layer: a plan of ``A`` only, or keeping every
+    converted layer of the target plan as attention."""
+    if not target.converted:
+        raise TeacherError(f"the plan {target.summary().split(': ')[-1]} keeps every teacher layer: nothing to convert; "
+                           "use K (KVM) or another mixer letter for the layers to convert")
+    if keep_attention is not None and keep_attention >= len(target.converted):
+        raise TeacherError(f"--keep-attention {keep_attention} keeps all {len(target.converted)} layers the plan "
+                           f"converts: nothing left to convert; choose 0..{len(target.converted) - 1}")
 
 
 def _recorded_conversion(out: Path, settings: ConversionSettings) -> dict:

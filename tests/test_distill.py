@@ -253,12 +253,26 @@ def test_hybrid_convert_end_to_end_then_generate_train_and_report(teacher_folder
 
 
 @pytest.mark.parametrize("extra, message", [
+    (["--plan", "AAA"], "the plan AAA keeps every teacher layer: nothing to convert"),
+    (["--plan", "SSS", "--set", "swa.window=8"], "stage1.params=memory: the plan's converted layers have no parameters"),
+])
+def test_a_plan_with_nothing_to_convert_or_train_is_refused(teacher_folder, corpus, tmp_path, capsys, extra, message):
+    args = ["convert", str(teacher_folder), str(tmp_path / "out"), "--data", str(corpus), "--threads", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--set", "stage1.seq_len=48", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hybrid convert: error:") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("extra, message", [
     (["--plan", "K*5"], "gives 5 layers, the teacher has 3"),
     (["--plan", "KKK", "--stage1-tokens", "100"], "budget of 100 tokens is less than one batch"),
     (["--plan", "KKK", "--stage2-tokens", "64"], "the stage2 budget of 64 tokens"),
     (["--plan", "KKK", "--set", "stage1.seq_len=16"], "within the student's window of 16 tokens"),
     (["--plan", "KKK", "--set", "gla.expand_k=1"], "options given for mixers the plan does not use"),
     (["--plan", "KKK", "--set", "stage1.lrr=1"], "stage1.lrr"),
+    (["--plan", "KKK", "--keep-attention", "3"], "--keep-attention 3 keeps all 3 layers the plan converts"),
+    (["--plan", "KKK", "--set", "stage1.params=weights"], "stage1.params='weights': choose one of memory, mixers, all"),
 ])
 def test_convert_errors_are_one_line_exit_2(teacher_folder, corpus, tmp_path, capsys, extra, message):
     args = ["convert", str(teacher_folder), str(tmp_path / "out"), "--set", "kvm.chunk_len=8", "--data", str(corpus),

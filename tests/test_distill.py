@@ -310,3 +310,14 @@ def test_set_options_split_into_mixers_and_stages():
     assert stages == {"stage2": {"lr": 3e-5}, "stage1": {"data": ["a.txt", "b/"]}}
     with pytest.raises(UsageError, match="expected MIXER.OPTION=VALUE"):
         parse_set_options(["chunk_len=64"])
+
+
+def test_a_diverging_stage_stops_with_one_line_and_exit_3(teacher_folder, corpus, tmp_path, capsys):
+    args = ["convert", str(teacher_folder), str(tmp_path / "out"), "--plan", "KKK", "--set", "kvm.chunk_len=8",
+            "--set", "stage1.seq_len=48", "--set", "stage1.batch_size=4", "--set", "stage1.params=all",
+            "--set", "stage1.lr=1e30", "--set", "stage1.warmup_steps=0", "--set", "stage1.grad_clip=null",
+            "--stage1-tokens", "960", "--stage2-tokens", "0", "--data", str(corpus),
+            "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--device", "cpu", "--no-progress"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("hybrid convert: stopped: step ") and "--set STAGE.lr=" in err and err.count("\n") == 1

@@ -82,6 +82,8 @@ def add_convert(commands) -> None:
 
 def _convert(args: argparse.Namespace) -> int:
     from convert.distill import STAGES, ConversionSettings, run_conversion
+    from hybrid.cli.train import DIVERGED_EXIT
+    from hybrid.training.loop import TrainingDiverged
 
     mixers, stages = parse_set_options(args.set)
     budgets = {stage: getattr(args, f"{stage}_tokens") for stage in STAGES}
@@ -95,6 +97,10 @@ def _convert(args: argparse.Namespace) -> int:
                                   args.time_limit, args.keep_attention)
     try:
         result = run_conversion(settings, progress=not args.no_progress)
+    except TrainingDiverged as err:
+        print(f"hybrid convert: stopped: {err} (for a conversion stage: --set STAGE.lr=..., STAGE.warmup_steps=..., "
+              "STAGE.grad_clip=...)", file=sys.stderr)
+        return DIVERGED_EXIT
     except KeyboardInterrupt:
         print("hybrid convert: interrupted; run the same command again to continue from the newest checkpoint",
               file=sys.stderr)

@@ -1,19 +1,25 @@
 """Distillation: a converted student trained towards its teacher in resumable stages (conversion.md §1.2).
 
 * **stage1, alignment.** Each converted layer's new mixer learns to output what the teacher's
-  attention outputs at that layer (``convert.losses.alignment_objective``). Only the converted
-  layers' mixer parameters train; every other parameter stays bitwise the teacher's.
+  attention outputs at that layer (``convert.losses.alignment_objective``).
 * **stage2, logit distillation.** KL(teacher || student) of the next-token distributions at a
-  temperature (``convert.losses.kl_objective``); the whole student trains.
+  temperature (``convert.losses.kl_objective``).
 * **stage3, fine-tuning (optional).** Next-token cross-entropy, no teacher, at a longer context.
+
+What a stage trains is its parameter set (``--set STAGE.params=...``, ``STAGE_PARAMETERS``):
+``memory``, the converted layers' parameters that did not come from the teacher (KVM's merge gate
+and temperatures: the memory's own), ``mixers`` (the converted layers' whole mixers) or ``all``.
+Stages 1 and 2 train the memory by default, so every weight the teacher's knowledge lives in stays
+bitwise the teacher's (docs/conversion.md §3 has the measurements behind it); stage 3 trains all.
+Each set has its learning rate for stages 1 and 2 (``PARAMETER_LR``: the few memory parameters move
+at 3e-2, whole mixers at 1e-3, everything at 1e-4); stage 3 keeps RADLADS's 1e-5.
 
 Every stage is a ``hybrid.training.loop.train`` run with an ``Objective``: the same optimizer
 groups, schedule, progress bar, ``metrics.jsonl``/``loss.png``, atomic ``step_*`` checkpoints and bitwise
 resume as ``hybrid train``. A stage starts (``train.init_from``) from the previous stage's final
 checkpoint, the first from the converted-at-init student. ``STAGE_DEFAULTS`` holds each stage's
-settings: the RADLADS ones (stage 1: lr 1e-3 cosine to 1e-5, sequences of 512; stage 2: constant
-lr, 512; stage 3: lr 1e-5, 1024) except stage 2's lr, 1e-4 (fla's rate for the new mixers, applied
-to the whole student, so that short runs move). Token budgets are per stage.
+other settings (RADLADS's: stage 1 cosine to 1% of its lr, sequences of 512; stage 2 constant lr,
+512; stage 3 cosine to 10%, 1024). Token budgets are per stage.
 
 ``run_conversion(ConversionSettings(...))`` is what ``hybrid convert`` runs::
 

@@ -10,10 +10,10 @@ What is copied:
 * kept layers (``A`` in the plan): the whole attention layer;
 * ``kvm`` / ``bswa`` / ``swa`` layers: q/k/v/o with their biases, GQA layout and q/k norms. The new KVM
   parameters start as no-ops: ``merge_gate_proj`` zero (gate 1 + elu(0) = 1), window and state
-  temperatures 1, ``state_key_norm`` the identity-affine LayerNorm; token shift and value residual
-  are off. Inside the window (the first ``n_bswa_chunks * chunk_len`` tokens) KVM is plain causal
+  temperatures 1 (``state_key_norm``, with the normed read, the identity-affine LayerNorm); token
+  shift and value residual are off. Inside the window (the first ``n_bswa_chunks * chunk_len`` tokens) KVM is plain causal
   softmax attention, so **the student's logits equal the teacher's there** (tests check 1e-4 in fp32);
-  beyond it only the compressed state is new. ``swa`` (with ``sink_len``: StreamingLLM) and ``bswa``
+  beyond it only the memory is new. ``swa`` (with ``sink_len``: StreamingLLM) and ``bswa``
   equal the teacher wherever their window and sinks cover the whole past.
 * ``gla``: q/k/v/o (the plan gives GLA the teacher's heads and widths, GQA as GLA's kv groups);
   the gate ``gk_proj``, output gate ``g_proj`` and norm keep fla's fresh init.
@@ -26,35 +26,16 @@ What is copied:
   ``expand`` matching ``H*d``: set those and add a copier to ``_COPIERS`` when needed).
 * Biases of Qwen2's q/k/v and Qwen3's q/k norms have no counterpart in the LRNN mixers: dropped.
 
-**The KVM state-key path with a full-RoPE teacher.** The paper zeroes the rotated key dims
-before ``state_key_norm`` (its models rotate 64 of 128 dims, so state keys keep the 64 position-free
-ones). Llama-family teachers rotate every dim, so that rule zeroes every key: all state keys become
-``state_key_norm(0) = bias = 0``, every slot scores logit 0 and routing merges are arbitrary ties.
-The alternatives that keep the teacher exact inside the window (a partial-RoPE student would not:
-it changes the teacher's attention everywhere):
-
-* ``state_key_zero_dims: 0`` (chosen default): keep the rotated keys. A slot key is the LayerNorm of
-  a sum of rotated keys, so it keeps the content direction of its tokens at their (old) positions;
-  the query dot product then sees a relative rotation of "query position - slot positions", like
-  the teacher does for a far-away token, and routing by cosine similarity still groups similar keys.
-* the paper's rule (``state_key_zero_dims: null``, all dims here): a uniform read of the slots.
-
-Measured (``python -m convert.experiments``): SmolLM2-135M-Instruct (Q4_1 GGUF), all 30 layers
-converted at init, chunk 64 x 2 chunks = 128-token window, fixed state (the first chunk's 64 slots,
-then merges), on Python's licence text ``/usr/lib/python3.11/LICENSE.txt`` (3768 tokens);
-perplexity of the 3639 tokens beyond the window:
-
-=====================================================  ==========
-teacher (full attention)                                     5.58
-bswa: the window alone, no state                            43.95
-kvm, ``state_key_zero_dims: 0`` (keep rotated keys)         17.51
-kvm, ``state_key_zero_dims: 32`` (zero half the dims)      116.57
-kvm, paper rule (zero the rotated dims = all of them)      193.62
-=====================================================  ==========
-
-Keeping the rotated keys is the only choice whose state helps before any training (it recovers
-most of what the window loses); zeroing all dims makes the state a uniform average that is worse
-than no state at all. Hence the default; distillation may still learn a better ``state_key_norm``.
+**A memory that does no harm at init: the mean read.** The paper's read puts every slot key through
+``state_key_norm`` and, in its published models, zeroes the rotated key dims first; a Llama-family
+teacher rotates every dim, so that rule would zero every key. Even keeping the rotated keys, the
+norm rescales them, and a converted student then reads its memory unlike anything the teacher
+saw. The student instead uses the mean read (``state_read: mean``, docs/kvm.md §7): no norm, a slot
+read as the mean of the rotated keys and values that entered it, with log(count) added to its logit.
+A slot of one token is that token, so until its first merge the student equals the teacher
+everywhere, not only inside the window; after it, a merged slot reads as the mean of its tokens,
+weighted by their number. ``python -m convert.experiments init`` measures every choice against the
+teacher and the sink + window baselines on the report's held-out domains (docs/conversion.md §4.1).
 """
 
 from __future__ import annotations

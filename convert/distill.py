@@ -1,4 +1,4 @@
-"""Distillation: a converted student trained towards its teacher in resumable stages (conversion.md §1.2).
+"""Distillation: a converted student trained towards its teacher in resumable stages (docs/conversion.md §1).
 
 * **stage1, alignment.** Each converted layer's new mixer learns to output what the teacher's
   attention outputs at that layer (``convert.losses.alignment_objective``).

@@ -1,4 +1,4 @@
-"""A student initialised from its teacher: RADLADS-style weight transfer (conversion.md §1.2).
+"""A student initialised from its teacher: RADLADS-style weight transfer (docs/conversion.md §1).
 
 ::
 

@@ -122,7 +122,9 @@ def build_report(out: str | Path, eval_files: Sequence[str | Path] | None = None
             "equal_state_context": max(contexts),
             "domains": [{"name": d.name, "source": d.source, "tokens": len(ids[d.name]),
                          "scored_predictions": scored[d.name]} for d in domains],
-            "segment_len": segment_len, "budgets": record["budgets"], "models": rows,
+            "segment_len": segment_len, "budgets": record["budgets"],
+            "stage_parameters": record.get("stage_parameters", {}), "teacher_samples": record.get("teacher_samples"),
+            "models": rows,
             "verdict": verdict(rows), "facts": facts, "facts_agree": sum(f["agree"] for f in facts),
             "fact_tokens": AGREE_TOKENS, "state": states}
 
@@ -163,7 +165,12 @@ def verdict_line(report: dict) -> str:
 def format_report(report: dict) -> str:
     """The report as Markdown."""
     names = [d["name"] for d in report["domains"]]
-    lines = [f"Teacher `{report['teacher']}`, student {report['plan']}.", "", verdict_line(report), "",
+    trained = [f"{stage} {tokens:,} tokens ({report['stage_parameters'].get(stage, '?')} parameters)"
+               for stage, tokens in report["budgets"].items() if tokens]
+    samples = report.get("teacher_samples")
+    data = f"; the data included {samples['tokens']:,} tokens sampled from the teacher" if samples else ""
+    lines = [f"Teacher `{report['teacher']}`, student {report['plan']}.", "",
+             f"Distilled: {', '.join(trained) or 'no stage'}{data}.", "", verdict_line(report), "",
              f"Held-out text, perplexity and top-1 agreement with the teacher on the predictions beyond the "
              f"{report['window']}-token window (segments of {report['segment_len']} tokens, each from an empty state):",
              ""]

@@ -85,3 +85,32 @@ def test_the_mean_read_layer_has_no_state_key_norm_and_needs_counts():
         KVMConfig(num_heads=4, state_read="mean")
     with pytest.raises(ConfigError, match="state_read"):
         KVMConfig(num_heads=4, state_read="median", use_vlens=False)
+
+
+def test_gated_tokens_weigh_by_their_gate():
+    """With merge gates, a slot's lens is the sum of its tokens' gates and its read is their gate-weighted
+    mean: the same state as ungated tokens repeated in proportion (here gates 1, 2 and 3)."""
+    config = mean_config(budget="fixed", state_min_len=8)
+    torch.manual_seed(3)
+    t = 64
+    q, k, v = torch.randn(1, 4, t, 8), torch.randn(1, 2, t, 8), torch.randn(1, 2, t, 8)
+    gate = torch.randint(1, 4, (1, 2, t, 1)).float()
+    _, state = kvm_attention(q, k, v, gate, config, state_key_norm=torch.nn.Identity())
+    left = t - state.window_keys.shape[2]
+    first = config.chunk_len  # the first chunk enters ungated (merge_gate_initial_state is off)
+    assert_close(state.slot_lens.sum(2), first + gate[:, :, first:left].sum(2), 1e-5, "lens sum the gates")
+    assert_close(state.slot_keys.sum(2), k[:, :, :first].sum(2) + (gate * k)[:, :, first:left].sum(2), 1e-5,
+                 "key sums are gate-weighted")
+
+
+def test_slots_whose_gates_underflow_to_zero_stay_finite():
+    torch.manual_seed(4)
+    t = 48
+    q, k, v = torch.randn(1, 4, t, 8), torch.randn(1, 2, t, 8), torch.randn(1, 2, t, 8)
+    gate = torch.zeros(1, 2, t, 1)  # 1 + elu(x) underflows to 0 for very negative x
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            out, _ = kvm_attention(q, k, v, gate, mean_config(budget="fixed", state_min_len=16,
+                                                              merge_gate_initial_state=True),
+                                   state_key_norm=torch.nn.Identity())
+        assert torch.isfinite(out).all(), f"grad {grad}"

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from blocks.kvm.codec import Incoming, SlotCodec, Slots
 from blocks.kvm.reads import ReadScales, TileMasks, read_tile
-from blocks.kvm.routing import add_rows, max_over_slots, route_chunk
+from blocks.kvm.routing import add_rows, max_over_slots, merge_increments, new_slot_lens, route_chunk
 from blocks.kvm.schedule import CallSchedule
 from blocks.kvm.tokens import RawTokens
 
@@ -53,10 +53,10 @@ def absorb(codec: SlotCodec, slots: Slots, incoming: Incoming, appends: int,
         novelty, best, target = max_over_slots(scores, config.sink_len)  # (B, Hkv, C) each
     routed = route_chunk(codec, incoming, novelty, best, target, num, appends, lambda rows: max_over_slots(rows)[1:])
     if appends:
-        added = routed.append_keys, routed.append_values, codec.lens_of(routed.append_values)
+        added = routed.append_keys, routed.append_values, new_slot_lens(codec, routed)
         slots = Slots(*(torch.cat([old, new], 2) for old, new in zip(slots, added)))
     lens = slots.lens
-    if not config.use_vlens:  # count averaging: each merge adds one to its slot's count
-        lens = add_rows(lens, routed.target, torch.ones_like(routed.target, dtype=lens.dtype).unsqueeze(-1))
+    if not config.use_vlens:  # count (or weight) averaging: each merge adds one (its weight) to its slot's lens
+        lens = add_rows(lens, routed.target, merge_increments(routed, lens.dtype))
     return Slots(add_rows(slots.keys, routed.target, routed.merging[..., :d]),
                  add_rows(slots.values, routed.target, routed.merging[..., d:]), lens)

@@ -7,9 +7,10 @@ created the slot ("vlens"), or divided by a count. Routing compares prepared key
 in fp32, over fewer dims where the norm is a LayerNorm (``SlotCodec.fewer_routing_dims``).
 
 The mean read (``state_read: mean``, docs/kvm.md §7) has no state-key norm: prepared keys are the
-keys as they are, a slot is read as the mean of its tokens (sums divided by the count) with log(count)
-added to its logits, so that a slot of n equal tokens weighs what those n tokens would, and routing
-compares directions (cosine similarity).
+keys as they are, lens are the slots' weights (the sum of their tokens' merge gates, or their count
+without gating), a slot is read as the weighted mean of its tokens (sums divided by the weight) with
+log(weight) added to its logits, so that a slot of n equal tokens of gate 1 weighs what those n
+tokens would, and routing compares directions (cosine similarity).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from blocks.kvm.config import KVMConfig
 
 NO_NORM = nn.Identity()  # the mean read's state-key "norm": keys as they are
+MIN_WEIGHT = 1e-6  # the least weight the mean read divides by (gates may underflow to zero)
 
 
 class Slots(NamedTuple):
@@ -31,7 +33,7 @@ class Slots(NamedTuple):
 
     keys: Tensor  # (B, Hkv, S, d): sums of prepared (gated) keys
     values: Tensor  # (B, Hkv, S, dv): sums of (gated) values
-    lens: Tensor  # (B, Hkv, S, 1) fp32: creating-value norm (vlens) or count of absorbed tokens
+    lens: Tensor  # (B, Hkv, S, 1) fp32: creating-value norm (vlens), count of absorbed tokens, or their weight (mean)
 
 
 class SlotReads(NamedTuple):
@@ -49,6 +51,7 @@ class Incoming(NamedTuple):
     values: Tensor  # (B, Hkv, C, dv)
     gated: Tensor  # (B, Hkv, C, d + dv): what a merge adds, the (gated) key and value side by side
     routing: Tensor  # (B, Hkv, C, r) fp32: the keys as routing scores read them (``SlotCodec.token_features``)
+    weights: Tensor | None = None  # (B, Hkv, C, 1) fp32: what each adds to its slot's lens (None: one each)
 
 
 class SlotCodec:
@@ -112,26 +115,34 @@ class SlotCodec:
             return v.float().norm(dim=-1, keepdim=True)
         return torch.ones(*v.shape[:-1], 1, dtype=torch.float32, device=v.device)
 
+    def token_weights(self, g: Tensor) -> Tensor | None:
+        """What tokens of gate g (..., 1) add to their slots' lens: the gate itself for the mean read
+        of gated tokens, else None (one each, or nothing with vlens)."""
+        return g.float() if self.config.reads_mean and self.config.merge_gate_values else None
+
     def new_slots(self, k: Tensor, v: Tensor, g: Tensor) -> Slots:
         """Slots for tokens copied straight in (the first chunk)."""
         if self.config.merge_gate_initial_state:
             k_in, v_in = self.gated(self.prepare_keys(k), v, g)
+            weights = self.token_weights(g)
         else:
-            k_in, v_in = self.prepare_keys(k), v
-        return Slots(k_in, v_in, self.lens_of(v_in))
+            k_in, v_in, weights = self.prepare_keys(k), v, None
+        return Slots(k_in, v_in, self.lens_of(v_in) if weights is None else weights)
 
     def incoming(self, k: Tensor, v: Tensor, g: Tensor) -> Incoming:
         """A raw chunk leaving the window (k, v: (B, Hkv, C, d | dv); g: (B, Hkv, C, 1)), prepared."""
         k_u = self.prepare_keys(k)
-        return Incoming(k_u, v, torch.cat(self.gated(k_u, v, g), -1), self.token_features(k_u))
+        return Incoming(k_u, v, torch.cat(self.gated(k_u, v, g), -1), self.token_features(k_u), self.token_weights(g))
 
     def read(self, keys: Tensor, values: Tensor, lens: Tensor, dtype: torch.dtype) -> SlotReads:
         """The read formula, row by row: (..., d) key sums, (..., dv) value sums, (..., 1) lens ->
         attention keys (the next update routes against them too), values in ``dtype`` and the logit
-        bias. Normed: keys through the state-key norm, no bias; mean: the sums over the count of
-        tokens (``use_vlens`` is off: lens count them), bias log(count)."""
+        bias. Normed: keys through the state-key norm, no bias; mean: the sums over the slot's weight
+        (at least ``MIN_WEIGHT``), bias log(weight)."""
         if self.config.reads_mean:
-            return SlotReads((keys.float() / lens).to(dtype), (values.float() / lens).to(dtype), lens.log().squeeze(-1))
+            weight = lens.clamp_min(MIN_WEIGHT)
+            return SlotReads((keys.float() / weight).to(dtype), (values.float() / weight).to(dtype),
+                             weight.log().squeeze(-1))
         if self.config.use_vlens:  # direction times length: F.normalize(values) * lens in one pass over the values
             values = values.float() * (lens / values.float().norm(dim=-1, keepdim=True).clamp_min(1e-12))
         else:

@@ -49,7 +49,10 @@ class KVMConfig(ProjectionConfig):
         require_choice("budget", self.budget, BUDGETS)
         require_choice("state_read", self.state_read, STATE_READS)
         require(self.state_read != "mean" or not self.use_vlens, "use_vlens",
-                "the mean read divides by the count of absorbed tokens: set use_vlens: false with state_read: mean")
+                "the mean read divides by the weight of absorbed tokens: set use_vlens: false with state_read: mean")
+        require(self.state_read != "mean" or self.merge_gate_keys == self.merge_gate_values, "merge_gate_keys",
+                "the mean read weighs a token's key and value alike: set merge_gate_keys and merge_gate_values "
+                "to the same value with state_read: mean")
         require(self.growth_factor > 0, "growth_factor", f"must be > 0, got {self.growth_factor}")
         require(0 < self.growth_exponent <= 1, "growth_exponent", f"must be in (0, 1], got {self.growth_exponent}")
         if self.budget == "saturation":
@@ -67,7 +70,8 @@ class KVMConfig(ProjectionConfig):
 
     @property
     def reads_mean(self) -> bool:
-        """Whether slots are read as the mean of their tokens, weighted by their count (docs/kvm.md §7)."""
+        """Whether slots are read as the gate-weighted mean of their tokens, with log(weight) added to
+        their logits (docs/kvm.md §7)."""
         return self.state_read == "mean"
 
     @property

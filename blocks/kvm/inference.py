@@ -15,7 +15,7 @@ from torch import Tensor
 from blocks.kvm.codec import Incoming, SlotCodec, SlotReads, Slots
 from blocks.kvm.reads import ReadScales, TileMasks, read_tile
 from blocks.kvm.room import Room
-from blocks.kvm.routing import Routed, add_rows, max_over_slots, route_chunk
+from blocks.kvm.routing import Routed, add_rows, max_over_slots, merge_increments, new_slot_lens, route_chunk
 from blocks.kvm.schedule import CallSchedule, ChunkStep, Update
 from blocks.kvm.split_read import attend_slots, attend_windows, join, window_group, window_mask
 from blocks.kvm.state import ReadView
@@ -110,7 +110,7 @@ class InferenceRunner:
         novelty, best, target = self.route(incoming, num)
         routed = route_chunk(self.codec, incoming, novelty, best, target, num, update.appends, self.best_among_new)
         if update.appends:
-            self.room.append(num, routed.append_keys, routed.append_values, self.codec.lens_of(routed.append_values))
+            self.room.append(num, routed.append_keys, routed.append_values, new_slot_lens(self.codec, routed))
         self.merge(routed, update)
 
     def incoming(self, k: Tensor, v: Tensor, g: Tensor) -> Incoming:
@@ -134,9 +134,8 @@ class InferenceRunner:
         appends touched the room."""
         room, num = self.room, update.slots
         add_rows(room.sums, routed.target, routed.merging, inplace=True)
-        if not self.codec.config.use_vlens:  # count averaging: each merge adds one to its slot's count
-            add_rows(room.lens, routed.target, torch.ones_like(routed.target, dtype=room.lens.dtype).unsqueeze(-1),
-                     inplace=True)
+        if not self.codec.config.use_vlens:  # count (or weight) averaging: each merge adds one (its weight)
+            add_rows(room.lens, routed.target, merge_increments(routed, room.lens.dtype), inplace=True)
         b, h, _ = routed.target.shape
         appended = torch.arange(num, num + update.appends, device=routed.target.device).expand(b, h, -1)
         room.refresh(self.codec, num + update.appends, torch.cat([routed.target, appended], 2))

@@ -20,6 +20,8 @@ class Routed(NamedTuple):
     append_values: Tensor | None  # (B, Hkv, A, dv)
     target: Tensor  # (B, Hkv, M): the slot each merging token adds to
     merging: Tensor  # (B, Hkv, M, d + dv): what it adds, its gated key | value
+    append_weights: Tensor | None = None  # (B, Hkv, A, 1): the new slots' lens in the mean read (None: lens_of)
+    merge_weights: Tensor | None = None  # (B, Hkv, M, 1): what each merging token adds to lens (None: one)
 
 
 def route_chunk(codec: SlotCodec, incoming: Incoming, novelty: Tensor, best: Tensor, target: Tensor, slots: int,
@@ -30,22 +32,40 @@ def route_chunk(codec: SlotCodec, incoming: Incoming, novelty: Tensor, best: Ten
     to any slot) append, in token order; the others merge into their best slot among the slots
     after appending: a new slot wins if strictly better (ties keep the lower slot).
     ``best_among_new``: routing scores (B, Hkv, A, C) -> best score and index over their A rows."""
+    weights = incoming.weights
     if not appends:
-        return Routed(None, None, target, incoming.gated)
+        return Routed(None, None, target, incoming.gated, merge_weights=weights)
     ranked = novelty.argsort(dim=-1, stable=True)  # (B, Hkv, C)
     append_idx = ranked[..., :appends].sort(dim=-1).values
     merge_idx = ranked[..., appends:].sort(dim=-1).values
     d = incoming.keys.shape[-1]
+    append_weights = None  # ungated appends weigh one each
     if codec.config.merge_gate_appends:
         appended = gather_rows(incoming.gated, append_idx)  # (B, Hkv, A, d + dv)
         k_app, v_app = appended[..., :d], appended[..., d:]
+        append_weights = None if weights is None else gather_rows(weights, append_idx)
     else:
         k_app, v_app = gather_rows(incoming.keys, append_idx), gather_rows(incoming.values, append_idx)
     with torch.no_grad():
         new_rows = codec.slot_features(codec.norm(k_app)) @ incoming.routing.transpose(-1, -2)  # (B, Hkv, A, C)
         best_new, target_new = best_among_new(new_rows)
         target = torch.where(best_new > best, target_new + slots, target)
-    return Routed(k_app, v_app, target.gather(2, merge_idx), gather_rows(incoming.gated, merge_idx))
+    return Routed(k_app, v_app, target.gather(2, merge_idx), gather_rows(incoming.gated, merge_idx), append_weights,
+                  None if weights is None else gather_rows(weights, merge_idx))
+
+
+def new_slot_lens(codec: SlotCodec, routed: Routed) -> Tensor:
+    """The lens of the slots a routed chunk appends (B, Hkv, A, 1) fp32: their weights in the mean
+    read of gated tokens, else ``codec.lens_of`` their values."""
+    return codec.lens_of(routed.append_values) if routed.append_weights is None else routed.append_weights
+
+
+def merge_increments(routed: Routed, dtype: torch.dtype) -> Tensor:
+    """What each merging token adds to its slot's lens when lens count (B, Hkv, M, 1): its weight in
+    the mean read of gated tokens, else one."""
+    if routed.merge_weights is not None:
+        return routed.merge_weights.to(dtype)
+    return torch.ones_like(routed.target, dtype=dtype).unsqueeze(-1)
 
 
 def max_over_slots(x: Tensor, skip: int = 0) -> tuple[Tensor, Tensor, Tensor]:

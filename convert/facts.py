@@ -3,7 +3,8 @@
 Each prompt of ``FACT_PROMPTS`` is read after a preamble of held-out text long enough to put it
 beyond the student's window (twice the window), so that the student's compressed memory is in use
 when it answers; a prompt *agrees* when the student's first ``AGREE_TOKENS`` greedy tokens are the
-teacher's.
+teacher's. The preamble is the ``PREAMBLE_DOMAIN`` text when the report has it: after it SmolLM2
+still answers most prompts as expected (after the play, it answers in the play's voice).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ FACT_PROMPTS = (
     "The Great Wall is in",
 )
 AGREE_TOKENS = 8
+PREAMBLE_DOMAIN = "technical docs"  # convert.heldout's domain whose text precedes the prompts
 
 
 def preamble_ids(tokenizer: Tokenizer, text: str, window: int) -> list[int]:

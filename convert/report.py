@@ -33,7 +33,7 @@ import torch
 from convert.baselines import SINK_LEN, equal_state_window, sink_window_model
 from convert.distill import CONVERSION_FILE, STAGES, check_disjoint
 from convert.evaluate import long_range_predictions, state_bytes
-from convert.facts import AGREE_TOKENS, fact_rows, greedy_continuations, preamble_ids
+from convert.facts import AGREE_TOKENS, PREAMBLE_DOMAIN, fact_rows, greedy_continuations, preamble_ids
 from convert.heldout import default_domains, file_domains
 from convert.init import convert_teacher
 from convert.teacher import load_teacher
@@ -111,7 +111,8 @@ def build_report(out: str | Path, eval_files: Sequence[str | Path] | None = None
             final = load_checkpoint(folder)[1]
             rows.append(scorer.score(f"after {stage}", final, kind="student", **_stage_facts(out / "stages" / stage,
                                                                                            folder)))
-    preamble = preamble_ids(tokenizer, texts[domains[0].name], window)
+    preamble_domain = PREAMBLE_DOMAIN if PREAMBLE_DOMAIN in texts else domains[0].name
+    preamble = preamble_ids(tokenizer, texts[preamble_domain], window)
     facts = fact_rows(tokenizer, greedy_continuations(teacher.model, tokenizer, preamble),
                       greedy_continuations(final, tokenizer, preamble))
     teacher_state, student_state = state_bytes(teacher.model, contexts), state_bytes(init, contexts)
@@ -126,6 +127,7 @@ def build_report(out: str | Path, eval_files: Sequence[str | Path] | None = None
             "stage_parameters": record.get("stage_parameters", {}), "teacher_samples": record.get("teacher_samples"),
             "models": rows,
             "verdict": verdict(rows), "facts": facts, "facts_agree": sum(f["agree"] for f in facts),
+            "facts_preamble": preamble_domain,
             "fact_tokens": AGREE_TOKENS, "state": states}
 
 
@@ -185,7 +187,7 @@ def format_report(report: dict) -> str:
         agree = "" if row["kind"] == "teacher" else "–".join(
             f"{x:.1%}" for x in sorted({min(row['top1_agreement'].values()), max(row['top1_agreement'].values())}))
         lines.append(f"| {row['model']} | {trained} | {ppl} | {agree} |")
-    lines += ["", f"Factual prompts after {2 * report['window']} tokens of the {names[0]} text: "
+    lines += ["", f"Factual prompts after {2 * report['window']} tokens of the {report['facts_preamble']} text: "
               f"{report['facts_agree']}/{len(report['facts'])} keep the teacher's first {report['fact_tokens']} "
               "greedy tokens.", "", "| prompt | teacher | student | same |", "|---|---|---|:-:|"]
     lines += [f"| {f['prompt']} | {_cell(f['teacher'])} | {_cell(f['student'])} | {'yes' if f['agree'] else 'no'} |"

@@ -9,7 +9,8 @@
   paper's normed read with the rotated dims zeroed (all of them, for a full-RoPE teacher), the normed
   read keeping the rotated keys, and the mean read (the default, ``convert.plan.student_defaults``).
 * ``geometry``: at the same state bytes, a longer window with fewer slots or a shorter one with more
-  (the mean read at init): which use of the bytes predicts best.
+  (the mean read at init): which use of the bytes predicts best, beside 4 sinks + the window of the
+  same bytes.
 
 Each prints a Markdown table of perplexity beyond the window per domain (segments of 1024 tokens,
 each from an empty state, the first ``--segments`` of each domain). Default teacher: SmolLM2-135M-
@@ -81,6 +82,9 @@ def geometry_rows(teacher: Teacher, segments: int) -> list[dict]:
     longest = max(chunks for chunks, _ in GEOMETRIES) * CHUNK_LEN
     scorer = scorer_for(teacher, segments, longest)  # every geometry scored on the same predictions
     rows = [scorer.score("teacher (full attention)", teacher.model)]
+    default, _, _ = convert_teacher(teacher, f"K*{n}", kvm_options())
+    equal = equal_state_window(default, teacher.model, CONTEXT)
+    rows.append(scorer.score(f"{SINK_LEN} sinks + {equal}-token window (equal state)", sink_window_model(teacher, equal)))
     for chunks, slots in GEOMETRIES:
         student, _, _ = convert_teacher(teacher, f"K*{n}", kvm_options(chunks, slots))
         rows.append(scorer.score(f"window {chunks * CHUNK_LEN} + {slots} slots", student.eval(), state=_state(student)))

@@ -21,3 +21,4 @@ def test_the_init_and_geometry_experiments_score_every_row(tmp_path, capsys):
     experiments.main(["geometry", "--teacher", str(folder), "--segments", "1", "--threads", "1"])
     out = capsys.readouterr().out
     assert all(f"| window {c * 64} + {s} slots |" in out for c, s in experiments.GEOMETRIES)
+    assert "-token window (equal state) |" in out

@@ -140,5 +140,8 @@ def test_convert_keep_attention_records_the_choice(teacher_folder, tmp_path, cap
     capsys.readouterr()
     assert main(["convert-report", str(out), "--eval-tokens", "512", "--segment-len", "128", "--no-progress"]) == 0
     assert f"Kept as attention: layers {selection['kept']}, the 1 of the target plan KKK" in capsys.readouterr().out
+    models = json.loads((out / "report.json").read_text())["models"]
+    assert [r["model"] for r in models if r["kind"] == "target"] == ["target plan KKK at init"]
+    assert len({tuple(r["perplexity"].values()) for r in models if r["kind"] in ("target", "student")}) >= 2
     assert convert("2") == 2  # another choice is another conversion
     assert "keep_attention: 1 there, 2 now" in capsys.readouterr().err

@@ -63,16 +63,18 @@ def _runner(name):
     return runner_for, built
 
 
-@pytest.mark.parametrize("name", ["inference", "inference_tiles", "native", "native_helpers"])
+RUNNER_OPTIONS = [dict(), dict(num_kv_heads=2, use_vlens=False, sink_len=2),
+                  dict(merge_gate_appends=False, merge_gate_keys=False, rope_partial_dim=0)]
+MEAN_READ = dict(num_kv_heads=2, use_vlens=False, state_read="mean", rope_partial_dim=0)  # PyTorch runners only
+
+
+@pytest.mark.parametrize("name, options", [(name, options) for name in ("inference", "inference_tiles")
+                                           for options in (*RUNNER_OPTIONS, MEAN_READ)]
+                         + [(name, options) for name in ("native", "native_helpers") for options in RUNNER_OPTIONS])
 @pytest.mark.parametrize("budget", BUDGETS)
-@pytest.mark.parametrize("options", [dict(), dict(num_kv_heads=2, use_vlens=False, sink_len=2),
-                                     dict(merge_gate_appends=False, merge_gate_keys=False, rope_partial_dim=0),
-                                     dict(num_kv_heads=2, use_vlens=False, state_read="mean", rope_partial_dim=0)])
 def test_every_runner_equals_the_autograd_reference(monkeypatch, name, budget, options):
     if name.startswith("native") and not (kvm_cpu.blas_kernels() if name == "native" else kvm_cpu.library()):
         pytest.skip("the C kernels (with torch's BLAS for the fused ones) are not available here")
-    if name.startswith("native") and options.get("state_read") == "mean":
-        pytest.skip("the C kernels run the normed read only (runner_for never picks them for the mean read)")
     config = KVMConfig(num_heads=4, chunk_len=C, **{"rope_partial_dim": 4, **options}, **BUDGETS[budget])
     hkv, t = config.num_kv_heads or 4, 10 * C + 5
     torch.manual_seed(6)

@@ -70,10 +70,14 @@ class LayerPlan:
     converted: tuple[int, ...]
     copied: dict[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
+    @property
+    def letters(self) -> str:
+        """The plan as one letter per layer: ``A`` where the teacher's layer is kept, else its mixer's symbol."""
+        return "".join(KEEP if i not in self.converted else get_mixer(m).symbol
+                       for i, m in enumerate(self.student_mixers))
+
     def summary(self) -> str:
-        letters = "".join(KEEP if i not in self.converted else get_mixer(m).symbol
-                          for i, m in enumerate(self.student_mixers))
-        return f"{len(self.converted)}/{len(self.student_mixers)} layers converted: {letters}"
+        return f"{len(self.converted)}/{len(self.student_mixers)} layers converted: {self.letters}"
 
 
 def parse_layers(layers: str | Sequence[int] | Sequence[str], n_layers: int, to: str | None = None) -> list[str]:

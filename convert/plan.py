@@ -16,8 +16,9 @@ Student options start from what makes the copy of the teacher's attention exact 
 
 * ``kvm`` / ``bswa`` / ``swa``: the teacher's projection options (heads, GQA, head_dim, biases, q/k norm,
   ``rope_style: llama``, theta), no token shift, no value residual, and for KVM the mean read
-  (``state_read: mean``, ``use_vlens: false``) of the rotated keys (``state_key_zero_dims: 0``):
-  see ``convert.init`` for why. ``mixers={"kvm": {...}}`` may set any KVM-only or window option
+  (``state_read: mean``, ``use_vlens: false``) of the rotated keys (``state_key_zero_dims: 0``),
+  ``SINK_LEN`` sink slots and a learned offset on the other slots' logits (``state_offset: true``,
+  from 0): see ``convert.init`` for why. ``mixers={"kvm": {...}}`` may set any KVM-only or window option
   (chunk_len, n_bswa_chunks, budget, window, sink_len, ...); changing a projection option would
   break the copy and raises ``TeacherError``. ``S*N`` with ``{"swa": {"window": W, "sink_len": n}}``
   is StreamingLLM on the teacher, without training (``convert.baselines``).
@@ -52,6 +53,7 @@ from hybrid.model.recipe import (
 )
 
 KEEP = "A"  # the plan letter that keeps a teacher layer
+SINK_LEN = 4  # StreamingLLM's four attention sinks: a KVM student's sink slots, the baselines' sinks
 _LETTERS = {"K": "kvm", "B": "bswa", "S": "swa", "G": "gla", "R": "rwkv7", "M": "mamba2", "D": "gated_deltanet"}
 _PROJECTION_FIELDS = tuple(f.name for f in dataclasses.fields(ProjectionConfig))
 
@@ -133,7 +135,8 @@ def student_defaults(mixer: str, teacher: ModelConfig) -> dict[str, Any]:
     projection.update(token_shift=False, value_residual=False)
     h, hkv, d, dm = attn.num_heads, attn.num_kv_heads or attn.num_heads, attn.head_dim, teacher.d_model
     if mixer == "kvm":
-        return {**projection, "state_key_zero_dims": 0, "state_read": "mean", "use_vlens": False}
+        return {**projection, "state_key_zero_dims": 0, "state_read": "mean", "use_vlens": False,
+                "sink_len": SINK_LEN, "state_offset": True}
     if mixer in ("bswa", "swa"):
         return projection
     if mixer == "gla":

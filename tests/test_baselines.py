@@ -104,3 +104,23 @@ def test_the_verdict_needs_every_domain():
     line = verdict_line({"verdict": result, "domains": [{}, {}], "sink_len": 4, "equal_state_context": 16384})
     assert "after stage2 beats 4 sinks + 128-token window (own window) on every domain (2/2)" in line
     assert "does not beat 4 sinks + 380-token window (equal state) on every domain (1/2)" in line
+
+
+def test_the_student_with_its_memory_suppressed_is_the_sink_and_block_window_baseline(tmp_path):
+    """The converted student's first SINK_LEN slots are sinks, and its memory's offset at -inf leaves
+    them and the block window: the teacher's weights in ``bswa`` with the same sinks (in float64, where
+    the two ways of summing the same softmax agree to far below 1e-5)."""
+    teacher = tiny_teacher(tmp_path)
+    student, _, _ = convert_teacher(teacher, "K*3", KVM)
+    window = {key: KVM["kvm"][key] for key in ("chunk_len", "n_bswa_chunks")}
+    baseline, _, _ = convert_teacher(teacher, "B*3", {"bswa": {**window, "sink_len": SINK_LEN}})
+    student, baseline, x = student.double().eval(), baseline.double().eval(), tokens(72)
+    with torch.no_grad():
+        for block in student.blocks:
+            assert block.mixer.config.sink_len == SINK_LEN and torch.equal(block.mixer.state_offset, torch.zeros(4))
+            block.mixer.state_offset.fill_(-torch.inf)
+        expected = baseline(x).logits
+        assert (student(x).logits - expected).abs().max() <= 1e-5
+        for block in student.blocks:
+            block.mixer.state_offset.zero_()
+        assert (student(x).logits[:, 32:] - expected[:, 32:]).abs().max() > 1e-3, "the memory is read at 0"

@@ -80,8 +80,8 @@ def test_stage1_lowers_each_layers_alignment_loss_and_changes_only_its_parameter
     teacher, plan, init = start(teacher_folder, tmp_path, "AKK")
     _, before, _ = load_checkpoint(init)
     new = new_parameter_names(before, plan)
-    assert set(new) == {f"blocks.{i}.mixer.{n}" for i in (1, 2) for n in ("merge_gate_proj.weight", "window_temp",
-                                                                           "state_temp")}
+    assert set(new) == {f"blocks.{i}.mixer.{n}" for i in (1, 2)
+                        for n in ("merge_gate_proj.weight", "window_temp", "state_temp", "state_offset")}
     x = batch(corpus)
     loss_before = alignment_losses(teacher.model, before, x, plan.converted)
     assert set(loss_before) == {1, 2} and min(loss_before.values()) > 1e-3

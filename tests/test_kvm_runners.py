@@ -66,10 +66,11 @@ def _runner(name):
 RUNNER_OPTIONS = [dict(), dict(num_kv_heads=2, use_vlens=False, sink_len=2),
                   dict(merge_gate_appends=False, merge_gate_keys=False, rope_partial_dim=0)]
 MEAN_READ = dict(num_kv_heads=2, use_vlens=False, state_read="mean", rope_partial_dim=0)  # PyTorch runners only
+OFFSET = [dict(MEAN_READ, state_offset=True, sink_len=2), dict(num_kv_heads=2, state_offset=True)]  # PyTorch only
 
 
 @pytest.mark.parametrize("name, options", [(name, options) for name in ("inference", "inference_tiles")
-                                           for options in (*RUNNER_OPTIONS, MEAN_READ)]
+                                           for options in (*RUNNER_OPTIONS, MEAN_READ, *OFFSET)]
                          + [(name, options) for name in ("native", "native_helpers") for options in RUNNER_OPTIONS])
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_every_runner_equals_the_autograd_reference(monkeypatch, name, budget, options):
@@ -84,10 +85,11 @@ def test_every_runner_equals_the_autograd_reference(monkeypatch, name, budget, o
     with torch.no_grad():
         norm.weight.add_(0.3 * torch.randn(16)), norm.bias.add_(0.3 * torch.randn(16))
     temps = 1 + 0.2 * torch.randn(4), 1 + 0.2 * torch.randn(4)
+    offset = torch.randn(4) if config.state_offset else None
 
     def run(splits):
         return attend_in_splits(q, k, v, g, config, splits, state_key_norm=norm, window_temp=temps[0],
-                                state_temp=temps[1])
+                                state_temp=temps[1], state_offset=offset)
 
     for splits in ([t], [2 * C + 3, 1, 1, 4 * C + 1, 2 * C - 1, 1, t - 8 * C - 5]):  # decode steps across boundaries
         reference_for, references = _runner("autograd")

@@ -23,12 +23,13 @@ from blocks.token_buffer import TokenBuffer, extend
 def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: KVMConfig,
                   state: KVMState | None = None, *, state_key_norm: nn.Module,
                   window_temp: Tensor | None = None, state_temp: Tensor | None = None,
-                  scale: float | None = None) -> tuple[Tensor, KVMState]:
+                  state_offset: Tensor | None = None, scale: float | None = None) -> tuple[Tensor, KVMState]:
     """KVM attention over projected, rotated heads, continuing ``state`` (None: an empty history).
 
     q: (B, Hq, T, d); k: (B, Hkv, T, d); v: (B, Hkv, T, dv); gate: (B, Hkv, T, 1) positive merge
     gate, or None for no gating; ``state_key_norm`` maps (..., d) keys to state keys;
-    ``window_temp``/``state_temp``: (Hq,) logit temperatures or None.
+    ``window_temp``/``state_temp``: (Hq,) logit temperatures or None; ``state_offset``: (Hq,) added
+    to the logits of the slots past the ``config.sink_len`` sinks, or None.
     Returns the output (B, Hq, T, dv) before the output projection (a transposed view of a
     contiguous (B, T, Hq, dv) tensor, which that projection reads without a copy), and the new state.
     """
@@ -46,7 +47,7 @@ def kvm_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, config: 
     if state is not None:
         check_state(state, b, hkv, d, dv, config, schedule)
     codec = SlotCodec(config, state_key_norm, config.zeroed_key_dims(d))
-    scales = ReadScales(scale or 1.0 / math.sqrt(d), window_temp, state_temp)
+    scales = ReadScales(scale or 1.0 / math.sqrt(d), window_temp, state_temp, state_offset, config.sink_len)
     runner = runner_for(codec, scales, (q, k, v, gate), None if state is None else state.read_view)
     slots, buffer, raw = _resume(state, k, v, gate, schedule, config)
     if schedule.first_chunk:  # the first chunk goes into the state as it arrives

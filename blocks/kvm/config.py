@@ -33,6 +33,7 @@ class KVMConfig(ProjectionConfig):
     use_vlens: bool = True  # read slot values as direction * creating-value norm (else: mean)
     state_read: str = "normed"  # normed: the paper's read (state-key norm); mean: sums / weight, + log(weight) (§7)
     use_head_temps: bool = True  # per-head temperatures on window and state logits
+    state_offset: bool = False  # a learned per-head offset (from 0) on the logits of the slots past the sinks
     merge_gate_keys: bool = True  # weight merged keys by the 1+ELU merge gate
     merge_gate_values: bool = True  # weight merged values by the merge gate
     merge_gate_appends: bool = True  # appended slots also use the gated key/value

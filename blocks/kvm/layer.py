@@ -30,6 +30,8 @@ class KVMAttention(ProjectedAttention):
         if config.use_head_temps:
             self.window_temp = nn.Parameter(torch.ones(self.num_heads))
             self.state_temp = nn.Parameter(torch.ones(self.num_heads))
+        if config.state_offset:  # 0: the read as without it; -inf: the sinks and the window alone
+            self.state_offset = nn.Parameter(torch.zeros(self.num_heads))
         # the mean read reads slot keys as the mean of the keys that entered them: no norm (§7)
         self.state_key_norm = nn.Identity() if config.reads_mean else nn.LayerNorm(self.head_dim, eps=config.norm_eps)
 
@@ -46,7 +48,8 @@ class KVMAttention(ProjectedAttention):
         if self.config.uses_merge_gate:
             gate = (1 + F.elu(self.merge_gate_proj(x))).transpose(1, 2).unsqueeze(-1)  # (B, Hkv, T, 1)
         read = dict(state_key_norm=self.state_key_norm, window_temp=getattr(self, "window_temp", None),
-                    state_temp=getattr(self, "state_temp", None), scale=self.scale)
+                    state_temp=getattr(self, "state_temp", None), state_offset=getattr(self, "state_offset", None),
+                    scale=self.scale)
         if documents is not None:
             return self.output(kvm_attention_documents(q, k, v, gate, self.config, documents, **read)), None
         o, new_state = kvm_attention(q, k, v, gate, self.config, state, **read)

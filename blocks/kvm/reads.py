@@ -18,11 +18,15 @@ SMALL_TILE = 16  # tiles of at most this many queries are read by ``attend_small
 
 
 class ReadScales(NamedTuple):
-    """What multiplies the logits: the softmax scale and the per-query-head temperatures (Hq,) or None."""
+    """What multiplies the logits: the softmax scale and the per-query-head temperatures (Hq,) or
+    None; and what is added to them: the per-query-head offset (Hq,) or None of the slots from
+    ``sinks`` on."""
 
     scale: float
     window_temp: Tensor | None
     state_temp: Tensor | None
+    state_offset: Tensor | None = None
+    sinks: int = 0
 
 
 def read_plain(q: Tensor, out: Tensor, schedule: CallSchedule, raw: RawTokens, scales: ReadScales) -> None:
@@ -82,7 +86,8 @@ def attend_tile(q: Tensor, slots: SlotReads, keys: Tensor, values: Tensor, mask:
     if q.shape[2] <= SMALL_TILE:
         return attend_small_tile(q, slots, keys, values, mask, scales)
     groups = q.shape[1] // keys.shape[1]
-    slot_keys, slot_values, bias = slots
+    slot_keys, slot_values, _ = slots
+    bias = slot_bias(slots, q.shape[1], scales)
     keys = torch.cat([per_query_head(slot_keys, groups, scales.state_temp),
                       per_query_head(keys, groups, scales.window_temp)], 2)  # (B, Hq, S + L, d)
     values = repeat_heads(torch.cat([slot_values, values], 2), groups)
@@ -91,7 +96,7 @@ def attend_tile(q: Tensor, slots: SlotReads, keys: Tensor, values: Tensor, mask:
     else:  # additive: the slots' bias, then 0 / -inf over the window
         window = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -torch.inf)  # (Lq, L)
         b, _, lq, _ = q.shape
-        mask = torch.cat([repeat_heads(bias, groups)[:, :, None, :].to(q.dtype).expand(-1, -1, lq, -1),
+        mask = torch.cat([bias[:, :, None, :].to(q.dtype).expand(b, -1, lq, -1),
                           window.expand(b, q.shape[1], -1, -1)], -1)  # (B, Hq, Lq, S + L)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scales.scale)
 
@@ -102,7 +107,7 @@ def attend_small_tile(q: Tensor, slots: SlotReads, keys: Tensor, values: Tensor,
     keys, and the state and the window are read by products of their own, so no key or value is
     copied; the logits (a few rows) are joined for one softmax in fp32."""
     b, hq, lq, _ = q.shape
-    slot_keys, slot_values, bias = slots
+    slot_keys, slot_values, _ = slots
     hkv, num = keys.shape[1], slot_keys.shape[2]
     groups = hq // hkv
 
@@ -112,11 +117,25 @@ def attend_small_tile(q: Tensor, slots: SlotReads, keys: Tensor, values: Tensor,
 
     window_logits = logits(scales.window_temp, keys).masked_fill(~mask.repeat(groups, 1), -torch.inf)
     state_logits = logits(scales.state_temp, slot_keys)
+    bias = slot_bias(slots, hq, scales)  # (B | 1, Hq, S): a row's bias is its query head's
     if bias is not None:
-        state_logits = state_logits + bias[:, :, None, :]  # (B, Hkv, 1, S) over the g*Lq rows
+        state_logits = (state_logits.view(b, hkv, groups, lq, num)
+                        + bias.view(-1, hkv, groups, 1, num)).view(b, hkv, groups * lq, num)
     weights = torch.cat([state_logits, window_logits], -1).softmax(-1).to(values.dtype)
     out = weights[..., :num] @ slot_values + weights[..., num:] @ values  # (B, Hkv, g*Lq, dv)
     return out.view(b, hq, lq, -1)
+
+
+def slot_bias(slots: SlotReads, hq: int, scales: ReadScales) -> Tensor | None:
+    """What is added to the slots' logits, per query head: (B | 1, Hq, S) fp32, the read's bias (B,
+    Hkv, S) repeated over each kv head's query heads plus the learned offset of the slots from
+    ``scales.sinks`` on; None when there is neither."""
+    offset = scales.state_offset
+    if offset is None:
+        return None if slots.bias is None else repeat_heads(slots.bias, hq // slots.keys.shape[1])
+    past_sinks = torch.arange(slots.keys.shape[2], device=offset.device) >= scales.sinks  # (S,)
+    shift = torch.where(past_sinks, offset.float()[:, None], 0.0)[None]  # (1, Hq, S): 0 for the sinks, even at -inf
+    return shift if slots.bias is None else repeat_heads(slots.bias, hq // slots.keys.shape[1]) + shift
 
 
 def per_query_head(keys: Tensor, groups: int, temp: Tensor | None) -> Tensor:

@@ -20,11 +20,12 @@ from blocks.native import kvm_cpu
 
 def runner_for(codec: SlotCodec, scales: ReadScales, tensors: tuple[Tensor, ...],
                kept_view: ReadView | None) -> AutogradRunner | InferenceRunner:
-    """The runner of a call on ``tensors`` (its q, k, v and gate) in the current grad mode.
+    """The runner of a call on ``tensors`` (its q, k, v and gate) in the current grad mode (the C
+    kernels neither for the mean read nor with a state offset: they add nothing to the slots' logits).
     ``kept_view``: the read view the state came with (the runners without autograd reuse it)."""
     if torch.is_grad_enabled():
         return AutogradRunner(codec, scales)
-    if native_kernels_apply(codec, tensors):
+    if scales.state_offset is None and native_kernels_apply(codec, tensors):
         if kvm_cpu.blas_kernels():
             return NativeRunner(codec, scales, kept_view)
         return NativeHelpersRunner(codec, scales, kept_view)

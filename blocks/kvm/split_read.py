@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from blocks.kvm.codec import SlotReads
-from blocks.kvm.reads import ReadScales, repeat_heads, times_head_temp
+from blocks.kvm.reads import ReadScales, slot_bias, times_head_temp
 
 WINDOW_CALL_BYTES = 4 << 20  # queries per window flash call (see ``window_group``)
 flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # -> (output, log-sum-exp); lse has no grad
@@ -64,10 +64,9 @@ def attend_slots(q: Tensor, slots: SlotReads, scales: ReadScales) -> tuple[Tenso
     with their logit bias (B, Hkv, S) if any). -> output (B, Hq, Lq, dv) and its log-sum-exp
     (B, Hq, Lq) fp32."""
     q = times_head_temp(q, scales.state_temp)  # (q t) . k == q . (k t): scale the fewer rows
-    mask = None
-    if slots.bias is not None:
-        b, hq, lq, _ = q.shape
-        mask = repeat_heads(slots.bias, hq // slots.keys.shape[1])[:, :, None, :].to(q.dtype).expand(b, hq, lq, -1)
+    b, hq, lq, _ = q.shape
+    bias = slot_bias(slots, hq, scales)  # (B | 1, Hq, S) or None
+    mask = None if bias is None else bias[:, :, None, :].to(q.dtype).expand(b, hq, lq, -1)
     return flash_cpu(q, slots.keys, slots.values, attn_mask=mask, scale=scales.scale)
 
 

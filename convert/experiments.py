@@ -3,6 +3,7 @@
     python -m convert.experiments init [--teacher GGUF] [--segments 4] [--threads 1]
     python -m convert.experiments geometry [--teacher GGUF] [--segments 4] [--threads 1]
     python -m convert.experiments keep [--teacher GGUF] [--segments 4] [--threads 1]
+    python -m convert.experiments offset [--teacher GGUF] [--segments 4] [--threads 1]
 
 * ``init``: every layer converted, no training: how each way of reading the KVM memory at init
   compares with the teacher and with the sink + window baselines (``convert.baselines``) at the
@@ -12,6 +13,10 @@
 * ``geometry``: at the same state bytes, a longer window with fewer slots or a shorter one with more
   (the mean read at init): which use of the bytes predicts best, beside 4 sinks + the window of the
   same bytes.
+* ``offset``: the state offset at init (``state_offset``, every head of every layer set to one
+  value): -inf is the student with its memory suppressed (its 4 sinks and its block window), 0 the
+  default init (the mean read as it is), and values around it say whether the memory starts too
+  weak or too strong.
 * ``keep``: what each layer kept as attention buys (``hybrid convert --keep-attention N``, N = 0, 1,
   2, 4, 8), at init: the layers are chosen by ``convert.layer_scores`` on the play's segments after
   the scored ones, and each plan is set beside 4 sinks + the window of its own state bytes (a kept
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import sys
 import time
 from pathlib import Path
@@ -48,6 +54,7 @@ CONTEXT = 16384  # where state bytes are compared
 # (window chunks, slots) at chunk 64 whose window + slots hold 384 tokens, the default's 128 + 256
 GEOMETRIES = ((2, 256), (3, 192), (4, 128), (5, 64))
 KEPT = (0, 1, 2, 4, 8)  # layers kept as attention in ``keep``
+OFFSETS = (-math.inf, -1.0, -0.5, 0.0, 0.25, 0.5, 1.0)  # state offsets at init in ``offset``
 
 
 def kvm_options(n_chunks: int = 2, slots: int = SLOTS, **read) -> dict:
@@ -98,6 +105,21 @@ def geometry_rows(teacher: Teacher, segments: int) -> list[dict]:
     return rows
 
 
+def offset_rows(teacher: Teacher, segments: int) -> list[dict]:
+    """The ``offset`` experiment (module docstring): one row per offset of the default student at init."""
+    n, window = teacher.recipe.model.n_layers, 2 * CHUNK_LEN
+    scorer = scorer_for(teacher, segments, window)
+    student, _, _ = convert_teacher(teacher, f"K*{n}", kvm_options())
+    rows = [scorer.score("teacher (full attention)", teacher.model),
+            scorer.score(f"{SINK_LEN} sinks + {window}-token window (own window)", sink_window_model(teacher, window))]
+    for offset in OFFSETS:
+        with torch.no_grad():
+            for block in student.blocks:
+                block.mixer.state_offset.fill_(offset)
+        rows.append(scorer.score(f"state offset {offset:g}" + (" (default)" if offset == 0 else ""), student.eval()))
+    return rows
+
+
 def keep_rows(teacher: Teacher, segments: int) -> list[dict]:
     """The ``keep`` experiment (module docstring): per N, the plan keeping N layers as attention and
     the sink + window of the same state bytes."""
@@ -109,7 +131,7 @@ def keep_rows(teacher: Teacher, segments: int) -> list[dict]:
     scores = layer_scores(teacher, f"K*{n}", kvm_options(), unscored)
     rows = [scorer.score("teacher (full attention)", teacher.model),
             scorer.score(f"{SINK_LEN} sinks + {window}-token window (own window)", sink_window_model(teacher, window))]
-    for keep in KEPT:
+    for keep in (k for k in KEPT if k < n):
         plan, _ = choose_plan(scores, keep)
         student, _, _ = convert_teacher(teacher, plan, kvm_options())
         kept = sorted(scores.ranking()[:keep])
@@ -137,7 +159,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-EXPERIMENTS = {"init": init_rows, "geometry": geometry_rows, "keep": keep_rows}
+EXPERIMENTS = {"init": init_rows, "geometry": geometry_rows, "offset": offset_rows, "keep": keep_rows}
 
 
 def main(argv: list[str] | None = None) -> None:

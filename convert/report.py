@@ -9,7 +9,8 @@ student's window (``convert.evaluate.long_range_predictions``):
 * the teacher; the training-free baselines of ``convert.baselines`` (4 sink tokens + a sliding
   window at the student's own window, and at the student's state bytes); the converted-at-init
   student (and the all-converted target plan at init, when ``--keep-attention`` chose the plan);
-  the student after each stage that ran, with the tokens it trained on;
+  the student at every checkpoint each stage kept (``--set STAGE.ckpt_every=N``, ``STAGE.keep_last``:
+  the curve of perplexity against tokens trained), the last one "after STAGE";
 * per model: perplexity, and next-token top-1 agreement with the teacher;
 * the teacher's and the final student's greedy continuations of ``convert.facts.FACT_PROMPTS``
   (after a preamble that puts them beyond the window), and how many agree;
@@ -39,7 +40,7 @@ from convert.init import convert_teacher
 from convert.teacher import load_teacher
 from hybrid.formats.atomic import write_text
 from hybrid.formats.checkpoint import load_checkpoint
-from hybrid.formats.run_folder import TRAINER_JSON, latest_checkpoint
+from hybrid.formats.run_folder import TRAINER_JSON, step_folders
 from hybrid.model.describe import human_bytes
 from hybrid.model.model import HybridLM
 from hybrid.training.metrics import read_metrics
@@ -105,12 +106,13 @@ def build_report(out: str | Path, eval_files: Sequence[str | Path] | None = None
         rows.append(scorer.score(f"target plan {selection['target']} at init", target.eval(), kind="target",
                                  tokens_trained=0))
     final = init
-    for stage in STAGES:
-        folder = latest_checkpoint(out / "stages" / stage)
-        if folder is not None:
+    for stage in STAGES:  # every checkpoint a stage kept: the curve of perplexity against tokens trained
+        folders = step_folders(out / "stages" / stage)
+        for folder in folders:
             final = load_checkpoint(folder)[1]
-            rows.append(scorer.score(f"after {stage}", final, kind="student", **_stage_facts(out / "stages" / stage,
-                                                                                           folder)))
+            facts = _stage_facts(out / "stages" / stage, folder)
+            name = f"after {stage}" if folder == folders[-1] else f"{stage} at {facts['tokens_trained']:,} tokens"
+            rows.append(scorer.score(name, final, kind="student", stage=stage, **facts))
     preamble_domain = PREAMBLE_DOMAIN if PREAMBLE_DOMAIN in texts else domains[0].name
     preamble = preamble_ids(tokenizer, texts[preamble_domain], window)
     facts = fact_rows(tokenizer, greedy_continuations(teacher.model, tokenizer, preamble),
@@ -132,9 +134,9 @@ def build_report(out: str | Path, eval_files: Sequence[str | Path] | None = None
 
 
 def _stage_facts(stage_dir: Path, folder: Path) -> dict:
-    """Tokens, steps and first/last loss of a stage's newest checkpoint."""
+    """Tokens, steps and first/last loss (up to that step) of one of a stage's checkpoints."""
     info = json.loads((folder / TRAINER_JSON).read_text())
-    losses = [r["loss"] for r in read_metrics(stage_dir / "metrics.jsonl") if "loss" in r]
+    losses = [r["loss"] for r in read_metrics(stage_dir / "metrics.jsonl") if "loss" in r and r["step"] <= info["step"]]
     return {"tokens_trained": info["tokens_seen"], "steps": info["step"],
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "checkpoint": str(folder)}

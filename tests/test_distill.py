@@ -198,7 +198,8 @@ def test_hybrid_convert_end_to_end_then_generate_train_and_report(teacher_folder
     out = tmp_path / "out"
     args = ["convert", str(teacher_folder), str(out), "--plan", "AKK", "--set", "kvm.chunk_len=8",
             "--set", "stage1.seq_len=48", "--set", "stage1.batch_size=4", "--set", "stage2.seq_len=48",
-            "--set", "stage2.batch_size=4", "--set", "stage2.lr=1e-3", "--stage1-tokens", "768",
+            "--set", "stage2.batch_size=4", "--set", "stage2.lr=1e-3", "--set", "stage2.ckpt_every=2",
+            "--stage1-tokens", "768",
             "--stage2-tokens", "768", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
             "--teacher-samples", "512", "--threads", "1", "--device", "cpu", "--no-progress"]
     assert main(args) == 0
@@ -237,7 +238,9 @@ def test_hybrid_convert_end_to_end_then_generate_train_and_report(teacher_folder
     equal = report["equal_state_window"]
     names = [row["model"] for row in report["models"]]
     assert names == ["teacher", "4 sinks + 16-token window (own window)", f"4 sinks + {equal}-token window (equal state)",
-                     "converted at init", "after stage1", "after stage2"]
+                     "converted at init", "after stage1", "stage2 at 384 tokens", "after stage2"]
+    assert [(r["stage"], r["tokens_trained"], r["steps"]) for r in report["models"][-2:]] == [("stage2", 384, 2),
+                                                                                             ("stage2", 768, 4)]
     assert [d["name"] for d in report["domains"]] == ["play", "licence", "release notes", "technical docs"]
     assert all(d["scored_predictions"] == 8 * (256 - 1 - 16) for d in report["domains"])
     teacher, own = report["models"][0], report["models"][1]

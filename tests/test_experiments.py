@@ -22,3 +22,21 @@ def test_the_init_and_geometry_experiments_score_every_row(tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(f"| window {c * 64} + {s} slots |" in out for c, s in experiments.GEOMETRIES)
     assert "-token window (equal state) |" in out
+
+
+def test_the_offset_and_keep_experiments_score_every_row(tmp_path):
+    teacher = load_teacher(write_hf_folder(tmp_path, BYTES, random_teacher_tensors(BYTES)))
+    default = experiments.init_rows(teacher, segments=1)[-1]
+    rows = experiments.offset_rows(teacher, segments=1)
+    assert [r["model"] for r in rows[2:]] == ["state offset -inf", "state offset -1", "state offset -0.5",
+                                              "state offset 0 (default)", "state offset 0.25", "state offset 0.5",
+                                              "state offset 1"]
+    assert rows[5]["perplexity"] == default["perplexity"], "offset 0 is the default student"
+    assert len({tuple(r["perplexity"].values()) for r in rows[2:]}) == 7
+    n = teacher.recipe.model.n_layers
+    rows = experiments.keep_rows(teacher, segments=1)
+    kept = [k for k in experiments.KEPT if k < n]
+    assert len(rows) == 2 + 2 * len(kept) and rows[2]["model"] == "0 kept (all KVM)"
+    assert rows[2]["perplexity"] == default["perplexity"]
+    assert all(r["model"].startswith(f"{k} kept") for k, r in zip(kept, rows[2::2]))
+    assert all(r["model"].endswith(f"(equal to {k} kept)") for k, r in zip(kept, rows[3::2]))

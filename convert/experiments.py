@@ -1,9 +1,9 @@
 """Measurements behind the conversion defaults, on the report's held-out domains (docs/conversion.md §4).
 
-    python -m convert.experiments init [--teacher GGUF] [--segments 4] [--threads 1]
+    python -m convert.experiments init [--window-chunks 2] [--teacher GGUF] [--segments 4] [--threads 1]
     python -m convert.experiments geometry [--teacher GGUF] [--segments 4] [--threads 1]
-    python -m convert.experiments keep [--teacher GGUF] [--segments 4] [--threads 1]
-    python -m convert.experiments offset [--teacher GGUF] [--segments 4] [--threads 1]
+    python -m convert.experiments offset [--window-chunks 2] [--teacher GGUF] [--segments 4] [--threads 1]
+    python -m convert.experiments keep [--window-chunks 2] [--teacher GGUF] [--segments 4] [--threads 1]
 
 * ``init``: every layer converted, no training: how each way of reading the KVM memory at init
   compares with the teacher and with the sink + window baselines (``convert.baselines``) at the
@@ -68,21 +68,22 @@ def scorer_for(teacher: Teacher, segments: int, window: int) -> Scorer:
     return Scorer(ids, window, SEGMENT_LEN, lambda m: print(f"[{m}]", file=sys.stderr))
 
 
-def init_rows(teacher: Teacher, segments: int) -> list[dict]:
+def init_rows(teacher: Teacher, segments: int, window_chunks: int = 2) -> list[dict]:
     """The ``init`` experiment (module docstring): one row per model."""
-    n, window = teacher.recipe.model.n_layers, 2 * CHUNK_LEN
+    n, window = teacher.recipe.model.n_layers, window_chunks * CHUNK_LEN
     scorer = scorer_for(teacher, segments, window)
-    default, _, _ = convert_teacher(teacher, f"K*{n}", kvm_options())
+    default, _, _ = convert_teacher(teacher, f"K*{n}", kvm_options(window_chunks))
     equal = equal_state_window(default, teacher.model, CONTEXT)
     rows = [scorer.score("teacher (full attention)", teacher.model),
             scorer.score(f"{SINK_LEN} sinks + {window}-token window (own window)", sink_window_model(teacher, window)),
             scorer.score(f"{SINK_LEN} sinks + {equal}-token window (equal state)", sink_window_model(teacher, equal))]
     variants = {
-        "bswa: the window alone, no memory": ("B", {"bswa": {"chunk_len": CHUNK_LEN, "n_bswa_chunks": 2}}),
+        "bswa: the window alone, no memory":
+            ("B", {"bswa": {"chunk_len": CHUNK_LEN, "n_bswa_chunks": window_chunks}}),
         "kvm, normed read, rotated dims zeroed (the paper's rule)":
-            ("K", kvm_options(state_read="normed", use_vlens=True, state_key_zero_dims=None)),
-        "kvm, normed read of the rotated keys": ("K", kvm_options(state_read="normed", use_vlens=True)),
-        "kvm, mean read (default)": ("K", kvm_options()),
+            ("K", kvm_options(window_chunks, state_read="normed", use_vlens=True, state_key_zero_dims=None)),
+        "kvm, normed read of the rotated keys": ("K", kvm_options(window_chunks, state_read="normed", use_vlens=True)),
+        "kvm, mean read (default)": ("K", kvm_options(window_chunks)),
     }
     for name, (letter, mixers) in variants.items():
         student, _, _ = convert_teacher(teacher, f"{letter}*{n}", mixers)
@@ -105,11 +106,11 @@ def geometry_rows(teacher: Teacher, segments: int) -> list[dict]:
     return rows
 
 
-def offset_rows(teacher: Teacher, segments: int) -> list[dict]:
+def offset_rows(teacher: Teacher, segments: int, window_chunks: int = 2) -> list[dict]:
     """The ``offset`` experiment (module docstring): one row per offset of the default student at init."""
-    n, window = teacher.recipe.model.n_layers, 2 * CHUNK_LEN
+    n, window = teacher.recipe.model.n_layers, window_chunks * CHUNK_LEN
     scorer = scorer_for(teacher, segments, window)
-    student, _, _ = convert_teacher(teacher, f"K*{n}", kvm_options())
+    student, _, _ = convert_teacher(teacher, f"K*{n}", kvm_options(window_chunks))
     rows = [scorer.score("teacher (full attention)", teacher.model),
             scorer.score(f"{SINK_LEN} sinks + {window}-token window (own window)", sink_window_model(teacher, window))]
     for offset in OFFSETS:
@@ -120,20 +121,20 @@ def offset_rows(teacher: Teacher, segments: int) -> list[dict]:
     return rows
 
 
-def keep_rows(teacher: Teacher, segments: int) -> list[dict]:
+def keep_rows(teacher: Teacher, segments: int, window_chunks: int = 2) -> list[dict]:
     """The ``keep`` experiment (module docstring): per N, the plan keeping N layers as attention and
     the sink + window of the same state bytes."""
-    n, window = teacher.recipe.model.n_layers, 2 * CHUNK_LEN
+    n, window = teacher.recipe.model.n_layers, window_chunks * CHUNK_LEN
     scorer = scorer_for(teacher, segments, window)
     play = next(d for d in default_domains() if d.name == "play")
     ids = torch.tensor(teacher.text_tokenizer().encode(play.text()))
     unscored = ids[segments * SEGMENT_LEN: 2 * segments * SEGMENT_LEN].view(segments, SEGMENT_LEN)  # (segments, 1024)
-    scores = layer_scores(teacher, f"K*{n}", kvm_options(), unscored)
+    scores = layer_scores(teacher, f"K*{n}", kvm_options(window_chunks), unscored)
     rows = [scorer.score("teacher (full attention)", teacher.model),
             scorer.score(f"{SINK_LEN} sinks + {window}-token window (own window)", sink_window_model(teacher, window))]
     for keep in (k for k in KEPT if k < n):
         plan, _ = choose_plan(scores, keep)
-        student, _, _ = convert_teacher(teacher, plan, kvm_options())
+        student, _, _ = convert_teacher(teacher, plan, kvm_options(window_chunks))
         kept = sorted(scores.ranking()[:keep])
         rows.append(scorer.score(f"{keep} kept {kept}" if keep else "0 kept (all KVM)", student.eval(),
                                  state=_state(student)))
@@ -169,12 +170,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", default=str(default), help="teacher: HF folder or .gguf file (default SmolLM2)")
     parser.add_argument("--segments", type=int, default=4, help="1024-token segments per domain (default 4)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--window-chunks", type=int, default=None, metavar="N",
+                        help=f"init, offset, keep: the student's window in chunks of {CHUNK_LEN} tokens (default 2)")
     args = parser.parse_args(argv)
+    if args.window_chunks is not None and (args.experiment == "geometry" or args.window_chunks < 1):
+        parser.error("--window-chunks takes a count >= 1, for init, offset and keep "
+                     "(geometry varies the window itself)")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.monotonic()
     teacher = load_teacher(args.teacher)
-    rows = EXPERIMENTS[args.experiment](teacher, args.segments)
+    window = {} if args.window_chunks is None else {"window_chunks": args.window_chunks}
+    rows = EXPERIMENTS[args.experiment](teacher, args.segments, **window)
     print(f"Teacher {Path(args.teacher).name}, perplexity beyond the window, {args.segments} x {SEGMENT_LEN} tokens "
           f"per domain ({time.monotonic() - start:.0f} s):\n")
     print(table(rows))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from convert import experiments
 from convert.teacher import load_teacher
 from tests.test_convert import random_teacher_tensors, write_hf_folder
@@ -40,3 +42,14 @@ def test_the_offset_and_keep_experiments_score_every_row(tmp_path):
     assert rows[2]["perplexity"] == default["perplexity"]
     assert all(r["model"].startswith(f"{k} kept") for k, r in zip(kept, rows[2::2]))
     assert all(r["model"].endswith(f"(equal to {k} kept)") for k, r in zip(kept, rows[3::2]))
+
+
+def test_the_window_is_a_choice_of_init_offset_and_keep_only(tmp_path, capsys):
+    folder = write_hf_folder(tmp_path, BYTES, random_teacher_tensors(BYTES))
+    rows = experiments.init_rows(load_teacher(folder), segments=1, window_chunks=3)
+    assert rows[1]["model"] == "4 sinks + 192-token window (own window)"
+    for argv, message in ((["geometry", "--window-chunks", "3"], "geometry varies the window itself"),
+                          (["init", "--window-chunks", "0"], "takes a count >= 1")):
+        with pytest.raises(SystemExit):
+            experiments.main([*argv, "--teacher", str(folder)])
+        assert message in capsys.readouterr().err

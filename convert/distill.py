@@ -7,8 +7,8 @@
 * **stage3, fine-tuning (optional).** Next-token cross-entropy, no teacher, at a longer context.
 
 What a stage trains is its parameter set (``--set STAGE.params=...``, ``STAGE_PARAMETERS``):
-``memory``, the converted layers' parameters that did not come from the teacher (KVM's merge gate
-and temperatures: the memory's own), ``mixers`` (the converted layers' whole mixers) or ``all``.
+``memory``, the converted layers' parameters that did not come from the teacher (KVM's merge gate,
+temperatures and state offset: the memory's own), ``mixers`` (the converted layers' whole mixers) or ``all``.
 Stage 1 trains the memory by default (the alignment has little else to learn: inside the window the
 student already equals the teacher), stage 2 and 3 everything: on SmolLM2, stage 2 over every
 parameter at 1e-4 did better than the memory alone on two held-out domains, within 0.4 % on the
@@ -101,7 +101,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "stage3": {"seq_len": 1024, "batch_size": 8, "lr": 1e-5, "min_lr_ratio": 0.1, "schedule": "cosine"},
 }
 # What each stage trains (``stageN.params``): ``memory``, the converted layers' parameters that did not
-# come from the teacher (KVM's merge gate and temperatures; an LRNN mixer's gates and decays);
+# come from the teacher (KVM's merge gate, temperatures and state offset; an LRNN mixer's gates and decays);
 # ``mixers``, every parameter of the converted layers' mixers; ``all``, every parameter.
 STAGE_PARAMETERS = {"stage1": "memory", "stage2": "all", "stage3": "all"}
 PARAMETER_LR = {"memory": 3e-2, "mixers": 1e-3, "all": 1e-4}  # stage 1 and 2's lr for each (stage 3: 1e-5)

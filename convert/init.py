@@ -85,7 +85,7 @@ def init_student(teacher: HybridLM, plan: LayerPlan) -> HybridLM:
 
 def new_parameter_names(student: HybridLM, plan: LayerPlan) -> tuple[str, ...]:
     """The full names of the converted layers' parameters that ``init_student`` did not copy from the
-    teacher (KVM's merge gate and temperatures, an LRNN mixer's gates and decays...)."""
+    teacher (KVM's merge gate, temperatures and state offset, an LRNN mixer's gates and decays...)."""
     return tuple(name for i in plan.converted
                  for name, _ in student.blocks[i].mixer.named_parameters(prefix=f"blocks.{i}.mixer")
                  if name.removeprefix(f"blocks.{i}.mixer.") not in plan.copied.get(i, ()))

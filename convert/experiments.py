@@ -68,14 +68,20 @@ def scorer_for(teacher: Teacher, segments: int, window: int) -> Scorer:
     return Scorer(ids, window, SEGMENT_LEN, lambda m: print(f"[{m}]", file=sys.stderr))
 
 
+def reference_rows(scorer: Scorer, teacher: Teacher, window: int) -> list[dict]:
+    """The teacher's row (scored first: the others' top-1 agreement is with it) and ``SINK_LEN``
+    sinks + the student's own ``window``."""
+    return [scorer.score("teacher (full attention)", teacher.model),
+            scorer.score(f"{SINK_LEN} sinks + {window}-token window (own window)", sink_window_model(teacher, window))]
+
+
 def init_rows(teacher: Teacher, segments: int, window_chunks: int = 2) -> list[dict]:
     """The ``init`` experiment (module docstring): one row per model."""
     n, window = teacher.recipe.model.n_layers, window_chunks * CHUNK_LEN
     scorer = scorer_for(teacher, segments, window)
     default, _, _ = convert_teacher(teacher, f"K*{n}", kvm_options(window_chunks))
     equal = equal_state_window(default, teacher.model, CONTEXT)
-    rows = [scorer.score("teacher (full attention)", teacher.model),
-            scorer.score(f"{SINK_LEN} sinks + {window}-token window (own window)", sink_window_model(teacher, window)),
+    rows = [*reference_rows(scorer, teacher, window),
             scorer.score(f"{SINK_LEN} sinks + {equal}-token window (equal state)", sink_window_model(teacher, equal))]
     variants = {
         "bswa: the window alone, no memory":
@@ -111,8 +117,7 @@ def offset_rows(teacher: Teacher, segments: int, window_chunks: int = 2) -> list
     n, window = teacher.recipe.model.n_layers, window_chunks * CHUNK_LEN
     scorer = scorer_for(teacher, segments, window)
     student, _, _ = convert_teacher(teacher, f"K*{n}", kvm_options(window_chunks))
-    rows = [scorer.score("teacher (full attention)", teacher.model),
-            scorer.score(f"{SINK_LEN} sinks + {window}-token window (own window)", sink_window_model(teacher, window))]
+    rows = reference_rows(scorer, teacher, window)
     for offset in OFFSETS:
         with torch.no_grad():
             for block in student.blocks:
@@ -130,8 +135,7 @@ def keep_rows(teacher: Teacher, segments: int, window_chunks: int = 2) -> list[d
     ids = torch.tensor(teacher.text_tokenizer().encode(play.text()))
     unscored = ids[segments * SEGMENT_LEN: 2 * segments * SEGMENT_LEN].view(segments, SEGMENT_LEN)  # (segments, 1024)
     scores = layer_scores(teacher, f"K*{n}", kvm_options(window_chunks), unscored)
-    rows = [scorer.score("teacher (full attention)", teacher.model),
-            scorer.score(f"{SINK_LEN} sinks + {window}-token window (own window)", sink_window_model(teacher, window))]
+    rows = reference_rows(scorer, teacher, window)
     for keep in (k for k in KEPT if k < n):
         plan, _ = choose_plan(scores, keep)
         student, _, _ = convert_teacher(teacher, plan, kvm_options(window_chunks))

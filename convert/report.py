@@ -108,11 +108,12 @@ def build_report(out: str | Path, eval_files: Sequence[str | Path] | None = None
     final = init
     for stage in STAGES:  # every checkpoint a stage kept: the curve of perplexity against tokens trained
         folders = step_folders(out / "stages" / stage)
+        metrics = read_metrics(out / "stages" / stage / "metrics.jsonl") if folders else []
         for folder in folders:
             final = load_checkpoint(folder)[1]
-            facts = _stage_facts(out / "stages" / stage, folder)
-            name = f"after {stage}" if folder == folders[-1] else f"{stage} at {facts['tokens_trained']:,} tokens"
-            rows.append(scorer.score(name, final, kind="student", stage=stage, **facts))
+            trained = _checkpoint_facts(folder, metrics)
+            name = f"after {stage}" if folder == folders[-1] else f"{stage} at {trained['tokens_trained']:,} tokens"
+            rows.append(scorer.score(name, final, kind="student", stage=stage, **trained))
     preamble_domain = PREAMBLE_DOMAIN if PREAMBLE_DOMAIN in texts else domains[0].name
     preamble = preamble_ids(tokenizer, texts[preamble_domain], window)
     facts = fact_rows(tokenizer, greedy_continuations(teacher.model, tokenizer, preamble),
@@ -133,10 +134,11 @@ def build_report(out: str | Path, eval_files: Sequence[str | Path] | None = None
             "fact_tokens": AGREE_TOKENS, "state": states}
 
 
-def _stage_facts(stage_dir: Path, folder: Path) -> dict:
-    """Tokens, steps and first/last loss (up to that step) of one of a stage's checkpoints."""
+def _checkpoint_facts(folder: Path, metrics: list[dict]) -> dict:
+    """Tokens, steps and first/last loss (up to that step) of one of a stage's checkpoints, from the
+    stage's ``metrics`` records."""
     info = json.loads((folder / TRAINER_JSON).read_text())
-    losses = [r["loss"] for r in read_metrics(stage_dir / "metrics.jsonl") if "loss" in r and r["step"] <= info["step"]]
+    losses = [r["loss"] for r in metrics if "loss" in r and r["step"] <= info["step"]]
     return {"tokens_trained": info["tokens_seen"], "steps": info["step"],
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "checkpoint": str(folder)}

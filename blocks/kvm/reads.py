@@ -130,12 +130,13 @@ def slot_bias(slots: SlotReads, hq: int, scales: ReadScales) -> Tensor | None:
     """What is added to the slots' logits, per query head: (B | 1, Hq, S) fp32, the read's bias (B,
     Hkv, S) repeated over each kv head's query heads plus the learned offset of the slots from
     ``scales.sinks`` on; None when there is neither."""
+    bias = None if slots.bias is None else repeat_heads(slots.bias, hq // slots.keys.shape[1])  # (B, Hq, S)
     offset = scales.state_offset
     if offset is None:
-        return None if slots.bias is None else repeat_heads(slots.bias, hq // slots.keys.shape[1])
+        return bias
     past_sinks = torch.arange(slots.keys.shape[2], device=offset.device) >= scales.sinks  # (S,)
     shift = torch.where(past_sinks, offset.float()[:, None], 0.0)[None]  # (1, Hq, S): 0 for the sinks, even at -inf
-    return shift if slots.bias is None else repeat_heads(slots.bias, hq // slots.keys.shape[1]) + shift
+    return shift if bias is None else bias + shift
 
 
 def per_query_head(keys: Tensor, groups: int, temp: Tensor | None) -> Tensor:
